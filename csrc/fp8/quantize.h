@@ -1,0 +1,30 @@
+#pragma once
+#include <cstdint>
+
+namespace r1k {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A row-major [rows, cols] matrix cut into tile_rows x tile_cols tiles, one fp32 scale per tile at
+// scales[tile_r * scale_stride_r + tile_c * scale_stride_c] (strides in elements; M-major layouts
+// are just other strides). The quantized / dequantized output is dense row-major.
+struct TileGeometry {
+  int64_t rows, cols, row_stride;
+  int64_t tile_rows, tile_cols;
+  int64_t scale_stride_r, scale_stride_c;
+};
+
+void quantize_fp8_tiles_cpu(const void* x, DType dtype, const TileGeometry& g, uint8_t* out, float* scales,
+                            bool pow2);
+// out_dtype: kFloat32 or kBFloat16.
+void dequantize_fp8_tiles_cpu(const uint8_t* q, const float* scales, const TileGeometry& g, void* out,
+                              DType out_dtype);
+
+#if defined(R1K_WITH_CUDA)
+// Per-token-group quantization (tile 1 x tile_cols) on the GPU; `stream` is a cudaStream_t.
+// Returns a CUDA error string, or nullptr on success.
+const char* quantize_fp8_groups_cuda(const void* x, DType dtype, const TileGeometry& g, uint8_t* out,
+                                     float* scales, bool pow2, void* stream);
+#endif
+
+}  // namespace r1k

@@ -1,0 +1,32 @@
+"""Output allocation for launchers. Tests switch on poisoning so every output starts as NaN (0xFF bytes
+for FP8 and integers): a kernel that forgets to write an element cannot pass by luck of zeroed memory."""
+
+from __future__ import annotations
+
+import torch
+
+_poison = False
+
+
+def set_poison(enabled: bool) -> None:
+    global _poison
+    _poison = enabled
+
+
+def _maybe_poison(t: torch.Tensor) -> torch.Tensor:
+    if _poison and t.numel():
+        if t.dtype.is_floating_point and t.element_size() > 1:
+            t.fill_(float("nan"))
+        elif t.is_contiguous():
+            t.view(torch.uint8).fill_(0xFF)  # FP8 NaN, integer -1
+        else:
+            t.fill_(-1)
+    return t
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))
+
+
+def empty_strided(shape, strides, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _maybe_poison(torch.empty_strided(shape, strides, dtype=dtype, device=device))

@@ -1,0 +1,72 @@
+"""Where an op runs.
+
+- ``auto`` (default): CUDA tensors run the Triton kernels; CPU tensors run the CPU path (C++ where it
+  exists, otherwise memory-frugal PyTorch).
+- ``triton``: the Triton kernels, also on CPU tensors through Triton's interpreter. That needs
+  ``TRITON_INTERPRET=1`` in the environment before ``triton`` is first imported; tests set it.
+- ``cpu``: the CPU path (CPU tensors only).
+- ``cuda``: the CUDA C++ kernels where an op has one (CUDA tensors only), otherwise Triton.
+
+Choose with the ``R1K_BACKEND`` environment variable or, scoped, with ``use_backend("triton")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu", "cuda")
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("r1k_backend", default=None)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    override = _override.get()
+    return override if override is not None else _check_name(os.environ.get("R1K_BACKEND", "auto"))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops called inside the block on backend ``name`` (one of ``BACKENDS``)."""
+    token = _override.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(device: torch.device, op: str, has_cuda_kernel: bool = False) -> str:
+    """The backend that ``op`` uses for tensors on ``device``: 'triton', 'cpu' or 'cuda'."""
+    want = requested_backend()
+    if device.type == "cuda":
+        if want == "cpu":
+            raise RuntimeError(f"{op}: backend 'cpu' was requested but the inputs are CUDA tensors")
+        return "cuda" if want == "cuda" and has_cuda_kernel else "triton"
+    if device.type != "cpu":
+        raise RuntimeError(f"{op}: inputs must be CPU or CUDA tensors, got device {device}")
+    if want == "cuda":
+        raise RuntimeError(f"{op}: backend 'cuda' was requested but the inputs are CPU tensors")
+    if want == "triton":
+        if not interpreter_enabled():
+            raise RuntimeError(
+                f"{op}: backend 'triton' on CPU tensors runs Triton's interpreter, which needs "
+                "TRITON_INTERPRET=1 set in the environment before triton is imported"
+            )
+        from r1kernels import _interpreter_shim
+
+        _interpreter_shim.install()
+        return "triton"
+    return "cpu"

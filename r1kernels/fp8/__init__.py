@@ -1,0 +1,7 @@
+"""FP8 (E4M3) quantization on the DeepSeek-V3 recipe: 1 x 128 activation groups, 128 x 128 weight blocks."""
+
+from r1kernels.fp8.dequantize import dequantize_per_block, dequantize_per_token_group
+from r1kernels.fp8.quantize_per_block import quantize_per_block
+from r1kernels.fp8.quantize_per_token_group import quantize_per_token_group
+
+__all__ = ["dequantize_per_block", "dequantize_per_token_group", "quantize_per_block", "quantize_per_token_group"]

@@ -1,0 +1,55 @@
+"""Plain PyTorch FP8 E4M3 quantization: the truth the kernels are tested against.
+
+Computed in float32 from the same inputs; the kernels must match these bytes and scales exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+E4M3_MAX = 448.0
+MIN_AMAX = 1e-4
+
+
+def scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    """DeepSeek-V3: scale = max(amax, 1e-4) / 448; UE8M0 rounds it up to a power of two. NaN stays NaN."""
+    scale = torch.clamp_min(amax, MIN_AMAX) / E4M3_MAX
+    if ue8m0:
+        mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2**exponent, mantissa in [0.5, 1)
+        up = torch.ldexp(torch.ones_like(scale), torch.where(mantissa == 0.5, exponent - 1, exponent))
+        scale = torch.where(torch.isfinite(scale), up, scale)
+    return scale
+
+
+def to_e4m3(y: torch.Tensor) -> torch.Tensor:
+    """Round to nearest even, saturating finite values at +-448 like the GPU's cvt.rn.satfinite."""
+    return torch.where(y.isnan(), y, y.clamp(-E4M3_MAX, E4M3_MAX)).to(torch.float8_e4m3fn)
+
+
+def quantize_tiles(x: torch.Tensor, tile_m: int, tile_k: int, ue8m0: bool = False):
+    """x [M, K] -> (q [M, K] e4m3, scales [ceil(M/tile_m), ceil(K/tile_k)] fp32); partial edge tiles
+    take their amax over the elements that exist."""
+    M, K = x.shape
+    tm, tk = -(-M // tile_m), -(-K // tile_k)
+    xf = F.pad(x.float(), (0, tk * tile_k - K, 0, tm * tile_m - M))
+    tiles = xf.view(tm, tile_m, tk, tile_k)
+    amax = tiles.abs().amax(dim=(1, 3))  # amax propagates NaN
+    scale = scale_from_amax(amax, ue8m0)
+    q = to_e4m3(tiles / scale[:, None, :, None]).view(tm * tile_m, tk * tile_k)[:M, :K]
+    return q.contiguous(), scale
+
+
+def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, ue8m0: bool = False):
+    return quantize_tiles(x, 1, group_size, ue8m0)
+
+
+def quantize_per_block(w: torch.Tensor, block_size: int = 128, ue8m0: bool = False):
+    return quantize_tiles(w, block_size, block_size, ue8m0)
+
+
+def dequantize_tiles(q: torch.Tensor, scales: torch.Tensor, tile_m: int, tile_k: int) -> torch.Tensor:
+    """q [M, K] e4m3, scales per tile -> float32 [M, K]."""
+    M, K = q.shape
+    full = scales.float().repeat_interleave(tile_m, 0)[:M].repeat_interleave(tile_k, 1)[:, :K]
+    return q.float() * full
