@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Modules that hold registered Triton kernels; importing them fills the registry.
-KERNEL_MODULES = ("r1kernels.fp8.kernels",)
+KERNEL_MODULES = ("r1kernels.fp8.kernels", "r1kernels.grpo.kernels")
 
 ARCHS = (80, 89, 90)
 ARCH_NAMES = {80: "sm_80", 89: "sm_89", 90: "sm_90a"}

@@ -38,6 +38,7 @@ class CompileRow:
     wgmma_ptx: int
     vec16_global: int
     tma: int
+    cp_async: int = 0
     error: str = ""
 
 
@@ -107,6 +108,7 @@ def analyse(v: KernelVariant, arch: int) -> CompileRow:
         vec16_global=len(re.findall(r"\b(?:ld|st)\.global(?:\.[a-z0-9:]+)*\.v4\.(?:b32|f32|u32|s32)", ptx))
         + len(re.findall(r"\b(?:ld|st)\.global(?:\.[a-z0-9:]+)*\.v2\.(?:b64|u64|f64)", ptx)),
         tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx)),
     )
 
 
@@ -143,25 +145,14 @@ def run(archs=ARCHS, name_filter: str = "") -> list[CompileRow]:
 
 
 def format_table(rows: list[CompileRow], markdown: bool = False) -> str:
-    head = ["kernel", "arch", "regs", "local", "stack", "smem B", "mma", "wgmma", "16B ld/st", "tma", "status"]
+    head = ["kernel", "arch", "regs", "local", "stack", "smem B", "mma", "wgmma", "16B ld/st", "cp.async", "tma",
+            "status"]  # fmt: skip
     body = []
     for r in rows:
         problems = check(r)
-        body.append(
-            [
-                r.name,
-                ARCH_NAMES[r.arch],
-                str(r.registers),
-                str(r.local),
-                str(r.stack),
-                str(r.shared),
-                r.mma,
-                str(r.wgmma_ptx),
-                str(r.vec16_global),
-                str(r.tma),
-                "; ".join(problems) or "ok",
-            ]
-        )
+        cells = [r.name, ARCH_NAMES[r.arch], r.registers, r.local, r.stack, r.shared, r.mma, r.wgmma_ptx,
+                 r.vec16_global, r.cp_async, r.tma, "; ".join(problems) or "ok"]  # fmt: skip
+        body.append([str(c) for c in cells])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(b) + " |" for b in body]

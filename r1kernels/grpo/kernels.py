@@ -1,0 +1,221 @@
+"""Triton kernels of the fused LM-head log-prob: logits are formed one [BLOCK_N, BLOCK_V] tile at a time
+and never stored whole.
+
+- ``logprob_fwd_kernel``: per token, over one vocab chunk, the online log-sum-exp state (running max m,
+  sum of exp s), the target logit and, optionally, sum(exp(z - m) * z) for the entropy. Programs are
+  ordered chunk-major so the programs resident at once read the same weight rows (L2 reuse); the
+  launcher combines the per-chunk partials (O(tokens x chunks)).
+- ``logprob_grad_logits_kernel``: recomputes a logits tile and writes d logp / d logits
+  ``g / T * (onehot - softmax)`` for one chunk of tokens into a bounded scratch buffer.
+- ``matmul_kernel``: C (+)= A @ B with fp32 accumulation; gives d hidden = G @ W and d weight += G^T @ H.
+
+Runtime values (N, V, H, 1/temperature) are kernel arguments, never constexpr.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from r1kernels.compile_registry import KernelVariant, register
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """z[BLOCK_N, BLOCK_V] = (hidden[rows] @ weight[cols].T + bias[cols]) / T in fp32; -inf past V."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    k = tl.arange(0, BLOCK_H)
+    for h0 in tl.range(0, H, BLOCK_H, num_stages=3):
+        kh = h0 + k
+        a = tl.load(h_ptr + rows[:, None] * stride_h + kh[None, :], mask=(rows[:, None] < N) & (kh[None, :] < H),
+                    other=0.0)  # fmt: skip
+        b = tl.load(w_ptr + cols[:, None] * stride_w + kh[None, :], mask=(cols[:, None] < V) & (kh[None, :] < H),
+                    other=0.0)  # fmt: skip
+        acc = tl.dot(a, tl.trans(b), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    z = acc * inv_t
+    return tl.where(cols[None, :] < V, z, float("-inf"))
+
+
+@triton.jit
+def logprob_fwd_kernel(
+    h_ptr,  # [N, H] hidden, row stride stride_h
+    w_ptr,  # [V, H] LM-head weight, row stride stride_w
+    b_ptr,  # [V] bias (unused unless HAS_BIAS)
+    y_ptr,  # [N] int64 target token ids, all in [0, V)
+    part_ptr,  # [4, NUM_CHUNKS, N] fp32 partials: running max, sum exp, target logit, sum exp * z
+    N, V, H, stride_h, stride_w, inv_t, V_CHUNK,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    num_chunks = tl.cdiv(V, V_CHUNK)
+    pid = tl.program_id(0)
+    chunk = pid // n_blocks
+    rows = (pid % n_blocks).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = tl.load(y_ptr + rows, mask=rows < N, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    v_start = chunk.to(tl.int64) * V_CHUNK
+    v_end = tl.minimum(v_start + V_CHUNK, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        z = tl.where(cols[None, :] < v_end, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(p, axis=1)
+        if WITH_ENTROPY:
+            t = t * alpha + tl.sum(tl.where(p > 0, p * z, 0.0), axis=1)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m = m_new
+    base = part_ptr + chunk.to(tl.int64) * N + rows
+    plane = num_chunks.to(tl.int64) * N
+    ok = rows < N
+    tl.store(base, m, mask=ok)
+    tl.store(base + plane, s, mask=ok)
+    tl.store(base + 2 * plane, zy, mask=ok)
+    tl.store(base + 3 * plane, t, mask=ok)
+
+
+@triton.jit
+def logprob_grad_logits_kernel(
+    h_ptr,  # [C, H] hidden rows of this token chunk, row stride stride_h
+    w_ptr,  # [V, H] weight, row stride stride_w
+    b_ptr,  # [V] bias (unused unless HAS_BIAS)
+    y_ptr,  # [C] int64 target ids
+    lse_ptr,  # [C] fp32 log-sum-exp of z from the forward
+    g_ptr,  # [C] fp32 d loss / d logp
+    gz_ptr,  # [C, V] out: d loss / d logits (pre-temperature), dtype of the scratch buffer, row stride V
+    N, V, H, stride_h, stride_w, inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    ok = rows < N
+    lse = tl.load(lse_ptr + rows, mask=ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=ok, other=0.0)
+    y = tl.load(y_ptr + rows, mask=ok, other=-1)
+    p = tl.exp(z - lse[:, None])
+    # logp = z_y - lse(z) and z = logits / T, so d logp / d logits = (onehot - p) / T
+    gz = (g * inv_t)[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
+    tl.store(gz_ptr + rows[:, None] * V + cols[None, :], gz.to(gz_ptr.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < V))  # fmt: skip
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr,  # [M, K] strides (stride_am, stride_ak)
+    b_ptr,  # [K, N] strides (stride_bk, stride_bn)
+    c_ptr,  # [M, N] strides (stride_cm, 1); fp32 when ACCUMULATE
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """C = A @ B (or C += A @ B when ACCUMULATE) with fp32 accumulation; grouped tile order for L2 reuse."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=3):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)  # fmt: skip
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)  # fmt: skip
+        acc = tl.dot(a, b, acc)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ---- launch configurations: pure functions of (dtype, arch); shared with the compile registry
+
+
+def logits_tile_config(dtype_bytes: int, arch: int | None, forward: bool) -> dict[str, int]:
+    """Tiles of the logits recompute. The forward keeps four running statistics per row beside the tile, so
+    its vocab tile is half the backward's to stay clear of spills (checked by the compile report)."""
+    if dtype_bytes == 4:
+        return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4}
+    if arch is not None and arch >= 90:
+        return {"BLOCK_N": 128, "BLOCK_V": 64 if forward else 128, "BLOCK_H": 64, "num_warps": 8}
+    return {"BLOCK_N": 64, "BLOCK_V": 64 if forward else 128, "BLOCK_H": 64, "num_warps": 4}
+
+
+def matmul_config(dtype_bytes: int, arch: int | None) -> dict[str, int]:
+    if dtype_bytes == 4:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4}
+    if arch is not None and arch >= 90:
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8}
+
+
+V_CHUNK = 8192  # vocab columns per forward program: ~19 chunks at V = 151936
+
+
+_TL = {2: "bf16", 4: "fp32"}
+
+
+@register("grpo")
+def logprob_variants(arch: int) -> list[KernelVariant]:
+    out = []
+    for nbytes, tl_type in _TL.items():
+        fwd, bwd = logits_tile_config(nbytes, arch, True), logits_tile_config(nbytes, arch, False)
+        fwd_tiles = {k: fwd[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+        bwd_tiles = {k: bwd[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+        common = {"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "y_ptr": "*i64"}
+        scalars = {"N": "i32", "V": "i32", "H": "i32", "stride_h": "i32", "stride_w": "i32", "inv_t": "fp32"}
+        out.append(KernelVariant(
+            name=f"grpo.logprob_fwd[{tl_type}]", kernel=logprob_fwd_kernel, kind="matrix",
+            signature={**common, "part_ptr": "*fp32", **scalars, "V_CHUNK": "i32", "HAS_BIAS": "constexpr",
+                       "WITH_ENTROPY": "constexpr", **dict.fromkeys(fwd_tiles, "constexpr")},
+            constexprs={"HAS_BIAS": False, "WITH_ENTROPY": True, **fwd_tiles},
+            num_warps=fwd["num_warps"], aligned=("h_ptr", "w_ptr", "H", "stride_h", "stride_w"),
+        ))  # fmt: skip
+        out.append(KernelVariant(
+            name=f"grpo.logprob_grad_logits[{tl_type}]", kernel=logprob_grad_logits_kernel, kind="matrix",
+            signature={**common, "lse_ptr": "*fp32", "g_ptr": "*fp32", "gz_ptr": f"*{tl_type}", **scalars,
+                       "HAS_BIAS": "constexpr", **dict.fromkeys(bwd_tiles, "constexpr")},
+            constexprs={"HAS_BIAS": False, **bwd_tiles},
+            num_warps=bwd["num_warps"], aligned=("h_ptr", "w_ptr", "gz_ptr", "V", "H", "stride_h", "stride_w"),
+        ))  # fmt: skip
+        mm = matmul_config(nbytes, arch)
+        mm_tiles = {k: mm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        # Launches see unit strides specialised to constexpr 1 (Triton's JIT does this for ints equal to 1):
+        # d hidden = G @ W has A and B row-major; d weight += G^T @ H reads A = G^T column-major.
+        for accumulate, c_type, unit in ((False, tl_type, ("stride_ak", "stride_bn")),
+                                         (True, "fp32", ("stride_am", "stride_bn"))):  # fmt: skip
+            sig = {"a_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "c_ptr": f"*{c_type}", "M": "i32", "N": "i32",
+                   "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+                   "stride_cm": "i32", "ACCUMULATE": "constexpr", **dict.fromkeys(mm_tiles, "constexpr")}  # fmt: skip
+            sig.update(dict.fromkeys(unit, "constexpr"))
+            aligned = tuple(a for a in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm")
+                            if a not in unit)  # fmt: skip
+            out.append(KernelVariant(
+                name=f"grpo.matmul[{tl_type}->{c_type}{',acc' if accumulate else ''}]", kernel=matmul_kernel,
+                kind="matrix", signature=sig,
+                constexprs={"ACCUMULATE": accumulate, **mm_tiles, **dict.fromkeys(unit, 1)},
+                num_warps=mm["num_warps"], aligned=("a_ptr", "b_ptr", "c_ptr", *aligned),
+            ))  # fmt: skip
+    return out

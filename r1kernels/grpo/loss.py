@@ -1,0 +1,209 @@
+"""The GRPO loss fused with the LM head.
+
+The expensive part, the LM head and log-softmax over the vocabulary, runs in ``token_logprob_stats``
+(Triton on the GPU, chunked PyTorch on the CPU) and never holds the ``[tokens, vocab]`` logits. What
+remains is O(tokens) elementwise math (ratio, clip, KL, aggregation) in plain PyTorch, so every loss
+variant reads like its formula, differentiates through autograd into the fused backward, and traces
+under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r1kernels._checks import check_tensor
+from r1kernels.grpo.token_logprobs import token_logprob_stats, token_logprobs
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence")
+
+
+class _Segments:
+    """Token layout: ``B`` sequences of a padded ``[B, T]`` batch, or packed rows split by ``cu_seqlens``."""
+
+    def __init__(self, B: int, T: int | None, cu_seqlens: torch.Tensor | None, n_tokens: int):
+        self.B, self.T, self.cu, self.N = B, T, cu_seqlens, n_tokens
+
+    def seq_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of a per-token ``[N]`` tensor -> ``[B]`` (deterministic: no atomics)."""
+        if self.cu is None:
+            return x.view(self.B, self.T).sum(dim=1)
+        csum = torch.cat([x.new_zeros(1, dtype=torch.float64), x.double().cumsum(0)])
+        return (csum[self.cu[1:]] - csum[self.cu[:-1]]).to(x.dtype)
+
+    def to_tokens(self, per_seq: torch.Tensor) -> torch.Tensor:
+        """``[B]`` -> ``[N]``, each sequence's value on each of its tokens."""
+        if self.cu is None:
+            return per_seq[:, None].expand(self.B, self.T).reshape(-1)
+        return torch.repeat_interleave(per_seq, self.cu[1:] - self.cu[:-1], output_size=self.N)
+
+
+def _per_token(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    if t is None:
+        return None
+    check_tensor(name, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (one value per token), got {tuple(t.shape)}")
+    return t.reshape(-1)
+
+
+def grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    temperature: float = 1.0,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    num_processes: int = 1,
+    importance_sampling_level: str = "token",
+    rollout_is_ratio: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    log_ratio_clamp: float = 20.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO loss from final hidden states and the LM-head weight, without materialising the logits.
+
+    Per completion token (DeepSeekMath eq. 3; TRL's GRPOTrainer semantics)::
+
+        logp  = log softmax((hidden @ weight.T + bias) / temperature)[token]
+        r     = exp(clamp(logp - old_logps, -c, c))          # c = log_ratio_clamp; GSPO: per-sequence mean
+        loss  = -min(min(r, delta) * A, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A)
+                * rollout_is_ratio + beta * (exp(d) - d - 1),  d = clamp(ref_logps - logp, -c, c)
+
+    Layouts (all per-token tensors share one):
+        padded: ``hidden [B, T, H]``; ``token_ids``, ``completion_mask``, ``old_logps``, ``ref_logps``,
+        ``rollout_is_ratio`` ``[B, T]``; ``advantages [B]`` or ``[B, T]``.
+        packed: ``hidden [N, H]`` with ``cu_seqlens [B + 1]`` int (sequence b is rows
+        ``cu_seqlens[b]:cu_seqlens[b+1]``); per-token tensors ``[N]``; ``advantages [B]`` or ``[N]``.
+    ``weight [V, H]`` and ``bias [V]`` share ``hidden``'s dtype (bf16 / fp16 / fp32); ids int64 / int32.
+
+    Args:
+        old_logps: the sampling policy's log-probs; None = on-policy (ratio 1, gradient still flows).
+        ref_logps / (ref_hidden, ref_weight): the reference policy for the KL term (needed when beta > 0);
+            ``ref_hidden`` (same layout as ``hidden``) runs through the fused kernel without gradients and
+            ``ref_weight`` defaults to ``weight``.
+        loss_type: ``grpo`` (mean over each sequence's tokens, then over sequences), ``bnpo`` (mean over all
+            completion tokens), ``dr_grpo`` (sum / (B * max_completion_length); default T for padded input,
+            required for packed), ``dapo`` (sum / (num_items_in_batch / num_processes)). For ``dapo`` under
+            gradient accumulation or data parallelism pass ``num_items_in_batch`` = completion tokens summed
+            over every micro-batch and rank, and ``num_processes`` = ranks whose gradients are averaged;
+            it defaults to this batch's token count.
+        importance_sampling_level: ``token`` or ``sequence`` (GSPO: one ratio per sequence from the mean
+            token log-ratio).
+        delta: optional upper clamp of the unclipped ratio (two-sided clipping).
+        rollout_is_ratio: optional per-token importance weight from the rollout engine (e.g. vLLM's
+            truncated importance sampling), multiplies the policy term.
+        log_ratio_clamp: both log-ratios are clamped to ``[-c, c]`` before ``exp`` so neither the ratio nor
+            the k3 KL can overflow to Inf/NaN; outside the clamp the gradient of that term is 0.
+
+    Returns:
+        ``(loss, metrics)``: a scalar fp32 loss and 0-d fp32 tensors ``kl`` (masked mean k3; 0 without a
+        reference), ``clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio`` (fraction of completion tokens
+        whose ratio is clipped, TRL's definition), and ``entropy`` (masked mean) when ``return_entropy``.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    if epsilon_low < 0 or epsilon_high < 0 or beta < 0 or log_ratio_clamp <= 0 or (delta is not None and delta <= 1):
+        raise ValueError(
+            "need epsilon_low, epsilon_high, beta >= 0, log_ratio_clamp > 0 and delta (if given) > 1; got "
+            f"epsilon_low={epsilon_low}, epsilon_high={epsilon_high}, beta={beta}, "
+            f"log_ratio_clamp={log_ratio_clamp}, delta={delta}"
+        )
+    check_tensor("hidden", hidden)
+    if cu_seqlens is None:
+        check_tensor("hidden", hidden, ndim=3)
+        B, T, H = hidden.shape
+        token_shape = (B, T)
+        seg = _Segments(B, T, None, B * T)
+    else:
+        check_tensor("hidden", hidden, ndim=2)
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32, torch.int64), ndim=1)
+        B, T, H = cu_seqlens.shape[0] - 1, None, hidden.shape[1]
+        token_shape = (hidden.shape[0],)
+        seg = _Segments(B, None, cu_seqlens.long(), hidden.shape[0])
+        if loss_type == "dr_grpo" and max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' with packed input (cu_seqlens) needs max_completion_length")
+    if B <= 0 or seg.N == 0:
+        raise ValueError(f"empty batch: hidden has shape {tuple(hidden.shape)}")
+    ids = _per_token("token_ids", token_ids, token_shape)
+    mask = _per_token("completion_mask", completion_mask, token_shape).to(torch.float32)
+    old = _per_token("old_logps", old_logps, token_shape)
+    ref = _per_token("ref_logps", ref_logps, token_shape)
+    is_ratio = _per_token("rollout_is_ratio", rollout_is_ratio, token_shape)
+    check_tensor("advantages", advantages)
+    if tuple(advantages.shape) == (B,):
+        adv = seg.to_tokens(advantages.float())
+    elif tuple(advantages.shape) == token_shape:
+        adv = advantages.float().reshape(-1)
+    else:
+        raise ValueError(f"advantages must have shape ({B},) or {token_shape}, got {tuple(advantages.shape)}")
+    if beta > 0 and ref is None:
+        if ref_hidden is None:
+            raise ValueError("beta > 0 needs the reference policy: pass ref_logps or ref_hidden (+ ref_weight)")
+        if tuple(ref_hidden.shape) != tuple(hidden.shape):
+            raise ValueError(
+                f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}"
+            )
+        ref = token_logprobs(ref_hidden.reshape(-1, H), weight if ref_weight is None else ref_weight, ids, temperature)
+
+    logp, _, entropy = token_logprob_stats(
+        hidden.reshape(-1, H), weight, ids, bias=bias, temperature=temperature, with_entropy=return_entropy
+    )
+    c = log_ratio_clamp
+    log_ratio = torch.clamp(logp - (logp.detach() if old is None else old.float()), -c, c)
+    if importance_sampling_level == "sequence":
+        seq = seg.seq_sum(log_ratio * mask) / seg.seq_sum(mask).clamp(min=1.0)
+        log_ratio = seg.to_tokens(seq)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token = -torch.minimum(unclipped * adv, clipped * adv)
+    if is_ratio is not None:
+        per_token = per_token * is_ratio.float()
+    n_tok = mask.sum().clamp(min=1.0)
+    kl_mean = torch.zeros((), device=logp.device)
+    if beta > 0:
+        d = torch.clamp(ref.float() - logp, -c, c)
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+        kl_mean = (kl.detach() * mask).sum() / n_tok
+
+    masked = per_token * mask
+    if loss_type == "grpo":
+        loss = (seg.seq_sum(masked) / seg.seq_sum(mask).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = masked.sum() / n_tok
+    elif loss_type == "dr_grpo":
+        loss = masked.sum() / (B * (max_completion_length or T))
+    else:
+        normaliser = n_tok if num_items_in_batch is None else num_items_in_batch / num_processes
+        loss = masked.sum() / normaliser
+
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).float() * mask
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).float() * mask
+        metrics = {
+            "kl": kl_mean,
+            "clip_ratio_low": low.sum() / n_tok,
+            "clip_ratio_high": high.sum() / n_tok,
+            "clip_ratio": (low + high).sum() / n_tok,
+        }
+        if return_entropy:
+            metrics["entropy"] = (entropy * mask).sum() / n_tok
+    return loss, metrics

@@ -1,0 +1,330 @@
+"""Token log-probs through the LM head without materialising the ``[tokens, vocab]`` logits.
+
+``logp[n] = log softmax((hidden[n] @ weight.T + bias) / T)[token_ids[n]]``, its log-sum-exp and
+(optionally) the entropy of the same distribution, with a backward that recomputes logits tile by tile.
+Memory beyond inputs and outputs: O(tokens x vocab-chunks) partials in the forward; one bounded
+``[chunk, V]`` gradient scratch plus an fp32 ``[V, H]`` accumulator for ``d weight`` in the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from r1kernels import _alloc, backend
+from r1kernels._checks import cdiv, check_same_device, check_tensor
+from r1kernels._ops import define_op
+from r1kernels.grpo import kernels
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Bytes of logits-shaped scratch a chunk may use: backward gradient tile on the GPU, fp32 logits on the CPU.
+GPU_SCRATCH_BYTES = 256 * 2**20
+CPU_SCRATCH_BYTES = 64 * 2**20
+
+
+# ---- validation -------------------------------------------------------------------------------------
+
+
+def validate(hidden, weight, bias, token_ids, temperature) -> None:
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("weight", weight, dtypes=(hidden.dtype,), ndim=2)
+    check_tensor("token_ids", token_ids, dtypes=(torch.int64, torch.int32), ndim=1)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(hidden.dtype,), ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        check_same_device(hidden=hidden, weight=weight, token_ids=token_ids, bias=bias)
+    else:
+        check_same_device(hidden=hidden, weight=weight, token_ids=token_ids)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[1]}, "
+                         f"got {tuple(weight.shape)}")  # fmt: skip
+    if token_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"token_ids must have one id per hidden row ({hidden.shape[0]}), got {token_ids.shape[0]}")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension; call .contiguous() first")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (vocab size V >= 1)")
+
+
+def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
+    """Ids outside [0, V) would read past the weight; checked on the host (one sync) before any launch."""
+    if token_ids.numel():
+        lo, hi = int(token_ids.min()), int(token_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in [{lo}, {hi}]")
+
+
+# ---- forward ----------------------------------------------------------------------------------------
+
+
+def _arch(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = kernels.logits_tile_config(hidden.element_size(), _arch(hidden.device), forward=True)
+    n_chunks = cdiv(V, kernels.V_CHUNK)
+    part = _alloc.empty((4, n_chunks, N), torch.float32, hidden.device)
+    grid = (cdiv(N, cfg["BLOCK_N"]) * n_chunks,)
+    kernels.logprob_fwd_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, token_ids, part,
+        N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, kernels.V_CHUNK,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    m, s, zy, t = part.unbind(0)
+    m_all = m.amax(dim=0)
+    scale = torch.exp(m - m_all)
+    s_all = (s * scale).sum(dim=0)
+    lse = m_all + torch.log(s_all)
+    logp = zy.sum(dim=0) - lse
+    entropy = lse - (t * scale).sum(dim=0) / s_all if with_entropy else torch.zeros_like(lse)
+    return logp, lse, entropy
+
+
+def _cpu_chunk_rows(V: int) -> int:
+    return max(1, CPU_SCRATCH_BYTES // (4 * V))
+
+
+def _logits_fp32(h, w32, b32, inv_t):
+    z = h.float() @ w32.T
+    if b32 is not None:
+        z += b32
+    return z.mul_(inv_t)
+
+
+def _forward_cpu(hidden, weight, bias, token_ids, temperature, with_entropy):
+    """Chunked fp32 PyTorch: at most CPU_SCRATCH_BYTES of logits alive at once."""
+    N = hidden.shape[0]
+    w32, b32 = weight.float(), None if bias is None else bias.float()
+    logp, lse, entropy = (torch.empty(N, dtype=torch.float32) for _ in range(3))
+    step = _cpu_chunk_rows(weight.shape[0])
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        z = _logits_fp32(hidden[r0:r1], w32, b32, 1.0 / temperature)
+        lse_c = torch.logsumexp(z, dim=1)
+        lse[r0:r1] = lse_c
+        logp[r0:r1] = z.gather(1, token_ids[r0:r1, None].long()).squeeze(1) - lse_c
+        if with_entropy:
+            z.sub_(lse_c[:, None])  # log-probs, in place
+            entropy[r0:r1] = -(z.exp() * z).sum(dim=1)
+        else:
+            entropy[r0:r1] = 0.0
+    return logp, lse, entropy
+
+
+def logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy, op="token_logprob_stats"):
+    N = hidden.shape[0]
+    if N == 0 or hidden.shape[1] == 0:
+        z = hidden.new_zeros((N,), dtype=torch.float32)
+        if hidden.shape[1] == 0 and N:
+            raise ValueError("hidden must have H >= 1 columns")
+        return z, z.clone(), z.clone()
+    check_token_range(token_ids, weight.shape[0])
+    if backend.resolve(hidden.device, op) == "cpu":
+        return _forward_cpu(hidden, weight, bias, token_ids, temperature, with_entropy)
+    return _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy)
+
+
+# ---- backward ---------------------------------------------------------------------------------------
+
+
+def grad_chunk_rows(N: int, V: int, elt: int, block: int) -> int:
+    """Token rows per backward chunk: the [rows, V] gradient scratch stays within GPU_SCRATCH_BYTES."""
+    rows = max(block, (GPU_SCRATCH_BYTES // (V * elt)) // block * block)
+    return min(rows, cdiv(N, block) * block)
+
+
+def _matmul(a, b, c, accumulate: bool, cfg) -> None:
+    M, K = a.shape
+    Nc = b.shape[1]
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(Nc, cfg["BLOCK_N"]),)
+    kernels.matmul_kernel[grid](
+        a, b, c, M, Nc, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+        ACCUMULATE=accumulate, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+
+
+def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    arch = _arch(hidden.device)
+    cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=False)
+    mm = kernels.matmul_config(hidden.element_size(), arch)
+    d_hidden = _alloc.empty((N, H), hidden.dtype, hidden.device)
+    d_weight32 = torch.zeros((V, H), dtype=torch.float32, device=hidden.device)  # fp32 accumulation over chunks
+    d_bias32 = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if bias is not None else None
+    rows = grad_chunk_rows(N, V, hidden.element_size(), cfg["BLOCK_N"])
+    gz = _alloc.empty((rows, V), hidden.dtype, hidden.device)
+    grad_logp = grad_logp.float().contiguous()
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        h = hidden[r0:r1]
+        g = gz[: r1 - r0]
+        grid = (cdiv(r1 - r0, cfg["BLOCK_N"]), cdiv(V, cfg["BLOCK_V"]))
+        kernels.logprob_grad_logits_kernel[grid](
+            h, weight, bias if bias is not None else weight, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1], g,
+            r1 - r0, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+            num_warps=cfg["num_warps"],
+        )  # fmt: skip
+        _matmul(g, weight, d_hidden[r0:r1], accumulate=False, cfg=mm)  # d hidden = G @ W
+        _matmul(g.T, h, d_weight32, accumulate=True, cfg=mm)  # d weight += G^T @ H
+        if d_bias32 is not None:
+            d_bias32 += g.float().sum(dim=0)
+    return d_hidden, d_weight32.to(weight.dtype), d_bias32
+
+
+def _backward_cpu(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
+    N, H = hidden.shape
+    w32, b32 = weight.float(), None if bias is None else bias.float()
+    d_hidden = torch.empty((N, H), dtype=hidden.dtype)
+    d_weight32 = torch.zeros_like(w32)
+    d_bias32 = torch.zeros_like(b32) if b32 is not None else None
+    inv_t = 1.0 / temperature
+    step = _cpu_chunk_rows(weight.shape[0])
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        h32 = hidden[r0:r1].float()
+        z = _logits_fp32(h32, w32, b32, inv_t)
+        gz = z.sub_(lse[r0:r1, None]).exp_().neg_()  # -softmax, in place
+        gz.scatter_add_(1, token_ids[r0:r1, None].long(), torch.ones(r1 - r0, 1))  # onehot - softmax
+        gz.mul_(grad_logp[r0:r1, None].float() * inv_t)
+        d_hidden[r0:r1] = (gz @ w32).to(hidden.dtype)
+        d_weight32.addmm_(gz.T, h32)
+        if d_bias32 is not None:
+            d_bias32 += gz.sum(dim=0)
+    return d_hidden, d_weight32.to(weight.dtype), d_bias32
+
+
+def logprob_stats_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
+    if hidden.shape[0] == 0:
+        db = None if bias is None else torch.zeros_like(bias)
+        return torch.zeros_like(hidden), torch.zeros_like(weight), db
+    if backend.resolve(hidden.device, "token_logprob_stats_backward") == "cpu":
+        return _backward_cpu(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
+    return _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
+
+
+# ---- torch.library ops ------------------------------------------------------------------------------
+
+
+def _fake_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
+    d_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
+    return torch.empty_like(hidden), torch.empty_like(weight), d_bias
+
+
+@define_op("token_logprob_stats_backward", fake=_fake_backward)
+def _stats_backward_op(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    token_ids: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, dw, db = logprob_stats_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
+    return dh, dw, (db.to(bias.dtype) if db is not None else hidden.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, token_ids, temperature, _ = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(hidden, weight, bias, token_ids, lse)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(lse, entropy)
+
+
+def _backward(ctx, grad_logp, _grad_lse, _grad_entropy):
+    hidden, weight, bias, token_ids, lse = ctx.saved_tensors
+    dh, dw, db = _stats_backward_op(grad_logp, hidden, weight, bias, token_ids, lse, ctx.temperature)
+    return dh, dw, (db if bias is not None else None), None, None, None
+
+
+def _fake_forward(hidden, weight, bias, token_ids, temperature, with_entropy):
+    validate(hidden, weight, bias, token_ids, temperature)
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty((n,), dtype=torch.float32) for _ in range(3))
+
+
+@define_op("token_logprob_stats", fake=_fake_forward, backward=_backward, setup_context=_setup_context)
+def _stats_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    token_ids: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    validate(hidden, weight, bias, token_ids, temperature)
+    return logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy)
+
+
+def token_logprob_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Differentiable fused LM head + log-softmax gather.
+
+    Args:
+        hidden: ``[N, H]`` bf16 / fp16 / fp32, unit stride in the last dim.
+        weight: ``[V, H]`` same dtype (``lm_head.weight``), unit stride in the last dim.
+        token_ids: ``[N]`` int64 / int32, every id in ``[0, V)``.
+        bias: optional ``[V]``, same dtype.
+        temperature: logits are divided by it before the softmax (a runtime value: no recompile).
+        with_entropy: also compute the entropy of each row's distribution (one extra FMA per logit).
+
+    Returns:
+        ``(logp [N] fp32, lse [N] fp32, entropy [N] fp32)``; ``logp`` is differentiable w.r.t. hidden, weight
+        and bias; ``lse`` and ``entropy`` are metrics without gradient (zeros when ``with_entropy=False``).
+    """
+    validate(hidden, weight, bias, token_ids, temperature)
+    return _stats_op(hidden, weight, bias, token_ids, float(temperature), with_entropy)
+
+
+@torch.no_grad()
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``token_ids`` for the old / reference policy, without gradients or full logits.
+
+    Args:
+        hidden: ``[..., H]`` (e.g. ``[B, T, H]``) bf16 / fp16 / fp32; weight ``[V, H]`` same dtype.
+        token_ids: ``[...]`` matching ``hidden``'s leading dims, ids in ``[0, V)``.
+
+    Returns:
+        ``logp [...]`` fp32, and ``entropy [...]`` fp32 when ``return_entropy``.
+    """
+    lead = hidden.shape[:-1]
+    if tuple(token_ids.shape) != tuple(lead):
+        raise ValueError(
+            f"token_ids must have shape {tuple(lead)} (hidden's leading dims), got {tuple(token_ids.shape)}"
+        )
+    logp, _, entropy = token_logprob_stats(
+        hidden.reshape(-1, hidden.shape[-1]), weight, token_ids.reshape(-1),
+        bias=bias, temperature=temperature, with_entropy=return_entropy,
+    )  # fmt: skip
+    return (logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
