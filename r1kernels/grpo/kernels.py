@@ -74,7 +74,8 @@ def logprob_fwd_kernel(
         p = tl.exp(z - m_new[:, None])
         s = s * alpha + tl.sum(p, axis=1)
         if WITH_ENTROPY:
-            t = t * alpha + tl.sum(tl.where(p > 0, p * z, 0.0), axis=1)
+            # masked columns have p = 0 and z = -inf: use z = 0 there so 0 * z is 0, not NaN
+            t = t * alpha + tl.sum(p * tl.where(cols[None, :] < v_end, z, 0.0), axis=1)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m = m_new
     base = part_ptr + chunk.to(tl.int64) * N + rows

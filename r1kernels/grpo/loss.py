@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from r1kernels._checks import check_tensor
-from r1kernels.grpo.token_logprobs import token_logprob_stats, token_logprobs
+from r1kernels.grpo.lm_head_logprobs import token_logprob_stats, token_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")

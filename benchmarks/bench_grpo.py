@@ -1,0 +1,270 @@
+"""Fused GRPO loss benchmark: forward + backward (loss.backward() filling hidden.grad and weight.grad).
+
+Three implementations of the same loss (token-level clipped surrogate + beta * k3 KL, "grpo" aggregation:
+masked mean per sequence, then mean over sequences):
+
+- ``r1k``: ``r1kernels.grpo.grpo_loss`` (never materialises the ``[tokens, vocab]`` logits);
+- ``plain``: PyTorch on full logits as TRL's GRPOTrainer computes it (``plain_grpo_loss`` below);
+- ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (chunked), when it imports.
+
+Per implementation: time of forward + backward (best of ``--reps`` on the CPU, do_bench median on a GPU),
+extra peak memory (CPU: resident-set high-water mark in a fresh process; GPU: allocator peak), and the
+loss, which must agree with the plain loss (relative difference < 1e-3 in fp32). On a GPU also TFLOP/s
+against the 6 * N * H * V floor (N = B * T tokens) at the H100's 989 TFLOP/s; fused kernels that
+recompute the logits in the backward do 8 * N * H * V.
+
+    python benchmarks/bench_grpo.py [--B 8 --T 512 --H 1024 --V 32000 --dtype fp32 --impls r1k,plain,liger]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import H100_BF16_TFLOPS, device_name, peak_mem_mib, peak_mem_mib_fresh_process, time_ms, write_table
+
+from r1kernels.grpo import grpo_loss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("r1k", "plain", "liger")
+BETA = 0.04
+EPSILON = 0.2
+TEMPERATURE = 1.0
+LOGP_NOISE = 0.05  # old / ref log-probs = true log-probs + N(0, LOGP_NOISE^2): some ratios clip
+GPU_EXTRA_SHAPE = (4096, 151936)  # H, V (Qwen-sized LM head), added on a GPU
+WARMUP_SHAPE = (2, 16, 64, 512)  # B, T, H, V of the child's warm-up call
+LOSS_RTOL = {"fp32": 1e-3, "bf16": 1e-2}
+
+
+# ---- the plain PyTorch loss (TRL GRPOTrainer semantics) ----------------------------------------------
+
+
+def plain_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, old_logps, ref_logps,
+                    beta=BETA, epsilon=EPSILON, temperature=TEMPERATURE):  # fmt: skip
+    """GRPO loss on the full ``[B, T, V]`` logits, the way TRL computes it from a model's logits."""
+    logits = hidden @ weight.T / temperature  # the LM head, in the input dtype
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    adv = advantages.unsqueeze(1)
+    ratio = torch.exp(logp - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if beta != 0.0:
+        d = ref_logps - logp
+        per_token = per_token + beta * (torch.exp(d) - d - 1)  # k3 estimate of KL(pi || pi_ref)
+    mask = completion_mask
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+# ---- inputs and the three implementations ------------------------------------------------------------
+
+
+def make_inputs(B: int, T: int, H: int, V: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(device, dtype)
+    weight = (torch.randn(V, H, generator=g) * H**-0.5).to(device, dtype)
+    token_ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)  # right padding, as in a GRPO batch
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float().to(device)
+    advantages = torch.randn(B, generator=g).to(device)
+    with torch.no_grad():  # the true log-probs, one sequence at a time (independent of the code under test)
+        w32 = weight.float()
+        logp = torch.stack(
+            [
+                torch.log_softmax(hidden[b].float() @ w32.T / TEMPERATURE, dim=-1)
+                .gather(-1, token_ids[b, :, None])
+                .squeeze(-1)
+                for b in range(B)
+            ]  # fmt: skip
+        )
+        del w32
+    old = logp + LOGP_NOISE * torch.randn(B, T, generator=g).to(device)
+    ref = logp + LOGP_NOISE * torch.randn(B, T, generator=g).to(device)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    return dict(hidden=hidden, weight=weight, token_ids=token_ids, mask=mask, advantages=advantages,
+                old=old, ref=ref)  # fmt: skip
+
+
+def _r1k(x: dict) -> torch.Tensor:
+    loss, _ = grpo_loss(
+        x["hidden"], x["weight"], x["token_ids"], x["mask"], x["advantages"],
+        old_logps=x["old"], ref_logps=x["ref"], beta=BETA, epsilon_low=EPSILON, temperature=TEMPERATURE,
+        loss_type="grpo",
+    )  # fmt: skip
+    return loss
+
+
+def _plain(x: dict) -> torch.Tensor:
+    return plain_grpo_loss(x["hidden"], x["weight"], x["token_ids"], x["mask"], x["advantages"], x["old"], x["ref"])
+
+
+_LIGER: dict = {}
+
+
+def liger_loss_module(device: str):
+    """``LigerFusedLinearGRPOLoss`` configured like TRL's GRPOTrainer does (chunk of one sequence), or raise.
+
+    ``compiled``: Liger torch.compiles only the O(tokens) loss math; on the CPU that needs a C++ toolchain
+    and adds seconds of compile time for nothing measurable, so it is off there."""
+    if device not in _LIGER:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        _LIGER[device] = LigerFusedLinearGRPOLoss(
+            beta=BETA, compiled=device == "cuda", use_ref_model=True, chunk_size=1, epsilon_low=EPSILON,
+            epsilon_high=EPSILON, loss_type="grpo", temperature=TEMPERATURE,
+        )  # fmt: skip
+    return _LIGER[device]
+
+
+def _liger(x: dict) -> torch.Tensor:
+    module = liger_loss_module(x["hidden"].device.type)
+    loss, _metrics = module(
+        _input=x["hidden"], lin_weight=x["weight"], selected_token_ids=x["token_ids"], attention_mask=x["mask"],
+        advantages=x["advantages"], ref_per_token_logps=x["ref"], old_per_token_logps=x["old"],
+    )  # fmt: skip
+    return loss
+
+
+LOSS_FNS = {"r1k": _r1k, "plain": _plain, "liger": _liger}
+
+
+def fwd_bwd(impl: str, x: dict):
+    """One training step's worth of loss work: forward, then backward into hidden.grad and weight.grad."""
+
+    def call() -> torch.Tensor:
+        x["hidden"].grad = None
+        x["weight"].grad = None
+        loss = LOSS_FNS[impl](x)
+        loss.backward()
+        return loss.detach()
+
+    return call
+
+
+# ---- peak memory in a fresh process ------------------------------------------------------------------
+
+
+def _mem_child(impl: str, B: str, T: str, H: str, V: str, dtype: str) -> None:
+    dt = DTYPES[dtype]
+    fwd_bwd(impl, make_inputs(*WARMUP_SHAPE, dt, "cpu"))()  # load libraries and start threads first
+    x = make_inputs(int(B), int(T), int(H), int(V), dt, "cpu")
+    print(peak_mem_mib(fwd_bwd(impl, x), "cpu"))
+
+
+# ---- main --------------------------------------------------------------------------------------------
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
+
+
+def run_shape(B, T, H, V, dtype: str, impls: list[str], device: str, reps: int) -> list[list[object]]:
+    shape = f"B{B} T{T} H{H} V{V}"
+    x = make_inputs(B, T, H, V, DTYPES[dtype], device)
+    N = B * T
+    floor_flop = 6 * N * H * V
+    res: dict[str, dict] = {}
+    ref_grads = None  # (hidden.grad, weight.grad) of the first implementation that ran
+    for impl in impls:
+        call = fwd_bwd(impl, x)
+        try:
+            loss = float(call())
+        except Exception as e:  # e.g. Liger not installed, or not runnable on this device
+            res[impl] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"}
+            print(f"[{shape} {dtype}] {impl}: cannot run: {res[impl]['error']}")
+            continue
+        grads = (x["hidden"].grad.detach().clone(), x["weight"].grad.detach().clone())
+        if ref_grads is None:
+            ref_grads, ref_name = grads, impl
+            grad_err = None
+        else:
+            grad_err = (_rel(grads[0], ref_grads[0]), _rel(grads[1], ref_grads[1]))
+        del grads
+        ms = time_ms(call, device, reps=reps)
+        if device == "cuda":
+            mem = peak_mem_mib(call, device)
+        else:
+            mem = peak_mem_mib_fresh_process(__file__, [impl, str(B), str(T), str(H), str(V), dtype])
+        res[impl] = {"ms": ms, "mem": mem, "loss": loss, "grad_err": grad_err}
+        print(f"[{shape} {dtype}] {impl}: {ms:.1f} ms, {mem:.0f} MiB extra peak, loss {loss:.7f}", flush=True)
+    del ref_grads
+
+    # agreement of the loss (and, for information, the gradients) with the plain loss
+    base = "plain" if "ms" in res.get("plain", {}) else next((i for i in impls if "ms" in res[i]), None)
+    for impl in impls:
+        r = res[impl]
+        if "ms" not in r or impl == base:
+            continue
+        rel = abs(r["loss"] - res[base]["loss"]) / max(abs(res[base]["loss"]), 1e-30)
+        verdict = "OK" if rel < LOSS_RTOL[dtype] else "MISMATCH"
+        gtxt = ""
+        if r["grad_err"] is not None:
+            gtxt = f"; grad rel. error vs {ref_name}: hidden {r['grad_err'][0]:.1e}, weight {r['grad_err'][1]:.1e}"
+        print(f"[{shape} {dtype}] loss {impl} vs {base}: rel. diff {rel:.1e} (< {LOSS_RTOL[dtype]:g}: {verdict}){gtxt}")
+
+    rows = []
+    for impl in impls:
+        r = res[impl]
+        if "ms" not in r:
+            row = [impl, shape, dtype, "n/a", "n/a", "n/a", "n/a", f"cannot run: {r['error']}"]
+            rows.append(row + (["n/a"] * 3 if device == "cuda" else []))
+            continue
+        plain_mem = res.get("plain", {}).get("mem")
+        liger_ms = res.get("liger", {}).get("ms")
+        row = [
+            impl, shape, dtype, r["ms"], r["mem"],
+            f"{r['mem'] / plain_mem:.2f}x" if plain_mem else "n/a",
+            f"{r['ms'] / liger_ms:.2f}x" if liger_ms else "n/a",
+            f"{r['loss']:.7f}",
+        ]  # fmt: skip
+        if device == "cuda":
+            floor_ms = floor_flop / (H100_BF16_TFLOPS * 1e12) * 1e3
+            row += [floor_flop / r["ms"] / 1e9, floor_ms, floor_ms / r["ms"]]
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--B", type=int, default=8, help="sequences")
+    parser.add_argument("--T", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--H", type=int, default=1024, help="hidden size")
+    parser.add_argument("--V", type=int, default=32000, help="vocabulary size")
+    parser.add_argument("--dtype", default="fp32", help="comma list of " + ", ".join(DTYPES))
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ", ".join(IMPLS))
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions on the CPU (best is kept)")
+    parser.add_argument("--mem-child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mem_child:
+        return _mem_child(*args.mem_child)
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for name, bad in (("impls", set(impls) - set(IMPLS)), ("dtype", set(dtypes) - set(DTYPES))):
+        if bad:
+            parser.error(f"unknown {name}: {sorted(bad)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(args.B, args.T, args.H, args.V)]
+    if device == "cuda" and (args.H, args.V) != GPU_EXTRA_SHAPE:
+        shapes.append((args.B, args.T, *GPU_EXTRA_SHAPE))
+    header = ["impl", "shape", "dtype", "ms", "extra peak MiB", "peak vs plain", "time vs liger", "loss"]
+    if device == "cuda":
+        header += ["TFLOP/s (6NHV)", "floor ms (H100)", "floor/achieved"]
+    rows = []
+    for B, T, H, V in shapes:
+        for dtype in dtypes:
+            rows += run_shape(B, T, H, V, dtype, impls, device, args.reps)
+    print()
+    print(f"device: {device_name(device)}; forward + backward of the GRPO loss (beta={BETA}, eps={EPSILON}, "
+          f"loss_type=grpo), {'do_bench median' if device == 'cuda' else f'best of {args.reps}'}")  # fmt: skip
+    print("extra peak MiB: over the inputs, including hidden.grad and weight.grad; "
+          "peak vs plain / time vs liger: this row's value divided by plain's / liger's (< 1: less / faster)")  # fmt: skip
+    if device == "cuda":
+        print(f"floor: 6*N*H*V FLOPs at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); the fused kernels "
+              "do 8*N*H*V (the backward recomputes the logits), so their best is floor/achieved = 0.75")  # fmt: skip
+    write_table(f"grpo_{device}", header, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""grpo_loss: every loss type x importance level x optional term against the float64 full-logits reference
+(loss, metrics, d hidden, d weight), packed vs padded layouts, masked rows, overflow-proof log-ratios,
+torch.compile, and input errors. The loss math is backend-independent O(tokens) PyTorch, so the full
+matrix runs on the CPU path and a representative slice runs the Triton kernels."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import HAS_GPU
+
+import r1kernels
+from r1kernels.grpo import group_advantages, grpo_loss
+from r1kernels.grpo import reference as ref
+
+B, T, H, V = 4, 6, 32, 150
+
+
+def _batch(dtype=torch.float32, device="cpu", mask_row=True):
+    hidden = torch.randn(B, T, H).to(dtype).to(device)
+    weight = (torch.randn(V, H) * H**-0.5 * 2).to(dtype).to(device)
+    ids = torch.randint(0, V, (B, T), device=device)
+    mask = (torch.rand(B, T, device=device) > 0.25).float()
+    mask[:, 0] = 1.0
+    if mask_row:
+        mask[2] = 0.0  # a sequence with no completion tokens
+    true_logp, _ = ref.token_logprobs(hidden.cpu(), weight.cpu(), ids.cpu())
+    # old / ref near the current policy, some far enough to be clipped
+    old = (true_logp + 0.3 * torch.randn(B, T, dtype=torch.float64)).float().to(device)
+    refp = (true_logp + 0.2 * torch.randn(B, T, dtype=torch.float64)).float().to(device)
+    adv = torch.randn(B, device=device)
+    return hidden, weight, ids, mask, adv, old, refp
+
+
+def _check(kwargs, dtype=torch.float32, device="cpu", backend="cpu", tol=None, batch=None):
+    hidden, weight, ids, mask, adv, old, refp = batch or _batch(dtype, device)
+    extra = {}
+    if kwargs.pop("old", False):
+        extra["old_logps"] = old
+    if kwargs.pop("ref", False):
+        extra["ref_logps"] = refp
+        extra["beta"] = 0.04
+    if kwargs.pop("rollout", False):
+        extra["rollout_is_ratio"] = torch.rand(B, T, device=device) * 0.5 + 0.75
+    if kwargs.pop("token_adv", False):
+        adv = torch.randn(B, T, device=device)
+    kwargs = {**kwargs, **extra}
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with r1kernels.use_backend(backend):
+        loss, metrics = grpo_loss(h, w, ids, mask, adv, return_entropy=True, **kwargs)
+        loss.backward()
+    rh = hidden.detach().double().cpu().requires_grad_()
+    rw = weight.detach().double().cpu().requires_grad_()
+    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    r_loss, r_metrics = ref.grpo_loss(rh, rw, ids.cpu(), mask.cpu(), adv.cpu(), **cpu)
+    r_loss.backward()
+    if tol is None:
+        tol = 1e-5 if dtype == torch.float32 and not (HAS_GPU and device == "cuda") else 2e-2
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(float(loss.detach()) - float(r_loss.detach())) <= tol * max(1.0, abs(float(r_loss))), (
+        float(loss),
+        float(r_loss),
+    )
+    for k, v in r_metrics.items():
+        assert abs(float(metrics[k]) - float(v)) <= max(tol, 1e-6) * max(1.0, abs(float(v))), k
+    for name, g, r in (("d hidden", h.grad, rh.grad), ("d weight", w.grad, rw.grad)):
+        assert g is not None and not torch.isnan(g).any()
+        err = float((g.double().cpu() - r).norm() / r.norm().clamp_min(1e-30))
+        assert err < max(tol, 1e-5) * 10, f"{name}: {err:.2e}"
+    return loss, metrics
+
+
+OPTIONS = [
+    dict(zip(("old", "ref", "delta", "rollout"), combo, strict=True))
+    for combo in itertools.product([False, True], repeat=4)
+]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(k for k, v in o.items() if v) or "plain")
+def test_loss_matrix_cpu(loss_type, level, opts):
+    kwargs = {"loss_type": loss_type, "importance_sampling_level": level, "epsilon_high": 0.28}
+    kwargs.update({k: True for k in ("old", "ref", "rollout") if opts[k]})
+    if opts["delta"]:
+        kwargs["delta"] = 1.3
+    if loss_type == "dr_grpo":
+        kwargs["max_completion_length"] = 8
+    if loss_type == "dapo":
+        kwargs.update(num_items_in_batch=40.0, num_processes=2)
+    _check(kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loss_triton_kernels(kernel_device, loss_type, level, dtype):
+    _check({"loss_type": loss_type, "importance_sampling_level": level, "old": True, "ref": True, "delta": 1.5},
+           dtype=dtype, device=kernel_device, backend="triton")  # fmt: skip
+
+
+def test_bf16_cpu_and_per_token_advantages():
+    _check({"loss_type": "bnpo", "old": True, "token_adv": True}, dtype=torch.bfloat16, tol=2e-2)
+
+
+def test_metrics_count_clipped_tokens():
+    hidden, weight, ids, mask, _, _, _ = _batch(mask_row=False)
+    logp, _ = ref.token_logprobs(hidden, weight, ids)
+    old = (logp - 1.0).float()  # ratio e > 1.28 everywhere
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    _, metrics = grpo_loss(hidden, weight, ids, mask, adv, old_logps=old, epsilon_high=0.28)
+    pos = (mask * (adv[:, None] > 0)).sum() / mask.sum()
+    assert float(metrics["clip_ratio_high"]) == pytest.approx(float(pos))
+    assert float(metrics["clip_ratio_low"]) == 0.0
+    assert float(metrics["clip_ratio"]) == pytest.approx(float(pos))
+
+
+def test_huge_log_ratios_do_not_overflow():
+    hidden, weight, ids, mask, adv, old, refp = _batch()
+    batch = (hidden, weight, ids, mask, adv, old - 200.0, refp + 500.0)
+    loss, metrics = _check({"old": True, "ref": True, "loss_type": "bnpo"}, batch=batch)
+    assert torch.isfinite(loss) and torch.isfinite(metrics["kl"])
+
+
+def test_packed_layout_matches_padded():
+    hidden, weight, ids, mask, adv, old, refp = _batch()
+    lengths = torch.tensor([6, 3, 5, 1])  # packed rows are each sequence's first `length` tokens
+    keep = torch.arange(T)[None, :] < lengths[:, None]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        for level in ("token", "sequence"):
+            common = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
+                          max_completion_length=T)  # fmt: skip
+            padded, pm = grpo_loss(hidden, weight, ids, mask * keep, adv, old_logps=old, ref_logps=refp, **common)
+            packed, km = grpo_loss(hidden[keep], weight, ids[keep], mask[keep], adv, cu_seqlens=cu,
+                                   old_logps=old[keep], ref_logps=refp[keep], **common)  # fmt: skip
+            assert float(packed) == pytest.approx(float(padded), rel=1e-5, abs=1e-7), (loss_type, level)
+            for k in pm:
+                assert float(km[k]) == pytest.approx(float(pm[k]), rel=1e-5, abs=1e-7)
+
+
+def test_ref_hidden_equals_ref_logps():
+    hidden, weight, ids, mask, adv, old, _ = _batch()
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    ref_logps, _ = ref.token_logprobs(ref_hidden, weight, ids)
+    a, am = grpo_loss(hidden, weight, ids, mask, adv, old_logps=old, ref_hidden=ref_hidden, beta=0.1)
+    b, bm = grpo_loss(hidden, weight, ids, mask, adv, old_logps=old, ref_logps=ref_logps.float(), beta=0.1)
+    assert float(a) == pytest.approx(float(b), rel=1e-5) and float(am["kl"]) == pytest.approx(float(bm["kl"]), rel=1e-4)
+
+
+def test_torch_compile_fullgraph():
+    hidden, weight, ids, mask, adv, old, refp = _batch()
+
+    def step(h, w):
+        loss, metrics = grpo_loss(h, w, ids, mask, adv, old_logps=old, ref_logps=refp, beta=0.04,
+                                  loss_type="dapo", return_entropy=True)  # fmt: skip
+        return loss, metrics["kl"], metrics["entropy"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out_c, out_e = compiled(h1, w1), step(h2, w2)
+    out_c[0].backward()
+    out_e[0].backward()
+    for a, b in zip(out_c, out_e, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(h1.grad, h2.grad, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"loss_type": "ppo"}, "loss_type must be one of"),
+        ({"importance_sampling_level": "batch"}, "importance_sampling_level must be one of"),
+        ({"beta": 0.1}, "beta > 0 needs the reference policy"),
+        ({"epsilon_low": -0.1}, "epsilon_low"),
+        ({"delta": 0.5}, "delta"),
+        ({"advantages": torch.randn(3)}, "advantages must have shape"),
+        ({"completion_mask": torch.ones(B, T + 1)}, "completion_mask must have shape"),
+        ({"old_logps": torch.zeros(B)}, "old_logps must have shape"),
+        ({"hidden": torch.randn(B * T, H)}, "hidden must be 3-D"),
+        ({"hidden": torch.randn(0, T, H)}, "empty batch"),
+        ({"cu_seqlens": torch.tensor([0, 24]), "hidden": torch.randn(24, H), "token_ids": torch.zeros(24).long(),
+          "completion_mask": torch.ones(24), "advantages": torch.ones(1), "loss_type": "dr_grpo"},
+         "needs max_completion_length"),
+    ],
+)  # fmt: skip
+def test_bad_input(kwargs, match):
+    hidden, weight, ids, mask, adv, _, _ = _batch()
+    args = {"hidden": hidden, "weight": weight, "token_ids": ids, "completion_mask": mask, "advantages": adv}
+    args.update(kwargs)
+    with pytest.raises((TypeError, ValueError), match=match):
+        grpo_loss(**args)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages(scale):
+    rewards = torch.randn(12)
+    rewards[4:8] = 1.0  # a group whose rewards are all equal
+    adv = group_advantages(rewards, 4, scale)
+    expected = ref.group_advantages(rewards, 4, scale)
+    assert torch.allclose(adv.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(adv[4:8], torch.zeros(4))
+
+
+def test_group_advantages_errors_and_single_sample():
+    assert torch.equal(group_advantages(torch.tensor([3.0, 5.0]), 1), torch.zeros(2))
+    with pytest.raises(ValueError, match="group_size must be a positive int dividing"):
+        group_advantages(torch.randn(10), 4)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        group_advantages(torch.randn(8), 4, "rank")
+    with pytest.raises(TypeError, match="rewards must be a floating-point"):
+        group_advantages(torch.arange(8), 4)
+    assert torch.isnan(group_advantages(torch.tensor([1.0, float("nan")]), 2)).all()  # NaN propagates

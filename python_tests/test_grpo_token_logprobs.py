@@ -1,0 +1,162 @@
+"""Fused LM-head log-probs (forward, entropy, backward) on every backend against the float64 reference."""
+
+import pytest
+import torch
+from conftest import HAS_GPU, backends_for
+
+import r1kernels
+from r1kernels.grpo import kernels, token_logprob_stats, token_logprobs
+from r1kernels.grpo import reference as ref
+from r1kernels.grpo import lm_head_logprobs as tlp
+
+# fp32 inputs run on TF32 tensor cores on a GPU (as torch does with allow_tf32); the interpreter is exact.
+FP32_GRAD_TOL = 3e-3 if HAS_GPU else 1e-5
+# bf16: the backward stores d logits in bf16 before the two GEMMs (2^-9 relative per element).
+BF16_GRAD_TOL = 1.5e-2
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    assert not torch.isnan(a).any(), "NaN in output"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _inputs(N, H, V, dtype, device, bias=True, scale=1.0):
+    hidden = (torch.randn(N, H) * scale).to(dtype).to(device)
+    weight = (torch.randn(V, H) * H**-0.5 * 2).to(dtype).to(device)
+    b = (torch.randn(V) * 0.5).to(dtype).to(device) if bias else None
+    ids = torch.randint(0, V, (N,), device=device)
+    return hidden, weight, b, ids
+
+
+def _reference(hidden, weight, b, ids, temperature, grad_out):
+    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    logp, entropy = ref.token_logprobs(leaves[0], leaves[1], ids.cpu(), leaves[2], temperature)
+    grads = torch.autograd.grad((logp * grad_out.double().cpu()).sum(), [t for t in leaves if t is not None])
+    return logp, entropy, grads
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,H,V", [(1, 16, 7), (37, 48, 300), (70, 64, 1000)], ids=str)
+@pytest.mark.parametrize("bias,temperature", [(False, 1.0), (True, 0.7)])
+def test_forward_backward_match_reference(backend, device, dtype, N, H, V, bias, temperature):
+    hidden, weight, b, ids = _inputs(N, H, V, dtype, device, bias)
+    grad_out = torch.randn(N, device=device)
+    params = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
+    with r1kernels.use_backend(backend):
+        logp, lse, entropy = token_logprob_stats(
+            hidden, weight, ids, bias=b, temperature=temperature, with_entropy=True
+        )
+        grads = torch.autograd.grad((logp * grad_out).sum(), params)
+    r_logp, r_entropy, r_grads = _reference(hidden, weight, b, ids, temperature, grad_out)
+    assert logp.dtype == torch.float32 and logp.shape == (N,)
+    assert torch.allclose(logp.double().cpu(), r_logp.detach(), atol=2e-4 if HAS_GPU else 2e-5, rtol=0)
+    assert torch.allclose(entropy.double().cpu(), r_entropy.detach(), atol=2e-4 if HAS_GPU else 2e-5, rtol=0)
+    assert torch.allclose((logp + lse).double().cpu(), logp.double().cpu() + lse.double().cpu())
+    tol = FP32_GRAD_TOL if dtype == torch.float32 else BF16_GRAD_TOL
+    for name, g, r in zip(("d hidden", "d weight", "d bias"), grads, r_grads, strict=False):
+        assert g.dtype == dtype
+        assert _rel(g, r) < tol, f"{name}: rel. error {_rel(g, r):.2e}"
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch):
+    """Several vocab chunks in the forward (partials combined) and several token chunks in the backward."""
+    monkeypatch.setattr(kernels, "V_CHUNK", 192)  # 3 chunks of V = 500, the last partial
+    monkeypatch.setattr(tlp, "GPU_SCRATCH_BYTES", 64 * 500 * 4)  # one BLOCK_N row-block per chunk
+    monkeypatch.setattr(tlp, "CPU_SCRATCH_BYTES", 16 * 500 * 4)
+    hidden, weight, b, ids = _inputs(150, 32, 500, torch.float32, device)
+    grad_out = torch.randn(150, device=device)
+    params = [t.requires_grad_() for t in (hidden, weight, b)]
+    with r1kernels.use_backend(backend):
+        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, with_entropy=True)
+        grads = torch.autograd.grad((logp * grad_out).sum(), params)
+    r_logp, r_entropy, r_grads = _reference(hidden, weight, b, ids, 1.0, grad_out)
+    assert _rel(logp, r_logp) < 1e-5 and _rel(entropy, r_entropy) < 1e-5
+    for g, r in zip(grads, r_grads, strict=True):
+        assert _rel(g, r) < FP32_GRAD_TOL
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+def test_huge_logits_stay_finite(backend, device):
+    hidden, weight, _, ids = _inputs(20, 32, 300, torch.float32, device, bias=False, scale=300.0)
+    with r1kernels.use_backend(backend):
+        logp, lse, entropy = token_logprob_stats(hidden, weight, ids, with_entropy=True)
+    r_logp, r_entropy = ref.token_logprobs(hidden.cpu(), weight.cpu(), ids.cpu())
+    assert torch.isfinite(lse).all() and torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert torch.allclose(logp.double().cpu(), r_logp, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+def test_deterministic(backend, device):
+    hidden, weight, _, ids = _inputs(70, 64, 400, torch.bfloat16, device, bias=False)
+    outs = []
+    for _ in range(2):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with r1kernels.use_backend(backend):
+            logp, _, _ = token_logprob_stats(h, w, ids)
+            logp.sum().backward()
+        outs.append((logp, h.grad, w.grad))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_one_word_vocab_and_empty_batch():
+    hidden, weight, _, ids = _inputs(3, 16, 1, torch.float32, "cpu", bias=False)
+    logp, lse, _ = token_logprob_stats(hidden, weight, ids)
+    assert torch.equal(logp, torch.zeros(3))
+    empty = token_logprob_stats(torch.randn(0, 16), weight, torch.zeros(0, dtype=torch.long))
+    assert all(t.shape == (0,) for t in empty)
+
+
+def test_token_logprobs_no_grad_shapes(kernel_device):
+    hidden, weight, _, _ = _inputs(6, 16, 50, torch.float32, kernel_device, bias=False)
+    hidden = hidden.view(2, 3, 16).requires_grad_()
+    ids = torch.randint(0, 50, (2, 3), device=kernel_device)
+    with r1kernels.use_backend("triton"):
+        logp, entropy = token_logprobs(hidden, weight, ids, 1.0, return_entropy=True)
+    r_logp, r_entropy = ref.token_logprobs(hidden.detach().cpu(), weight.cpu(), ids.cpu())
+    assert logp.shape == (2, 3) and not logp.requires_grad
+    assert torch.allclose(logp.double().cpu(), r_logp, atol=2e-4 if HAS_GPU else 2e-5, rtol=0)
+    assert torch.allclose(entropy.double().cpu(), r_entropy, atol=2e-4 if HAS_GPU else 2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"hidden": torch.randn(4, 8).long()}, "hidden must have dtype"),
+        ({"weight": torch.randn(10, 8).double()}, "weight must have dtype"),
+        ({"weight": torch.randn(10, 9)}, "weight must be"),
+        ({"token_ids": torch.zeros(5, dtype=torch.long)}, "one id per hidden row"),
+        ({"token_ids": torch.tensor([0, 1, 2, 10])}, r"token_ids must lie in \[0, V\)"),
+        ({"token_ids": torch.tensor([0, -1, 2, 3])}, r"token_ids must lie in \[0, V\)"),
+        ({"token_ids": torch.zeros(4)}, "token_ids must have dtype"),
+        ({"bias": torch.randn(11)}, "bias must have shape"),
+        ({"temperature": 0.0}, "temperature must be"),
+        ({"temperature": float("nan")}, "temperature must be"),
+        ({"hidden": torch.randn(8, 4).t()}, "unit stride"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = {"hidden": torch.randn(4, 8), "weight": torch.randn(10, 8), "token_ids": torch.tensor([0, 1, 2, 3])}
+    args.update(kwargs)
+    with pytest.raises((TypeError, ValueError), match=match):
+        token_logprob_stats(args.pop("hidden"), args.pop("weight"), args.pop("token_ids"), **args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    device = "cuda" if (HAS_GPU and backend == "triton") else "cpu"
+    hidden, weight, b, ids = _inputs(9, 16, 40, torch.float32, device)
+    with r1kernels.use_backend(backend):
+        torch.library.opcheck(torch.ops.r1k.token_logprob_stats, (hidden, weight, b, ids, 0.9, True))
+        torch.library.opcheck(
+            torch.ops.r1k.token_logprob_stats,
+            (hidden.requires_grad_(), weight.requires_grad_(), None, ids, 1.0, False),
+        )
+        lse = token_logprob_stats(hidden.detach(), weight.detach(), ids)[1]
+        torch.library.opcheck(
+            torch.ops.r1k.token_logprob_stats_backward,
+            (torch.randn(9, device=device), hidden.detach(), weight.detach(), b, ids, lse, 0.9),
+        )
