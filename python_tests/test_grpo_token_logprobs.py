@@ -6,8 +6,8 @@ from conftest import HAS_GPU, backends_for
 
 import r1kernels
 from r1kernels.grpo import kernels, token_logprob_stats, token_logprobs
-from r1kernels.grpo import reference as ref
 from r1kernels.grpo import lm_head_logprobs as tlp
+from r1kernels.grpo import reference as ref
 
 # fp32 inputs run on TF32 tensor cores on a GPU (as torch does with allow_tf32); the interpreter is exact.
 FP32_GRAD_TOL = 3e-3 if HAS_GPU else 1e-5
@@ -86,6 +86,7 @@ def test_huge_logits_stay_finite(backend, device):
     r_logp, r_entropy = ref.token_logprobs(hidden.cpu(), weight.cpu(), ids.cpu())
     assert torch.isfinite(lse).all() and torch.isfinite(logp).all() and torch.isfinite(entropy).all()
     assert torch.allclose(logp.double().cpu(), r_logp, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(entropy.double().cpu(), r_entropy, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
@@ -106,6 +107,7 @@ def test_one_word_vocab_and_empty_batch():
     hidden, weight, _, ids = _inputs(3, 16, 1, torch.float32, "cpu", bias=False)
     logp, lse, _ = token_logprob_stats(hidden, weight, ids)
     assert torch.equal(logp, torch.zeros(3))
+    assert torch.allclose(lse, hidden @ weight[0])  # one logit per row: lse is that logit
     empty = token_logprob_stats(torch.randn(0, 16), weight, torch.zeros(0, dtype=torch.long))
     assert all(t.shape == (0,) for t in empty)
 
