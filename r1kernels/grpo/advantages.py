@@ -33,13 +33,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if rewards.numel() == 0:
         raise ValueError("rewards is empty")
-    r = rewards.float().view(-1, group_size)
+    # float64 for these O(B) statistics: a group of equal rewards then centres to exactly 0
+    r = rewards.double().view(-1, group_size)
     centred = (r - r.mean(dim=1, keepdim=True)).view(-1)
     if scale == "none":
-        return centred
+        return centred.float()
     # One sample has no spread (its unbiased std is NaN): take std 0, so its advantage is 0, not NaN.
     if scale == "group":
         std = r.std(dim=1).repeat_interleave(group_size) if group_size > 1 else torch.zeros_like(centred)
     else:
-        std = rewards.float().std() if rewards.numel() > 1 else torch.zeros(())
-    return centred / (std + eps)
+        std = rewards.double().std() if rewards.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    return (centred / (std + eps)).float()

@@ -133,7 +133,7 @@ def logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy, op
     check_token_range(token_ids, weight.shape[0])
     if backend.resolve(hidden.device, op) == "cpu":
         return _forward_cpu(hidden, weight, bias, token_ids, temperature, with_entropy)
-    return _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy)
+    return _forward_triton(hidden, weight, bias, token_ids.long(), temperature, with_entropy)
 
 
 # ---- backward ---------------------------------------------------------------------------------------
@@ -198,8 +198,11 @@ def _backward_cpu(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
         r1 = min(N, r0 + step)
         h32 = hidden[r0:r1].float()
         z = _logits_fp32(h32, w32, b32, inv_t)
-        gz = z.sub_(lse[r0:r1, None]).exp_().neg_()  # -softmax, in place
-        gz.scatter_add_(1, token_ids[r0:r1, None].long(), torch.ones(r1 - r0, 1))  # onehot - softmax
+        ids = token_ids[r0:r1, None].long()
+        log_p = z.sub_(lse[r0:r1, None])  # in place
+        # onehot - softmax; at the target 1 - p is -expm1(logp), exact even when p -> 1
+        target = -torch.expm1(log_p.gather(1, ids))
+        gz = log_p.exp_().neg_().scatter_(1, ids, target)
         gz.mul_(grad_logp[r0:r1, None].float() * inv_t)
         d_hidden[r0:r1] = (gz @ w32).to(hidden.dtype)
         d_weight32.addmm_(gz.T, h32)
@@ -214,7 +217,7 @@ def logprob_stats_backward(grad_logp, hidden, weight, bias, token_ids, lse, temp
         return torch.zeros_like(hidden), torch.zeros_like(weight), db
     if backend.resolve(hidden.device, "token_logprob_stats_backward") == "cpu":
         return _backward_cpu(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
-    return _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
+    return _backward_triton(grad_logp, hidden, weight, bias, token_ids.long(), lse, temperature)
 
 
 # ---- torch.library ops ------------------------------------------------------------------------------
