@@ -5,7 +5,7 @@ import torch
 from conftest import HAS_GPU, backends_for
 
 import r1kernels
-from r1kernels.grpo import kernels, token_logprob_stats, token_logprobs
+from r1kernels.grpo import kernels, lm_head_cpu, token_logprob_stats, token_logprobs
 from r1kernels.grpo import lm_head_logprobs as tlp
 from r1kernels.grpo import reference as ref
 
@@ -65,7 +65,8 @@ def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch):
     """Several vocab chunks in the forward (partials combined) and several token chunks in the backward."""
     monkeypatch.setattr(kernels, "V_CHUNK", 192)  # 3 chunks of V = 500, the last partial
     monkeypatch.setattr(tlp, "GPU_SCRATCH_BYTES", 64 * 500 * 4)  # one BLOCK_N row-block per chunk
-    monkeypatch.setattr(tlp, "CPU_SCRATCH_BYTES", 16 * 500 * 4)
+    monkeypatch.setattr(lm_head_cpu, "VOCAB_TILE", 192)  # the CPU path's vocab tiles and token chunks
+    monkeypatch.setattr(lm_head_cpu, "CPU_SCRATCH_BYTES", 16 * 192 * 4)
     hidden, weight, b, ids = _inputs(150, 32, 500, torch.float32, device)
     grad_out = torch.randn(150, device=device)
     params = [t.requires_grad_() for t in (hidden, weight, b)]

@@ -15,12 +15,11 @@ import torch
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_same_device, check_tensor
 from r1kernels._ops import define_op
-from r1kernels.grpo import kernels
+from r1kernels.grpo import kernels, lm_head_cpu
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Bytes of logits-shaped scratch a chunk may use: backward gradient tile on the GPU, fp32 logits on the CPU.
+# Bytes of the backward's [rows, V] gradient scratch on the GPU (the CPU path bounds its own blocks).
 GPU_SCRATCH_BYTES = 256 * 2**20
-CPU_SCRATCH_BYTES = 64 * 2**20
 
 
 # ---- validation -------------------------------------------------------------------------------------
@@ -92,37 +91,6 @@ def _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy):
     return logp, lse, entropy
 
 
-def _cpu_chunk_rows(V: int) -> int:
-    return max(1, CPU_SCRATCH_BYTES // (4 * V))
-
-
-def _logits_fp32(h, w32, b32, inv_t):
-    z = h.float() @ w32.T
-    if b32 is not None:
-        z += b32
-    return z.mul_(inv_t)
-
-
-def _forward_cpu(hidden, weight, bias, token_ids, temperature, with_entropy):
-    """Chunked fp32 PyTorch: at most CPU_SCRATCH_BYTES of logits alive at once."""
-    N = hidden.shape[0]
-    w32, b32 = weight.float(), None if bias is None else bias.float()
-    logp, lse, entropy = (torch.empty(N, dtype=torch.float32) for _ in range(3))
-    step = _cpu_chunk_rows(weight.shape[0])
-    for r0 in range(0, N, step):
-        r1 = min(N, r0 + step)
-        z = _logits_fp32(hidden[r0:r1], w32, b32, 1.0 / temperature)
-        lse_c = torch.logsumexp(z, dim=1)
-        lse[r0:r1] = lse_c
-        logp[r0:r1] = z.gather(1, token_ids[r0:r1, None].long()).squeeze(1) - lse_c
-        if with_entropy:
-            z.sub_(lse_c[:, None])  # log-probs, in place
-            entropy[r0:r1] = -(z.exp() * z).sum(dim=1)
-        else:
-            entropy[r0:r1] = 0.0
-    return logp, lse, entropy
-
-
 def logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy, op="token_logprob_stats"):
     N = hidden.shape[0]
     if N == 0 or hidden.shape[1] == 0:
@@ -132,7 +100,7 @@ def logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy, op
         return z, z.clone(), z.clone()
     check_token_range(token_ids, weight.shape[0])
     if backend.resolve(hidden.device, op) == "cpu":
-        return _forward_cpu(hidden, weight, bias, token_ids, temperature, with_entropy)
+        return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, with_entropy)
     return _forward_triton(hidden, weight, bias, token_ids.long(), temperature, with_entropy)
 
 
@@ -186,37 +154,12 @@ def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperatur
     return d_hidden, d_weight32.to(weight.dtype), d_bias32
 
 
-def _backward_cpu(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
-    N, H = hidden.shape
-    w32, b32 = weight.float(), None if bias is None else bias.float()
-    d_hidden = torch.empty((N, H), dtype=hidden.dtype)
-    d_weight32 = torch.zeros_like(w32)
-    d_bias32 = torch.zeros_like(b32) if b32 is not None else None
-    inv_t = 1.0 / temperature
-    step = _cpu_chunk_rows(weight.shape[0])
-    for r0 in range(0, N, step):
-        r1 = min(N, r0 + step)
-        h32 = hidden[r0:r1].float()
-        z = _logits_fp32(h32, w32, b32, inv_t)
-        ids = token_ids[r0:r1, None].long()
-        log_p = z.sub_(lse[r0:r1, None])  # in place
-        # onehot - softmax; at the target 1 - p is -expm1(logp), exact even when p -> 1
-        target = -torch.expm1(log_p.gather(1, ids))
-        gz = log_p.exp_().neg_().scatter_(1, ids, target)
-        gz.mul_(grad_logp[r0:r1, None].float() * inv_t)
-        d_hidden[r0:r1] = (gz @ w32).to(hidden.dtype)
-        d_weight32.addmm_(gz.T, h32)
-        if d_bias32 is not None:
-            d_bias32 += gz.sum(dim=0)
-    return d_hidden, d_weight32.to(weight.dtype), d_bias32
-
-
 def logprob_stats_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
     if hidden.shape[0] == 0:
         db = None if bias is None else torch.zeros_like(bias)
         return torch.zeros_like(hidden), torch.zeros_like(weight), db
     if backend.resolve(hidden.device, "token_logprob_stats_backward") == "cpu":
-        return _backward_cpu(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
+        return lm_head_cpu.backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
     return _backward_triton(grad_logp, hidden, weight, bias, token_ids.long(), lse, temperature)
 
 

@@ -1,0 +1,103 @@
+"""CPU path of the fused LM-head log-prob: PyTorch over (vocab tile x token chunk) blocks.
+
+The loops run vocab tiles outermost, so each tile of the weight is converted to fp32 once and its
+``d weight`` rows are accumulated in fp32 once; a token chunk's logits block is the only logits-shaped
+memory alive (``CPU_SCRATCH_BYTES``). Logits, log-sum-exp and log-probs are fp32 for every input dtype.
+For bf16 inputs the two gradient GEMMs run in bf16 (AMX / AVX512-BF16 where the CPU has them) on the
+bf16-rounded ``d logits``, as the GPU kernels do, and are accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB_TILE = 8192
+CPU_SCRATCH_BYTES = 16 * 2**20  # one fp32 [rows, VOCAB_TILE] logits block
+
+
+def _blocks(N: int, V: int) -> tuple[int, int]:
+    vt = min(V, VOCAB_TILE)
+    return vt, max(1, min(N, CPU_SCRATCH_BYTES // (4 * vt)))
+
+
+def _logits(h32, w32, b32, inv_t):
+    z = h32 @ w32.T
+    if b32 is not None:
+        z += b32
+    return z.mul_(inv_t)
+
+
+def _targets_in_tile(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns within the tile) of the tokens whose target id falls in vocab tile [v0, v1)."""
+    rows = torch.nonzero((ids >= v0) & (ids < v1)).squeeze(1)
+    return rows, ids[rows] - v0
+
+
+def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: bool):
+    N, V = hidden.shape[0], weight.shape[0]
+    vt, rows = _blocks(N, V)
+    inv_t = 1.0 / temperature
+    ids = token_ids.long()
+    m = torch.full((N,), float("-inf"))
+    s, zy, t = torch.zeros(N), torch.zeros(N), torch.zeros(N)
+    for v0 in range(0, V, vt):
+        v1 = min(V, v0 + vt)
+        w32 = weight[v0:v1].float()
+        b32 = None if bias is None else bias[v0:v1].float()
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            z = _logits(hidden[r0:r1].float(), w32, b32, inv_t)
+            hit, col = _targets_in_tile(ids[r0:r1], v0, v1)
+            zy[r0:r1][hit] = z[hit, col]
+            m_new = torch.maximum(m[r0:r1], z.amax(dim=1))
+            alpha = torch.exp(m[r0:r1] - m_new)
+            p = torch.exp(z - m_new[:, None])
+            s[r0:r1] = s[r0:r1] * alpha + p.sum(dim=1)
+            if with_entropy:
+                t[r0:r1] = t[r0:r1] * alpha + (p * z).sum(dim=1)
+            m[r0:r1] = m_new
+    lse = m + torch.log(s)
+    entropy = lse - t / s if with_entropy else torch.zeros(N)
+    return zy - lse, lse, entropy
+
+
+def backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature: float):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    vt, rows = _blocks(N, V)
+    inv_t = 1.0 / temperature
+    ids = token_ids.long()
+    g = grad_logp.float() * inv_t
+    gemm_in_bf16 = hidden.dtype == torch.bfloat16
+    d_hidden32 = torch.zeros((N, H))
+    d_weight = torch.empty_like(weight)
+    d_bias32 = None if bias is None else torch.zeros(V)
+    for v0 in range(0, V, vt):
+        v1 = min(V, v0 + vt)
+        w = weight[v0:v1]
+        w32 = w.float()
+        b32 = None if bias is None else bias[v0:v1].float()
+        d_w32 = torch.zeros((v1 - v0, H))
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            h = hidden[r0:r1]
+            h32 = h.float()
+            log_p = _logits(h32, w32, b32, inv_t).sub_(lse[r0:r1, None])
+            hit, col = _targets_in_tile(ids[r0:r1], v0, v1)
+            # onehot - softmax; at the target 1 - p is -expm1(logp), exact even when p -> 1
+            target = -torch.expm1(log_p[hit, col])
+            gz = log_p.exp_().neg_()
+            gz[hit, col] = target
+            gz.mul_(g[r0:r1, None])
+            if d_bias32 is not None:
+                d_bias32[v0:v1] += gz.sum(dim=0)
+            if gemm_in_bf16:
+                gz16 = gz.to(torch.bfloat16)
+                d_hidden32[r0:r1] += gz16 @ w
+                d_w32 += gz16.T @ h
+            else:
+                d_hidden32[r0:r1].addmm_(gz, w32)
+                d_w32.addmm_(gz.T, h32)
+        d_weight[v0:v1] = d_w32
+    d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
+    return d_hidden32.to(hidden.dtype), d_weight, d_bias
