@@ -67,17 +67,13 @@ def make_inputs(B: int, T: int, H: int, V: int, dtype: torch.dtype, device: str,
     lengths = torch.randint(T // 2, T + 1, (B,), generator=g)  # right padding, as in a GRPO batch
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float().to(device)
     advantages = torch.randn(B, generator=g).to(device)
+    logp = torch.empty(B, T, device=device)
     with torch.no_grad():  # the true log-probs, one sequence at a time (independent of the code under test)
         w32 = weight.float()
-        logp = torch.stack(
-            [
-                torch.log_softmax(hidden[b].float() @ w32.T / TEMPERATURE, dim=-1)
-                .gather(-1, token_ids[b, :, None])
-                .squeeze(-1)
-                for b in range(B)
-            ]  # fmt: skip
-        )
-        del w32
+        for b in range(B):
+            logits = hidden[b].float() @ w32.T / TEMPERATURE
+            logp[b] = torch.log_softmax(logits, dim=-1).gather(-1, token_ids[b, :, None]).squeeze(-1)
+        del w32, logits
     old = logp + LOGP_NOISE * torch.randn(B, T, generator=g).to(device)
     ref = logp + LOGP_NOISE * torch.randn(B, T, generator=g).to(device)
     hidden.requires_grad_(True)
@@ -149,7 +145,20 @@ def _mem_child(impl: str, B: str, T: str, H: str, V: str, dtype: str) -> None:
     dt = DTYPES[dtype]
     fwd_bwd(impl, make_inputs(*WARMUP_SHAPE, dt, "cpu"))()  # load libraries and start threads first
     x = make_inputs(int(B), int(T), int(H), int(V), dt, "cpu")
+    _release_free_heap()
     print(peak_mem_mib(fwd_bwd(impl, x), "cpu"))
+
+
+def _release_free_heap() -> None:
+    """Hand memory freed by the warm-up and by making the inputs back to the OS (glibc keeps freed chunks
+    under its mmap threshold, up to 32 MiB each, resident); else the measured step reuses them unseen and
+    its extra peak reads too low at small shapes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 # ---- main --------------------------------------------------------------------------------------------
@@ -166,8 +175,8 @@ def run_shape(B, T, H, V, dtype: str, impls: list[str], device: str, reps: int) 
     N = B * T
     floor_flop = 6 * N * H * V
     res: dict[str, dict] = {}
-    ref_grads = None  # (hidden.grad, weight.grad) of the first implementation that ran
-    for impl in impls:
+    ref_grads = None  # (hidden.grad, weight.grad) of the first implementation that ran: plain when asked for
+    for impl in sorted(impls, key=lambda i: i != "plain"):
         call = fwd_bwd(impl, x)
         try:
             loss = float(call())
@@ -204,18 +213,23 @@ def run_shape(B, T, H, V, dtype: str, impls: list[str], device: str, reps: int) 
             gtxt = f"; grad rel. error vs {ref_name}: hidden {r['grad_err'][0]:.1e}, weight {r['grad_err'][1]:.1e}"
         print(f"[{shape} {dtype}] loss {impl} vs {base}: rel. diff {rel:.1e} (< {LOSS_RTOL[dtype]:g}: {verdict}){gtxt}")
 
+    grad_mib = sum(x[k].numel() * x[k].element_size() for k in ("hidden", "weight")) / 2**20
     rows = []
     for impl in impls:
         r = res[impl]
         if "ms" not in r:
-            row = [impl, shape, dtype, "n/a", "n/a", "n/a", "n/a", f"cannot run: {r['error']}"]
+            row = [impl, shape, dtype, "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", f"cannot run: {r['error']}"]
             rows.append(row + (["n/a"] * 3 if device == "cuda" else []))
             continue
         plain_mem = res.get("plain", {}).get("mem")
         liger_ms = res.get("liger", {}).get("ms")
+        work = r["mem"] - grad_mib  # what the loss needs beyond the two gradients every implementation returns
+        plain_work = plain_mem - grad_mib if plain_mem else None
         row = [
             impl, shape, dtype, r["ms"], r["mem"],
             f"{r['mem'] / plain_mem:.2f}x" if plain_mem else "n/a",
+            work,
+            f"{work / plain_work:.2f}x" if plain_work else "n/a",
             f"{r['ms'] / liger_ms:.2f}x" if liger_ms else "n/a",
             f"{r['loss']:.7f}",
         ]  # fmt: skip
@@ -248,7 +262,8 @@ def main() -> None:
     shapes = [(args.B, args.T, args.H, args.V)]
     if device == "cuda" and (args.H, args.V) != GPU_EXTRA_SHAPE:
         shapes.append((args.B, args.T, *GPU_EXTRA_SHAPE))
-    header = ["impl", "shape", "dtype", "ms", "extra peak MiB", "peak vs plain", "time vs liger", "loss"]
+    header = ["impl", "shape", "dtype", "ms", "extra peak MiB", "peak vs plain", "working MiB", "working vs plain",
+              "time vs liger", "loss"]  # fmt: skip
     if device == "cuda":
         header += ["TFLOP/s (6NHV)", "floor ms (H100)", "floor/achieved"]
     rows = []
@@ -256,10 +271,12 @@ def main() -> None:
         for dtype in dtypes:
             rows += run_shape(B, T, H, V, dtype, impls, device, args.reps)
     print()
+    timing = "do_bench median" if device == "cuda" else f"best of {args.reps}"
     print(f"device: {device_name(device)}; forward + backward of the GRPO loss (beta={BETA}, eps={EPSILON}, "
-          f"loss_type=grpo), {'do_bench median' if device == 'cuda' else f'best of {args.reps}'}")  # fmt: skip
-    print("extra peak MiB: over the inputs, including hidden.grad and weight.grad; "
-          "peak vs plain / time vs liger: this row's value divided by plain's / liger's (< 1: less / faster)")  # fmt: skip
+          f"loss_type=grpo), {timing}")  # fmt: skip
+    print("extra peak MiB: over the inputs, including hidden.grad and weight.grad; peak vs plain / time vs liger: "
+          "this row's value divided by plain's / liger's (< 1: less / faster); working MiB: extra peak minus the "
+          "bytes of hidden.grad and weight.grad, the memory the loss itself needs")  # fmt: skip
     if device == "cuda":
         print(f"floor: 6*N*H*V FLOPs at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); the fused kernels "
               "do 8*N*H*V (the backward recomputes the logits), so their best is floor/achieved = 0.75")  # fmt: skip

@@ -140,6 +140,7 @@ def test_token_logprobs_no_grad_shapes(kernel_device):
         ({"temperature": 0.0}, "temperature must be"),
         ({"temperature": float("nan")}, "temperature must be"),
         ({"hidden": torch.randn(8, 4).t()}, "unit stride"),
+        ({"hidden": torch.randn(4, 0), "weight": torch.randn(10, 0)}, "V >= 1 and H >= 1"),
     ],
 )
 def test_bad_input(kwargs, match):

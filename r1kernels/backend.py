@@ -44,6 +44,14 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+def device_arch(device: torch.device) -> int | None:
+    """Compute capability as an int (90 for sm_90) of a CUDA device; None for CPU tensors (interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

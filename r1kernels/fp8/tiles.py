@@ -45,14 +45,6 @@ def quantize_outputs(x: torch.Tensor, tile_m: int, tile_k: int, m_major: bool):
     return q, scales
 
 
-def _arch(device: torch.device) -> int | None:
-    """Compute capability as an int (90 for sm_90); None for the CPU interpreter."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
 def quantize_tiles(x: torch.Tensor, tile_m: int, tile_k: int, ue8m0: bool, m_major: bool, op: str):
     q, scales = quantize_outputs(x, tile_m, tile_k, m_major)
     M, K = x.shape
@@ -93,7 +85,7 @@ def quantize_tiles(x: torch.Tensor, tile_m: int, tile_k: int, ue8m0: bool, m_maj
     else:
         share = tile_m > 1
         cfg = kernels.quantize_config(tile_m, tile_k, share)
-        hw = kernels.hw_fp8_convert(_arch(x.device))
+        hw = kernels.hw_fp8_convert(backend.device_arch(x.device))
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(K, tile_k))
         kernels.quantize_tiles_kernel[grid](
             x,
@@ -155,7 +147,7 @@ def dequantize_tiles(
         )
     else:
         cfg = kernels.dequantize_config(tile_m, tile_k)
-        hw = kernels.hw_fp8_convert(_arch(q.device))
+        hw = kernels.hw_fp8_convert(backend.device_arch(q.device))
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"]))
         kernels.dequantize_tiles_kernel[grid](
             q if hw else q.view(torch.uint8),

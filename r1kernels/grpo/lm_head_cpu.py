@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import torch
 
-VOCAB_TILE = 8192
+VOCAB_TILE = 4096
 CPU_SCRATCH_BYTES = 16 * 2**20  # one fp32 [rows, VOCAB_TILE] logits block
 
 
 def _blocks(N: int, V: int) -> tuple[int, int]:
+    """(vocab tile, token rows per block): a block within CPU_SCRATCH_BYTES and within an eighth of the whole
+    logits, so small problems also keep a small footprint; never under 64 rows (GEMM efficiency)."""
     vt = min(V, VOCAB_TILE)
-    return vt, max(1, min(N, CPU_SCRATCH_BYTES // (4 * vt)))
+    rows = min(CPU_SCRATCH_BYTES // (4 * vt), -(-N // 8))
+    return vt, max(1, min(N, max(rows, 64)))
 
 
 def _logits(h32, w32, b32, inv_t):
@@ -77,7 +80,8 @@ def backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature: float
         w = weight[v0:v1]
         w32 = w.float()
         b32 = None if bias is None else bias[v0:v1].float()
-        d_w32 = torch.zeros((v1 - v0, H))
+        # fp32 weights accumulate straight into their gradient; others into an fp32 tile
+        d_w32 = d_weight[v0:v1].zero_() if weight.dtype == torch.float32 else torch.zeros((v1 - v0, H))
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
             h = hidden[r0:r1]
@@ -98,6 +102,7 @@ def backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature: float
             else:
                 d_hidden32[r0:r1].addmm_(gz, w32)
                 d_w32.addmm_(gz.T, h32)
-        d_weight[v0:v1] = d_w32
+        if d_w32.data_ptr() != d_weight[v0:v1].data_ptr():
+            d_weight[v0:v1] = d_w32
     d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
     return d_hidden32.to(hidden.dtype), d_weight, d_bias

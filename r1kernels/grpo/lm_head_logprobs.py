@@ -2,8 +2,9 @@
 
 ``logp[n] = log softmax((hidden[n] @ weight.T + bias) / T)[token_ids[n]]``, its log-sum-exp and
 (optionally) the entropy of the same distribution, with a backward that recomputes logits tile by tile.
-Memory beyond inputs and outputs: O(tokens x vocab-chunks) partials in the forward; one bounded
+GPU memory beyond inputs and outputs: O(tokens x vocab-chunks) partials in the forward; one bounded
 ``[chunk, V]`` gradient scratch plus an fp32 ``[V, H]`` accumulator for ``d weight`` in the backward.
+The CPU path is ``lm_head_cpu``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def validate(hidden, weight, bias, token_ids, temperature) -> None:
             raise ValueError(f"{name} must have unit stride in its last dimension; call .contiguous() first")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (vocab size V >= 1)")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must be [V, H] with V >= 1 and H >= 1, got {tuple(weight.shape)}")
 
 
 def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
@@ -61,17 +62,10 @@ def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
 # ---- forward ----------------------------------------------------------------------------------------
 
 
-def _arch(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
 def _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy):
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = kernels.logits_tile_config(hidden.element_size(), _arch(hidden.device), forward=True)
+    cfg = kernels.logits_tile_config(hidden.element_size(), backend.device_arch(hidden.device), forward=True)
     n_chunks = cdiv(V, kernels.V_CHUNK)
     part = _alloc.empty((4, n_chunks, N), torch.float32, hidden.device)
     grid = (cdiv(N, cfg["BLOCK_N"]) * n_chunks,)
@@ -93,11 +87,9 @@ def _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy):
 
 def logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy, op="token_logprob_stats"):
     N = hidden.shape[0]
-    if N == 0 or hidden.shape[1] == 0:
-        z = hidden.new_zeros((N,), dtype=torch.float32)
-        if hidden.shape[1] == 0 and N:
-            raise ValueError("hidden must have H >= 1 columns")
-        return z, z.clone(), z.clone()
+    if N == 0:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return empty, empty.clone(), empty.clone()
     check_token_range(token_ids, weight.shape[0])
     if backend.resolve(hidden.device, op) == "cpu":
         return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, with_entropy)
@@ -127,7 +119,7 @@ def _matmul(a, b, c, accumulate: bool, cfg) -> None:
 def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
     N, H = hidden.shape
     V = weight.shape[0]
-    arch = _arch(hidden.device)
+    arch = backend.device_arch(hidden.device)
     cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=False)
     mm = kernels.matmul_config(hidden.element_size(), arch)
     d_hidden = _alloc.empty((N, H), hidden.dtype, hidden.device)
