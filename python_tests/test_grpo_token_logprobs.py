@@ -165,3 +165,15 @@ def test_opcheck(backend):
             torch.ops.r1k.token_logprob_stats_backward,
             (torch.randn(9, device=device), hidden.detach(), weight.detach(), b, ids, lse, 0.9),
         )
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+def test_nan_hidden_propagates_to_its_token_only(backend, device):
+    hidden, weight, _, ids = _inputs(40, 32, 300, torch.float32, device, bias=False)
+    hidden[7, 3] = float("nan")
+    with r1kernels.use_backend(backend):
+        logp, lse, entropy = token_logprob_stats(hidden, weight, ids, with_entropy=True)
+    bad = torch.zeros(40, dtype=torch.bool)
+    bad[7] = True
+    for t in (logp, lse, entropy):
+        assert torch.isnan(t.cpu()[bad]).all() and torch.isfinite(t.cpu()[~bad]).all()
