@@ -1,12 +1,13 @@
 """Ahead-of-time compile check: build every registered Triton kernel for sm_80, sm_89 and sm_90a
 without a GPU and read the result like a profiler.
 
-    python -m r1kernels.compile_report [--arch 90] [--filter fp8] [--markdown out.md]
+    python -m r1kernels.compile_report [--arch 90] [--filter fp8] [--markdown out.md] [--cuda]
 
 For each kernel and arch it reports registers, stack / local memory (spills), shared memory, the MMA
 instructions in the SASS, 16-byte global accesses and TMA (bulk tensor) copies. ``check(row)`` lists
 the problems that fail the test suite: any local memory or stack, shared memory over the chip limit,
-a matrix kernel without wgmma on sm_90a.
+a matrix kernel without wgmma on sm_90a. ``--cuda`` adds the CUDA C++ kernels of csrc/ (sm_80, sm_90a),
+built with the ptxas flags of the real build, where spills and local memory are errors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +114,51 @@ def analyse(v: KernelVariant, arch: int) -> CompileRow:
     )
 
 
+# The CUDA C++ sources, built as CMakeLists.txt builds them (ptxas warnings on spills / local memory are errors).
+CUDA_ARCHS = {80: "sm_80", 90: "sm_90a"}
+PTXAS_FLAGS = "-Xptxas=-v,-warn-spills,-warn-lmem-usage,-Werror"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_FUNC = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def _short_name(mangled: str) -> str:
+    """``r1k::(anonymous namespace)::kernel<(r1k::DType)2>(...)`` -> ``kernel<(r1k::DType)2>``."""
+    filt = shutil.which("c++filt")
+    name = subprocess.run([filt], input=mangled, capture_output=True, text=True).stdout.strip() if filt else mangled
+    name = name.replace("(anonymous namespace)::", "")
+    base = name.split("<", 1)[0].split("(", 1)[0].rsplit("::", 1)[-1]
+    return base + (name[name.find("<") : name.find(">") + 1] if "<" in name else "")
+
+
+def cuda_rows(nvcc: str | None = None) -> list[CompileRow]:
+    """Compile every csrc/**/*.cu to a cubin per arch and read each kernel's resource usage."""
+    nvcc = nvcc or shutil.which("nvcc")
+    if nvcc is None or not CSRC.is_dir():
+        return []
+    rows = []
+    for src in sorted(CSRC.rglob("*.cu")):
+        label = f"cuda:{src.relative_to(CSRC)}"
+        for arch, sm in CUDA_ARCHS.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                cubin = Path(tmp) / "k.cubin"
+                cmd = [nvcc, "-cubin", f"-arch={sm}", "-std=c++17", "-O3", f"-I{CSRC}", PTXAS_FLAGS, "-o", str(cubin),
+                       str(src)]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    lines = proc.stderr.strip().splitlines()
+                    err = next((ln for ln in lines if "error" in ln), lines[-1] if lines else "nvcc failed")
+                    rows.append(CompileRow(label, arch, "memory", 0, 0, 0, 0, "", 0, 0, 0, error=err))
+                    continue
+                res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True)
+                sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+            vec = len(re.findall(r"\b(?:LDG|STG)\.E\.128\b", sass))
+            mma = "/".join(sorted(set(_MMA.findall(sass)))) or "-"
+            for fn, regs, stack, shared, local in _FUNC.findall(res.stdout):
+                rows.append(CompileRow(f"{label}:{_short_name(fn)}", arch, "memory", int(regs), int(stack), int(local),
+                                       int(shared), mma, 0, vec, 0))  # fmt: skip
+    return rows
+
+
 def check(row: CompileRow) -> list[str]:
     """Problems that make the compile check fail."""
     problems = []
@@ -182,11 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default="", help="only kernels whose name contains this")
     parser.add_argument("--markdown", type=Path, help="also write the table as markdown here")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--cuda", action="store_true", help="also build the CUDA C++ kernels with nvcc and report them")
     args = parser.parse_args(argv)
     archs = tuple(args.arch or ARCHS)
-    rows = (
-        run_in_subprocess(archs, args.filter) if os.environ.get("TRITON_INTERPRET") == "1" else run(archs, args.filter)
-    )
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    rows = run_in_subprocess(archs, args.filter) if interpreted else run(archs, args.filter)
+    if args.cuda:
+        rows += [r for r in cuda_rows() if r.arch in archs and args.filter in r.name]
     table = format_table(rows)
     print(table)
     if args.markdown:
