@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from r1kernels import compile_report
 
         print("\nAhead-of-time compile report (no GPU needed):")
-        return compile_report.main([])
+        return compile_report.main(["--cuda"])
     return 0
 
 
