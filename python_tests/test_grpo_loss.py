@@ -58,10 +58,8 @@ def _check(kwargs, dtype=torch.float32, device="cpu", backend="cpu", tol=None, b
     if tol is None:
         tol = 1e-5 if dtype == torch.float32 and not (HAS_GPU and device == "cuda") else 2e-2
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert abs(float(loss.detach()) - float(r_loss.detach())) <= tol * max(1.0, abs(float(r_loss))), (
-        float(loss),
-        float(r_loss),
-    )
+    got, want = float(loss.detach()), float(r_loss.detach())
+    assert abs(got - want) <= tol * max(1.0, abs(want)), (got, want)
     for k, v in r_metrics.items():
         assert abs(float(metrics[k]) - float(v)) <= max(tol, 1e-6) * max(1.0, abs(float(v))), k
     for name, g, r in (("d hidden", h.grad, rh.grad), ("d weight", w.grad, rw.grad)):
@@ -185,6 +183,10 @@ def test_torch_compile_fullgraph():
         ({"cu_seqlens": torch.tensor([0, 24]), "hidden": torch.randn(24, H), "token_ids": torch.zeros(24).long(),
           "completion_mask": torch.ones(24), "advantages": torch.ones(1), "loss_type": "dr_grpo"},
          "needs max_completion_length"),
+        ({"cu_seqlens": torch.tensor([0, 10, 8, 24]), "hidden": torch.randn(24, H), "token_ids": torch.zeros(24).long(),
+          "completion_mask": torch.ones(24), "advantages": torch.ones(3)}, "cu_seqlens must be non-decreasing"),
+        ({"cu_seqlens": torch.tensor([0, 10, 20]), "hidden": torch.randn(24, H), "token_ids": torch.zeros(24).long(),
+          "completion_mask": torch.ones(24), "advantages": torch.ones(2)}, "from 0 to N = 24"),
     ],
 )  # fmt: skip
 def test_bad_input(kwargs, match):

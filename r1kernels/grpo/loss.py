@@ -38,6 +38,29 @@ class _Segments:
         return torch.repeat_interleave(per_seq, self.cu[1:] - self.cu[:-1], output_size=self.N)
 
 
+def _layout(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[_Segments, tuple[int, ...]]:
+    """The token layout of ``hidden`` and the shape every per-token tensor must have."""
+    check_tensor("hidden", hidden)
+    if cu_seqlens is None:
+        check_tensor("hidden", hidden, ndim=3)
+        B, T, _ = hidden.shape
+        seg, token_shape = _Segments(B, T, None, B * T), (B, T)
+    else:
+        check_tensor("hidden", hidden, ndim=2)
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32, torch.int64), ndim=1)
+        N = hidden.shape[0]
+        cu = cu_seqlens.long()
+        # one host sync: bad offsets would silently mix sequences
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != N or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing offsets from 0 to N = {N} (B + 1 values), got {cu.tolist()[:8]}"
+            )
+        seg, token_shape = _Segments(cu.numel() - 1, None, cu, N), (N,)
+    if seg.B <= 0 or seg.N == 0:
+        raise ValueError(f"empty batch: hidden has shape {tuple(hidden.shape)}")
+    return seg, token_shape
+
+
 def _per_token(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
     if t is None:
         return None
@@ -125,22 +148,10 @@ def grpo_loss(
             f"epsilon_low={epsilon_low}, epsilon_high={epsilon_high}, beta={beta}, "
             f"log_ratio_clamp={log_ratio_clamp}, delta={delta}"
         )
-    check_tensor("hidden", hidden)
-    if cu_seqlens is None:
-        check_tensor("hidden", hidden, ndim=3)
-        B, T, H = hidden.shape
-        token_shape = (B, T)
-        seg = _Segments(B, T, None, B * T)
-    else:
-        check_tensor("hidden", hidden, ndim=2)
-        check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32, torch.int64), ndim=1)
-        B, T, H = cu_seqlens.shape[0] - 1, None, hidden.shape[1]
-        token_shape = (hidden.shape[0],)
-        seg = _Segments(B, None, cu_seqlens.long(), hidden.shape[0])
-        if loss_type == "dr_grpo" and max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' with packed input (cu_seqlens) needs max_completion_length")
-    if B <= 0 or seg.N == 0:
-        raise ValueError(f"empty batch: hidden has shape {tuple(hidden.shape)}")
+    seg, token_shape = _layout(hidden, cu_seqlens)
+    B, T, H = seg.B, seg.T, hidden.shape[-1]
+    if loss_type == "dr_grpo" and T is None and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' with packed input (cu_seqlens) needs max_completion_length")
     ids = _per_token("token_ids", token_ids, token_shape)
     mask = _per_token("completion_mask", completion_mask, token_shape).to(torch.float32)
     old = _per_token("old_logps", old_logps, token_shape)
