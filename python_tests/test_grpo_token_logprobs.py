@@ -61,19 +61,23 @@ def test_forward_backward_match_reference(backend, device, dtype, N, H, V, bias,
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
-def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch):
-    """Several vocab chunks in the forward (partials combined) and several token chunks in the backward."""
-    monkeypatch.setattr(kernels, "V_CHUNK", 192)  # 3 chunks of V = 500, the last partial
-    monkeypatch.setattr(tlp, "GPU_SCRATCH_BYTES", 64 * 500 * 4)  # one BLOCK_N row-block per chunk
+@pytest.mark.parametrize("N,V", [(150, 500), (700, 300)], ids=["vocab-split", "token-split"])
+def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch, N, V):
+    """Several vocab chunks in the forward (partials combined); in the backward several blocks that split the
+    vocab (N < V: d hidden accumulates) or the tokens (N >= V: d weight accumulates)."""
+    monkeypatch.setattr(kernels, "V_CHUNK", 192)  # the last chunk partial
+    monkeypatch.setattr(tlp, "GPU_SCRATCH_BYTES", 64 * 128 * 4)  # one tile of the backward per block
     monkeypatch.setattr(lm_head_cpu, "VOCAB_TILE", 192)  # the CPU path's vocab tiles and token chunks
     monkeypatch.setattr(lm_head_cpu, "CPU_SCRATCH_BYTES", 16 * 192 * 4)
-    hidden, weight, b, ids = _inputs(150, 32, 500, torch.float32, device)
-    grad_out = torch.randn(150, device=device)
+    hidden, weight, b, ids = _inputs(N, 32, V, torch.float32, device)
+    grad_out = torch.randn(N, device=device)
     params = [t.requires_grad_() for t in (hidden, weight, b)]
     with r1kernels.use_backend(backend):
         logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, with_entropy=True)
         grads = torch.autograd.grad((logp * grad_out).sum(), params)
     r_logp, r_entropy, r_grads = _reference(hidden, weight, b, ids, 1.0, grad_out)
+    rows, cols = tlp.grad_blocks(N, V, 4, 64, 64)  # the interpreter's fp32 tiles
+    assert cols < V if N < V else rows < N  # the backward really runs several blocks
     assert _rel(logp, r_logp) < 1e-5 and _rel(entropy, r_entropy) < 1e-5
     for g, r in zip(grads, r_grads, strict=True):
         assert _rel(g, r) < FP32_GRAD_TOL

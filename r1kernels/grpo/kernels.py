@@ -102,8 +102,8 @@ def logprob_grad_logits_kernel(
     y_ptr,  # [C] int64 target ids
     lse_ptr,  # [C] fp32 log-sum-exp of z from the forward
     g_ptr,  # [C] fp32 d loss / d logp
-    gz_ptr,  # [C, V] out: d loss / d logits (pre-temperature), dtype of the scratch buffer, row stride V
-    N, V, H, stride_h, stride_w, inv_t,
+    gz_ptr,  # [C, V] out: d loss / d logits (pre-temperature), dtype of the scratch buffer, row stride stride_gz
+    N, V, H, stride_h, stride_w, stride_gz, col0, inv_t,  # w_ptr / b_ptr start at vocab id col0
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,10 +117,10 @@ def logprob_grad_logits_kernel(
     x = z - lse[:, None]  # log-probs
     # logp = z_y - lse(z) and z = logits / T, so d logp / d logits = (onehot - p) / T. For the target column
     # 1 - p cancels when the policy is confident (p -> 1): use -expm1(x) there, which keeps full precision.
-    is_y = cols[None, :] == y[:, None]
+    is_y = (cols + col0)[None, :] == y[:, None]
     d = tl.where(is_y, -_expm1(x), -tl.exp(x))
     gz = (g * inv_t)[:, None] * d
-    tl.store(gz_ptr + rows[:, None] * V + cols[None, :], gz.to(gz_ptr.dtype.element_ty),
+    tl.store(gz_ptr + rows[:, None] * stride_gz + cols[None, :], gz.to(gz_ptr.dtype.element_ty),
              mask=ok[:, None] & (cols[None, :] < V))  # fmt: skip
 
 
@@ -206,16 +206,21 @@ def logprob_variants(arch: int) -> list[KernelVariant]:
         ))  # fmt: skip
         out.append(KernelVariant(
             name=f"grpo.logprob_grad_logits[{tl_type}]", kernel=logprob_grad_logits_kernel, kind="matrix",
-            signature={**common, "lse_ptr": "*fp32", "g_ptr": "*fp32", "gz_ptr": f"*{tl_type}", **scalars,
-                       "HAS_BIAS": "constexpr", **dict.fromkeys(bwd_tiles, "constexpr")},
+            signature={**common, "lse_ptr": "*fp32", "g_ptr": "*fp32", "gz_ptr": f"*{tl_type}", "N": "i32", "V": "i32",
+                       "H": "i32", "stride_h": "i32", "stride_w": "i32", "stride_gz": "i32", "col0": "i32",
+                       "inv_t": "fp32", "HAS_BIAS": "constexpr", **dict.fromkeys(bwd_tiles, "constexpr")},
             constexprs={"HAS_BIAS": False, **bwd_tiles},
-            num_warps=bwd["num_warps"], aligned=("h_ptr", "w_ptr", "gz_ptr", "V", "H", "stride_h", "stride_w"),
+            num_warps=bwd["num_warps"],
+            aligned=("h_ptr", "w_ptr", "gz_ptr", "V", "H", "stride_h", "stride_w", "stride_gz", "col0"),
         ))  # fmt: skip
         mm = matmul_config(nbytes, arch)
         mm_tiles = {k: mm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         # Launches see unit strides specialised to constexpr 1 (Triton's JIT does this for ints equal to 1):
-        # d hidden = G @ W has A and B row-major; d weight += G^T @ H reads A = G^T column-major.
+        # d hidden = G @ W has A and B row-major; d weight = G^T @ H reads A = G^T column-major. Whichever of
+        # the two is accumulated over blocks writes an fp32 buffer (see lm_head_logprobs._backward_triton).
         for accumulate, c_type, unit in ((False, tl_type, ("stride_ak", "stride_bn")),
+                                         (True, "fp32", ("stride_ak", "stride_bn")),
+                                         (False, tl_type, ("stride_am", "stride_bn")),
                                          (True, "fp32", ("stride_am", "stride_bn"))):  # fmt: skip
             sig = {"a_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "c_ptr": f"*{c_type}", "M": "i32", "N": "i32",
                    "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
@@ -224,7 +229,9 @@ def logprob_variants(arch: int) -> list[KernelVariant]:
             aligned = tuple(a for a in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm")
                             if a not in unit)  # fmt: skip
             out.append(KernelVariant(
-                name=f"grpo.matmul[{tl_type}->{c_type}{',acc' if accumulate else ''}]", kernel=matmul_kernel,
+                name=f"grpo.matmul[{tl_type}->{c_type}{',acc' if accumulate else ''},"
+                     f"{'A^T' if 'stride_am' in unit else 'A'}]",
+                kernel=matmul_kernel,
                 kind="matrix", signature=sig,
                 constexprs={"ACCUMULATE": accumulate, **mm_tiles, **dict.fromkeys(unit, 1)},
                 num_warps=mm["num_warps"], aligned=("a_ptr", "b_ptr", "c_ptr", *aligned),

@@ -2,8 +2,9 @@
 
 ``logp[n] = log softmax((hidden[n] @ weight.T + bias) / T)[token_ids[n]]``, its log-sum-exp and
 (optionally) the entropy of the same distribution, with a backward that recomputes logits tile by tile.
-GPU memory beyond inputs and outputs: O(tokens x vocab-chunks) partials in the forward; one bounded
-``[chunk, V]`` gradient scratch plus an fp32 ``[V, H]`` accumulator for ``d weight`` in the backward.
+GPU memory beyond inputs and outputs: O(tokens x vocab-chunks) partials in the forward; in the backward
+one bounded d-logits scratch (GPU_SCRATCH_BYTES) plus an fp32 accumulator for the smaller of d hidden
+``[N, H]`` and d weight ``[V, H]``.
 The CPU path is ``lm_head_cpu``.
 """
 
@@ -99,10 +100,17 @@ def logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy, op
 # ---- backward ---------------------------------------------------------------------------------------
 
 
-def grad_chunk_rows(N: int, V: int, elt: int, block: int) -> int:
-    """Token rows per backward chunk: the [rows, V] gradient scratch stays within GPU_SCRATCH_BYTES."""
-    rows = max(block, (GPU_SCRATCH_BYTES // (V * elt)) // block * block)
-    return min(rows, cdiv(N, block) * block)
+def grad_blocks(N: int, V: int, elt: int, block_n: int, block_v: int) -> tuple[int, int]:
+    """(token rows, vocab columns) of one backward block, whose d-logits scratch fits GPU_SCRATCH_BYTES.
+
+    The smaller of d hidden [N, H] and d weight [V, H] is the one accumulated in fp32 across blocks, so the
+    block spans the whole of the other dimension: all tokens x a vocab slice when N < V, else a token slice
+    x the whole vocab."""
+    if N < V:
+        cols = max(block_v, (GPU_SCRATCH_BYTES // (N * elt)) // block_v * block_v)
+        return N, min(cols, cdiv(V, block_v) * block_v)
+    rows = max(block_n, (GPU_SCRATCH_BYTES // (V * elt)) // block_n * block_n)
+    return min(rows, cdiv(N, block_n) * block_n), V
 
 
 def _matmul(a, b, c, accumulate: bool, cfg) -> None:
@@ -122,28 +130,34 @@ def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperatur
     arch = backend.device_arch(hidden.device)
     cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=False)
     mm = kernels.matmul_config(hidden.element_size(), arch)
-    d_hidden = _alloc.empty((N, H), hidden.dtype, hidden.device)
-    d_weight32 = torch.zeros((V, H), dtype=torch.float32, device=hidden.device)  # fp32 accumulation over chunks
-    d_bias32 = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if bias is not None else None
-    rows = grad_chunk_rows(N, V, hidden.element_size(), cfg["BLOCK_N"])
-    gz = _alloc.empty((rows, V), hidden.dtype, hidden.device)
+    rows, cols = grad_blocks(N, V, hidden.element_size(), cfg["BLOCK_N"], cfg["BLOCK_V"])
+    hidden_accumulates = cols < V  # blocks split the vocab: d hidden sums over them, in fp32
+    dev = hidden.device
+    d_hidden = torch.zeros((N, H), dtype=torch.float32, device=dev) if hidden_accumulates else _alloc.empty(
+        (N, H), hidden.dtype, dev)  # fmt: skip
+    d_weight = torch.zeros((V, H), dtype=torch.float32, device=dev) if rows < N else _alloc.empty(
+        (V, H), weight.dtype, dev)  # fmt: skip
+    d_bias32 = torch.zeros((V,), dtype=torch.float32, device=dev) if bias is not None else None
+    gz = _alloc.empty((rows, cols), hidden.dtype, dev)
     grad_logp = grad_logp.float().contiguous()
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h = hidden[r0:r1]
-        g = gz[: r1 - r0]
-        grid = (cdiv(r1 - r0, cfg["BLOCK_N"]), cdiv(V, cfg["BLOCK_V"]))
-        kernels.logprob_grad_logits_kernel[grid](
-            h, weight, bias if bias is not None else weight, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1], g,
-            r1 - r0, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-            num_warps=cfg["num_warps"],
-        )  # fmt: skip
-        _matmul(g, weight, d_hidden[r0:r1], accumulate=False, cfg=mm)  # d hidden = G @ W
-        _matmul(g.T, h, d_weight32, accumulate=True, cfg=mm)  # d weight += G^T @ H
-        if d_bias32 is not None:
-            d_bias32 += g.float().sum(dim=0)
-    return d_hidden, d_weight32.to(weight.dtype), d_bias32
+        for v0 in range(0, V, cols):
+            v1 = min(V, v0 + cols)
+            w, g = weight[v0:v1], gz[: r1 - r0, : v1 - v0]
+            grid = (cdiv(r1 - r0, cfg["BLOCK_N"]), cdiv(v1 - v0, cfg["BLOCK_V"]))
+            kernels.logprob_grad_logits_kernel[grid](
+                h, w, bias[v0:v1] if bias is not None else w, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1], g,
+                r1 - r0, v1 - v0, H, hidden.stride(0), weight.stride(0), cols, v0, 1.0 / temperature,
+                HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+                num_warps=cfg["num_warps"],
+            )  # fmt: skip
+            _matmul(g, w, d_hidden[r0:r1], accumulate=hidden_accumulates, cfg=mm)  # d hidden (+)= G @ W
+            _matmul(g.T, h, d_weight[v0:v1], accumulate=rows < N, cfg=mm)  # d weight (+)= G^T @ H
+            if d_bias32 is not None:
+                d_bias32[v0:v1] += g.float().sum(dim=0)
+    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias32
 
 
 def logprob_stats_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
