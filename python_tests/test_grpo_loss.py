@@ -216,3 +216,23 @@ def test_group_advantages_errors_and_single_sample():
     with pytest.raises(TypeError, match="rewards must be a floating-point"):
         group_advantages(torch.arange(8), 4)
     assert torch.isnan(group_advantages(torch.tensor([1.0, float("nan")]), 2)).all()  # NaN propagates
+
+
+def test_dapo_gradient_accumulation_matches_the_whole_batch():
+    """Micro-batches normalised by the global token count sum to the whole batch's loss and gradients,
+    the normalisation users get wrong under gradient accumulation."""
+    hidden, weight, ids, mask, adv, old, refp = _batch()
+    common = dict(beta=0.04, loss_type="dapo")
+    w_full = weight.clone().requires_grad_()
+    full, _ = grpo_loss(hidden, w_full, ids, mask, adv, old_logps=old, ref_logps=refp, **common)
+    full.backward()
+    w_acc = weight.clone().requires_grad_()
+    total = float(mask.sum())
+    parts = []
+    for s in (slice(0, 1), slice(1, B)):
+        part, _ = grpo_loss(hidden[s], w_acc, ids[s], mask[s], adv[s], old_logps=old[s], ref_logps=refp[s],
+                            num_items_in_batch=total, **common)  # fmt: skip
+        part.backward()
+        parts.append(float(part))
+    assert sum(parts) == pytest.approx(float(full), rel=1e-5)
+    assert torch.allclose(w_acc.grad, w_full.grad, rtol=1e-4, atol=1e-7)
