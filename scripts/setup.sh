@@ -10,7 +10,7 @@ fi
 . .venv/bin/activate
 # torch pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build CI uses.
 TORCH_SPEC=${R1K_TORCH_SPEC:-torch==2.13.0}
-# shellcheck disable=SC2086  # R1K_TORCH_SPEC may carry pip options (an --index-url for a CUDA build)
+# shellcheck disable=SC2086  # R1K_TORCH_SPEC may carry pip options (an --extra-index-url for a CUDA build)
 pip install -q --disable-pip-version-check $TORCH_SPEC triton==3.9.0 numpy pytest ruff \
   "pybind11>=2.12" "cmake>=3.26" ninja "setuptools>=68" wheel
 if ! python -c "import r1kernels._C" 2>/dev/null || [ "${R1K_REBUILD:-0}" = 1 ]; then
