@@ -132,9 +132,9 @@ def train(cfg: Config, log=print) -> dict[str, float]:
         mean_reward = float(rewards.mean())
         first_reward = mean_reward if first_reward is None else first_reward
         if step % 10 == 0 or step == cfg.steps - 1:
+            checked = f"{max(errs):>11.2e}" if errs else f"{'not checked':>11}"
             log(f"{step:>5} {mean_reward:>7.3f} {float(loss.detach()):>9.4f} {float(metrics['kl']):>8.5f} "
-                f"{float(metrics['clip_ratio']):>6.3f} {float(metrics['entropy']):>7.3f} "
-                f"{max(errs):>11.2e}" if errs else f"{'not checked':>11}")  # fmt: skip
+                f"{float(metrics['clip_ratio']):>6.3f} {float(metrics['entropy']):>7.3f} {checked}")  # fmt: skip
     final = float(reward(a, b, policy.sample(a, b, 0.01)).mean())  # greedy accuracy on the last prompts
     summary = {"first_reward": first_reward, "last_reward": mean_reward, "greedy_reward": final,
                "worst_reference_error": worst_check, "seconds": time.perf_counter() - t0}  # fmt: skip
