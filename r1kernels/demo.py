@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
         _interpreter_shim.install()
     print(f"GRPO on 'add two digits' (ops on backend {args.backend!r}):")
+    import torch
+
     with r1kernels.use_backend(args.backend):
-        train(Config(steps=args.steps))
+        train(Config(steps=args.steps, device="cuda" if torch.cuda.is_available() else "cpu"))
     fp8_demo()
     if args.compile_report:
         from r1kernels import compile_report

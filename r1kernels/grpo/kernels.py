@@ -24,6 +24,7 @@ from r1kernels.compile_registry import KernelVariant, register
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """z[BLOCK_N, BLOCK_V] = (hidden[rows] @ weight[cols].T + bias[cols]) / T in fp32; -inf past V."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -34,7 +35,7 @@ def _logits_tile(
                     other=0.0)  # fmt: skip
         b = tl.load(w_ptr + cols[:, None] * stride_w + kh[None, :], mask=(cols[:, None] < V) & (kh[None, :] < H),
                     other=0.0)  # fmt: skip
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     z = acc * inv_t
@@ -57,7 +58,7 @@ def logprob_fwd_kernel(
     part_ptr,  # [4, NUM_CHUNKS, N] fp32 partials: running max, sum exp, target logit, sum exp * z
     N, V, H, stride_h, stride_w, inv_t, V_CHUNK,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     n_blocks = tl.cdiv(N, BLOCK_N)
     num_chunks = tl.cdiv(V, V_CHUNK)
@@ -74,7 +75,7 @@ def logprob_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)  # fmt: skip
         z = tl.where(cols[None, :] < v_end, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -105,11 +106,12 @@ def logprob_grad_logits_kernel(
     gz_ptr,  # [C, V] out: d loss / d logits (pre-temperature), dtype of the scratch buffer, row stride stride_gz
     N, V, H, stride_h, stride_w, stride_gz, col0, inv_t,  # w_ptr / b_ptr start at vocab id col0
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)  # fmt: skip
     ok = rows < N
     lse = tl.load(lse_ptr + rows, mask=ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=ok, other=0.0)
@@ -131,7 +133,7 @@ def matmul_kernel(
     c_ptr,  # [M, N] strides (stride_cm, 1); fp32 when ACCUMULATE
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
     ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """C = A @ B (or C += A @ B when ACCUMULATE) with fp32 accumulation; grouped tile order for L2 reuse."""
     pid = tl.program_id(0)
@@ -153,7 +155,7 @@ def matmul_kernel(
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)  # fmt: skip
         b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)  # fmt: skip
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
     c_mask = (rm[:, None] < M) & (rn[None, :] < N)
     if ACCUMULATE:
@@ -164,10 +166,14 @@ def matmul_kernel(
 # ---- launch configurations: pure functions of (dtype, arch); shared with the compile registry
 
 
-def logits_tile_config(dtype_bytes: int, arch: int | None, forward: bool) -> dict[str, int]:
+def logits_tile_config(dtype_bytes: int, arch: int | None, forward: bool, precision: str = "tf32") -> dict[str, int]:
     """Tiles of the logits recompute. The forward keeps four running statistics per row beside the tile, so
     its vocab tile is half the backward's to stay clear of spills (checked by the compile report)."""
     if dtype_bytes == 4:
+        if precision == "ieee" and forward:
+            # full-precision fp32 dots hold their operands in registers (no tensor cores), and the forward
+            # also keeps four running statistics per row: a 32-row tile over 8 warps stays off the stack
+            return {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8}
         return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4}
     if arch is not None and arch >= 90:
         return {"BLOCK_N": 128, "BLOCK_V": 64 if forward else 128, "BLOCK_H": 64, "num_warps": 8}
@@ -182,34 +188,46 @@ def matmul_config(dtype_bytes: int, arch: int | None) -> dict[str, int]:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8}
 
 
+def dot_precision(dtype_bytes: int, allow_tf32: bool) -> str:
+    """fp32 inputs follow torch's matmul policy: TF32 tensor cores only when torch allows them
+    (``torch.set_float32_matmul_precision("high")``), otherwise full-precision FMA ("ieee"). 16-bit inputs
+    always run on tensor cores (the setting does not apply to them)."""
+    return "tf32" if dtype_bytes < 4 or allow_tf32 else "ieee"
+
+
 V_CHUNK = 8192  # vocab columns per forward program: ~19 chunks at V = 151936
 
 
-_TL = {"bf16": 2, "fp16": 2, "fp32": 4}  # Triton type -> bytes per element
+# (Triton type, bytes per element, dot precision): fp32 twice, for torch's two fp32 matmul policies
+_CASES = (("bf16", 2, "tf32"), ("fp16", 2, "tf32"), ("fp32", 4, "tf32"), ("fp32", 4, "ieee"))
 
 
 @register("grpo")
 def logprob_variants(arch: int) -> list[KernelVariant]:
     out = []
-    for tl_type, nbytes in _TL.items():
-        fwd, bwd = logits_tile_config(nbytes, arch, True), logits_tile_config(nbytes, arch, False)
+    for tl_type, nbytes, precision in _CASES:
+        # "fma": a matrix kernel that by request computes on the FMA units (no tensor-core check)
+        kind = "matrix" if precision == "tf32" else "fma"
+        tag = tl_type if nbytes < 4 else f"{tl_type},{precision}"
+        fwd, bwd = logits_tile_config(nbytes, arch, True, precision), logits_tile_config(nbytes, arch, False, precision)
         fwd_tiles = {k: fwd[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
         bwd_tiles = {k: bwd[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
         common = {"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "y_ptr": "*i64"}
         scalars = {"N": "i32", "V": "i32", "H": "i32", "stride_h": "i32", "stride_w": "i32", "inv_t": "fp32"}
         out.append(KernelVariant(
-            name=f"grpo.logprob_fwd[{tl_type}]", kernel=logprob_fwd_kernel, kind="matrix",
+            name=f"grpo.logprob_fwd[{tag}]", kernel=logprob_fwd_kernel, kind=kind,
             signature={**common, "part_ptr": "*fp32", **scalars, "V_CHUNK": "i32", "HAS_BIAS": "constexpr",
-                       "WITH_ENTROPY": "constexpr", **dict.fromkeys(fwd_tiles, "constexpr")},
-            constexprs={"HAS_BIAS": False, "WITH_ENTROPY": True, **fwd_tiles},
+                       "WITH_ENTROPY": "constexpr", **dict.fromkeys(fwd_tiles, "constexpr"), "PRECISION": "constexpr"},
+            constexprs={"HAS_BIAS": False, "WITH_ENTROPY": True, **fwd_tiles, "PRECISION": precision},
             num_warps=fwd["num_warps"], aligned=("h_ptr", "w_ptr", "H", "stride_h", "stride_w"),
         ))  # fmt: skip
         out.append(KernelVariant(
-            name=f"grpo.logprob_grad_logits[{tl_type}]", kernel=logprob_grad_logits_kernel, kind="matrix",
+            name=f"grpo.logprob_grad_logits[{tag}]", kernel=logprob_grad_logits_kernel, kind=kind,
             signature={**common, "lse_ptr": "*fp32", "g_ptr": "*fp32", "gz_ptr": f"*{tl_type}", "N": "i32", "V": "i32",
                        "H": "i32", "stride_h": "i32", "stride_w": "i32", "stride_gz": "i32", "col0": "i32",
-                       "inv_t": "fp32", "HAS_BIAS": "constexpr", **dict.fromkeys(bwd_tiles, "constexpr")},
-            constexprs={"HAS_BIAS": False, **bwd_tiles},
+                       "inv_t": "fp32", "HAS_BIAS": "constexpr", **dict.fromkeys(bwd_tiles, "constexpr"),
+                       "PRECISION": "constexpr"},
+            constexprs={"HAS_BIAS": False, **bwd_tiles, "PRECISION": precision},
             num_warps=bwd["num_warps"],
             aligned=("h_ptr", "w_ptr", "gz_ptr", "V", "H", "stride_h", "stride_w", "stride_gz", "col0"),
         ))  # fmt: skip
@@ -224,16 +242,17 @@ def logprob_variants(arch: int) -> list[KernelVariant]:
                                          (True, "fp32", ("stride_am", "stride_bn"))):  # fmt: skip
             sig = {"a_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "c_ptr": f"*{c_type}", "M": "i32", "N": "i32",
                    "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-                   "stride_cm": "i32", "ACCUMULATE": "constexpr", **dict.fromkeys(mm_tiles, "constexpr")}  # fmt: skip
+                   "stride_cm": "i32", "ACCUMULATE": "constexpr", **dict.fromkeys(mm_tiles, "constexpr"),
+                   "PRECISION": "constexpr"}  # fmt: skip
             sig.update(dict.fromkeys(unit, "constexpr"))
             aligned = tuple(a for a in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm")
                             if a not in unit)  # fmt: skip
             out.append(KernelVariant(
-                name=f"grpo.matmul[{tl_type}->{c_type}{',acc' if accumulate else ''},"
+                name=f"grpo.matmul[{tag}->{c_type}{',acc' if accumulate else ''},"
                      f"{'A^T' if 'stride_am' in unit else 'A'}]",
                 kernel=matmul_kernel,
-                kind="matrix", signature=sig,
-                constexprs={"ACCUMULATE": accumulate, **mm_tiles, **dict.fromkeys(unit, 1)},
+                kind=kind, signature=sig,
+                constexprs={"ACCUMULATE": accumulate, **mm_tiles, **dict.fromkeys(unit, 1), "PRECISION": precision},
                 num_warps=mm["num_warps"], aligned=("a_ptr", "b_ptr", "c_ptr", *aligned),
             ))  # fmt: skip
     return out

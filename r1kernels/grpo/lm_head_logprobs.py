@@ -63,10 +63,15 @@ def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
 # ---- forward ----------------------------------------------------------------------------------------
 
 
+def _precision(t: torch.Tensor) -> str:
+    return kernels.dot_precision(t.element_size(), torch.get_float32_matmul_precision() != "highest")
+
+
 def _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy):
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = kernels.logits_tile_config(hidden.element_size(), backend.device_arch(hidden.device), forward=True)
+    arch, precision = backend.device_arch(hidden.device), _precision(hidden)
+    cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=True, precision=precision)
     n_chunks = cdiv(V, kernels.V_CHUNK)
     part = _alloc.empty((4, n_chunks, N), torch.float32, hidden.device)
     grid = (cdiv(N, cfg["BLOCK_N"]) * n_chunks,)
@@ -74,7 +79,8 @@ def _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy):
         hidden, weight, bias if bias is not None else weight, token_ids, part,
         N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, kernels.V_CHUNK,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], PRECISION=precision,
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
     m, s, zy, t = part.unbind(0)
     m_all = m.amax(dim=0)
@@ -120,7 +126,7 @@ def _matmul(a, b, c, accumulate: bool, cfg) -> None:
     kernels.matmul_kernel[grid](
         a, b, c, M, Nc, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
         ACCUMULATE=accumulate, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
+        GROUP_M=cfg["GROUP_M"], PRECISION=_precision(a), num_warps=cfg["num_warps"],
     )  # fmt: skip
 
 
@@ -128,7 +134,7 @@ def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperatur
     N, H = hidden.shape
     V = weight.shape[0]
     arch = backend.device_arch(hidden.device)
-    cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=False)
+    cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=False, precision=_precision(hidden))
     mm = kernels.matmul_config(hidden.element_size(), arch)
     rows, cols = grad_blocks(N, V, hidden.element_size(), cfg["BLOCK_N"], cfg["BLOCK_V"])
     hidden_accumulates = cols < V  # blocks split the vocab: d hidden sums over them, in fp32
@@ -151,7 +157,7 @@ def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperatur
                 h, w, bias[v0:v1] if bias is not None else w, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1], g,
                 r1 - r0, v1 - v0, H, hidden.stride(0), weight.stride(0), cols, v0, 1.0 / temperature,
                 HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-                num_warps=cfg["num_warps"],
+                PRECISION=_precision(hidden), num_warps=cfg["num_warps"],
             )  # fmt: skip
             _matmul(g, w, d_hidden[r0:r1], accumulate=hidden_accumulates, cfg=mm)  # d hidden (+)= G @ W
             _matmul(g.T, h, d_weight[v0:v1], accumulate=rows < N, cfg=mm)  # d weight (+)= G^T @ H

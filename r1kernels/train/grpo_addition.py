@@ -41,6 +41,7 @@ class Config:
     loss_type: str = "dapo"
     check_every: int = 5
     seed: int = 0
+    device: str = "cpu"  # "cuda": the policy and the fused ops run on the GPU (Triton kernels)
 
 
 class Policy(nn.Module):
@@ -55,18 +56,19 @@ class Policy(nn.Module):
     def hidden_states(self, a: torch.Tensor, b: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
         """``[B]`` digits and ``[B, T]`` completion tokens -> ``[B, T, H]`` hidden states (teacher-forced)."""
         Bn = a.shape[0]
-        prev = torch.cat([torch.full((Bn, 1), VOCAB, dtype=torch.long), completion[:, :-1]], dim=1)  # BOS = VOCAB
+        bos = torch.full((Bn, 1), VOCAB, dtype=torch.long, device=a.device)  # BOS = VOCAB
+        prev = torch.cat([bos, completion[:, :-1]], dim=1)
         feats = torch.cat([
             nn.functional.one_hot(a, 10)[:, None].expand(Bn, T, 10),
             nn.functional.one_hot(b, 10)[:, None].expand(Bn, T, 10),
-            torch.eye(T)[None].expand(Bn, T, T),
+            torch.eye(T, device=a.device)[None].expand(Bn, T, T),
             nn.functional.one_hot(prev, VOCAB + 1),
         ], dim=-1).float()  # fmt: skip
         return self.body(feats)
 
     @torch.no_grad()
     def sample(self, a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-        completion = torch.zeros(a.shape[0], T, dtype=torch.long)
+        completion = torch.zeros(a.shape[0], T, dtype=torch.long, device=a.device)
         for t in range(T):
             logits = self.hidden_states(a, b, completion)[:, t] @ self.lm_head.weight.T
             completion[:, t] = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
@@ -90,7 +92,8 @@ def _check(name: str, err: float, tol: float) -> float:
 
 def train(cfg: Config, log=print) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
-    policy, ref_policy = Policy(cfg.hidden), Policy(cfg.hidden)
+    dev = torch.device(cfg.device)
+    policy, ref_policy = Policy(cfg.hidden).to(dev), Policy(cfg.hidden).to(dev)
     ref_policy.load_state_dict(policy.state_dict())
     ref_policy.requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
@@ -98,12 +101,12 @@ def train(cfg: Config, log=print) -> dict[str, float]:
     first_reward, worst_check, t0 = None, 0.0, time.perf_counter()
     log(f"{'step':>5} {'reward':>7} {'loss':>9} {'kl':>8} {'clip':>6} {'entropy':>7} {'max ref err':>11}")
     for step in range(cfg.steps):
-        a = torch.randint(0, 10, (cfg.prompts,)).repeat_interleave(cfg.group)
-        b = torch.randint(0, 10, (cfg.prompts,)).repeat_interleave(cfg.group)
+        a = torch.randint(0, 10, (cfg.prompts,), device=dev).repeat_interleave(cfg.group)
+        b = torch.randint(0, 10, (cfg.prompts,), device=dev).repeat_interleave(cfg.group)
         completion = policy.sample(a, b, cfg.temperature)
         rewards = reward(a, b, completion)
         adv = group_advantages(rewards, cfg.group)
-        mask = torch.ones(n, T)
+        mask = torch.ones(n, T, device=dev)
         check = step % cfg.check_every == 0
         with torch.no_grad():
             h_old = policy.hidden_states(a, b, completion)
