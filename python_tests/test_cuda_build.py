@@ -16,6 +16,8 @@ def test_every_cuda_kernel_builds_clean_for_sm80_and_sm90a():
     assert all(":" in r.name.removeprefix("cuda:") for r in rows), "each kernel is listed by name"
     problems = {f"{r.name} {r.arch}": compile_report.check(r) for r in rows}
     assert not {k: v for k, v in problems.items() if v}
+    vector_paths = [r for r in rows if "true>" in r.name]  # quantize_groups_kernel<dtype, VEC=true>
+    assert vector_paths and all(r.vec16_global > 0 for r in vector_paths), "the vector path issues 16-byte loads"
 
 
 def test_ptxas_flags_reject_local_memory(tmp_path, monkeypatch):

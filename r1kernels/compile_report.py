@@ -151,9 +151,12 @@ def cuda_rows(nvcc: str | None = None) -> list[CompileRow]:
                     continue
                 res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True)
                 sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
-            vec = len(re.findall(r"\b(?:LDG|STG)\.E\.128\b", sass))
-            mma = "/".join(sorted(set(_MMA.findall(sass)))) or "-"
+            # the SASS dump is one section per kernel, each opened by "Function : <mangled name>"
+            sections = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
             for fn, regs, stack, shared, local in _FUNC.findall(res.stdout):
+                code = sections.get(fn, "")
+                vec = len(re.findall(r"\b(?:LDG|STG)\.E\.128\b|\bLDG\.E\.CONSTANT\.128\b", code))
+                mma = "/".join(sorted(set(_MMA.findall(code)))) or "-"
                 rows.append(CompileRow(f"{label}:{_short_name(fn)}", arch, "memory", int(regs), int(stack), int(local),
                                        int(shared), mma, 0, vec, 0))  # fmt: skip
     return rows
