@@ -97,6 +97,13 @@ def test_loss_triton_kernels(kernel_device, loss_type, level, dtype):
            dtype=dtype, device=kernel_device, backend="triton")  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_entropy_bonus(kernel_device, backend, loss_type):
+    device = kernel_device if backend == "triton" else "cpu"
+    _check({"loss_type": loss_type, "old": True, "ref": True, "entropy_coef": 0.01}, device=device, backend=backend)
+
+
 def test_bf16_cpu_and_per_token_advantages():
     _check({"loss_type": "bnpo", "old": True, "token_adv": True}, dtype=torch.bfloat16, tol=2e-2)
 

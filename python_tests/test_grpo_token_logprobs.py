@@ -84,6 +84,35 @@ def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch, N, V):
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_logp", [True, False], ids=["logp+entropy", "entropy-only"])
+def test_entropy_gradient(backend, device, dtype, with_logp):
+    """An entropy bonus differentiates through the same fused backward: d(sum(a*logp + c*entropy))."""
+    hidden, weight, b, ids = _inputs(45, 48, 300, dtype, device)
+    ga, gc = torch.randn(45, device=device), torch.randn(45, device=device)
+    params = [t.requires_grad_() for t in (hidden, weight, b)]
+    with r1kernels.use_backend(backend):
+        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, temperature=0.8, with_entropy=True)
+        objective = (gc * entropy).sum() + ((ga * logp).sum() if with_logp else 0.0)
+        grads = torch.autograd.grad(objective, params)
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (hidden, weight, b)]
+    r_logp, r_entropy = ref.token_logprobs(leaves[0], leaves[1], ids.cpu(), leaves[2], 0.8)
+    r_objective = (gc.double().cpu() * r_entropy).sum()
+    if with_logp:
+        r_objective = r_objective + (ga.double().cpu() * r_logp).sum()
+    r_grads = torch.autograd.grad(r_objective, leaves)
+    tol = FP32_GRAD_TOL if dtype == torch.float32 else BF16_GRAD_TOL
+    for name, g, r in zip(("d hidden", "d weight", "d bias"), grads, r_grads, strict=True):
+        assert _rel(g, r) < tol, f"{name}: rel. error {_rel(g, r):.2e}"
+
+
+def test_entropy_without_with_entropy_has_no_gradient():
+    hidden, weight, _, ids = _inputs(4, 8, 20, torch.float32, "cpu", bias=False)
+    _, _, entropy = token_logprob_stats(hidden.requires_grad_(), weight, ids)
+    assert not entropy.requires_grad and torch.equal(entropy, torch.zeros(4))
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
 def test_huge_logits_stay_finite(backend, device):
     hidden, weight, _, ids = _inputs(20, 32, 300, torch.float32, device, bias=False, scale=300.0)
     with r1kernels.use_backend(backend):
@@ -164,11 +193,13 @@ def test_opcheck(backend):
             torch.ops.r1k.token_logprob_stats,
             (hidden.requires_grad_(), weight.requires_grad_(), None, ids, 1.0, False),
         )
-        lse = token_logprob_stats(hidden.detach(), weight.detach(), ids)[1]
-        torch.library.opcheck(
-            torch.ops.r1k.token_logprob_stats_backward,
-            (torch.randn(9, device=device), hidden.detach(), weight.detach(), b, ids, lse, 0.9),
-        )
+        _, lse, entropy = token_logprob_stats(hidden.detach(), weight.detach(), ids, with_entropy=True)
+        g = torch.randn(9, device=device)
+        for grad_entropy in (None, torch.randn(9, device=device)):
+            torch.library.opcheck(
+                torch.ops.r1k.token_logprob_stats_backward,
+                (g, grad_entropy, hidden.detach(), weight.detach(), b, ids, lse, entropy, 0.9),
+            )
 
 
 @pytest.mark.parametrize("backend,device", backends_for())

@@ -103,10 +103,12 @@ def logprob_grad_logits_kernel(
     y_ptr,  # [C] int64 target ids
     lse_ptr,  # [C] fp32 log-sum-exp of z from the forward
     g_ptr,  # [C] fp32 d loss / d logp
+    ge_ptr,  # [C] fp32 d loss / d entropy (read only when ENTROPY_GRAD)
+    ent_ptr,  # [C] fp32 entropy from the forward (read only when ENTROPY_GRAD)
     gz_ptr,  # [C, V] out: d loss / d logits (pre-temperature), dtype of the scratch buffer, row stride stride_gz
     N, V, H, stride_h, stride_w, stride_gz, col0, inv_t,  # w_ptr / b_ptr start at vocab id col0
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -120,8 +122,15 @@ def logprob_grad_logits_kernel(
     # logp = z_y - lse(z) and z = logits / T, so d logp / d logits = (onehot - p) / T. For the target column
     # 1 - p cancels when the policy is confident (p -> 1): use -expm1(x) there, which keeps full precision.
     is_y = (cols + col0)[None, :] == y[:, None]
-    d = tl.where(is_y, -_expm1(x), -tl.exp(x))
-    gz = (g * inv_t)[:, None] * d
+    p = tl.exp(x)
+    gz = g[:, None] * tl.where(is_y, -_expm1(x), -p)
+    if ENTROPY_GRAD:
+        # entropy E = -sum p log p, so d E / d z_k = -p_k (log p_k + E)
+        ge = tl.load(ge_ptr + rows, mask=ok, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=ok, other=0.0)
+        x_in = tl.where(cols[None, :] < V, x, 0.0)  # past V: p = 0 and x = -inf, whose product is NaN
+        gz -= ge[:, None] * p * (x_in + ent[:, None])
+    gz = gz * inv_t
     tl.store(gz_ptr + rows[:, None] * stride_gz + cols[None, :], gz.to(gz_ptr.dtype.element_ty),
              mask=ok[:, None] & (cols[None, :] < V))  # fmt: skip
 
@@ -223,11 +232,12 @@ def logprob_variants(arch: int) -> list[KernelVariant]:
         ))  # fmt: skip
         out.append(KernelVariant(
             name=f"grpo.logprob_grad_logits[{tag}]", kernel=logprob_grad_logits_kernel, kind=kind,
-            signature={**common, "lse_ptr": "*fp32", "g_ptr": "*fp32", "gz_ptr": f"*{tl_type}", "N": "i32", "V": "i32",
-                       "H": "i32", "stride_h": "i32", "stride_w": "i32", "stride_gz": "i32", "col0": "i32",
-                       "inv_t": "fp32", "HAS_BIAS": "constexpr", **dict.fromkeys(bwd_tiles, "constexpr"),
+            signature={**common, "lse_ptr": "*fp32", "g_ptr": "*fp32", "ge_ptr": "*fp32", "ent_ptr": "*fp32",
+                       "gz_ptr": f"*{tl_type}", "N": "i32", "V": "i32", "H": "i32", "stride_h": "i32",
+                       "stride_w": "i32", "stride_gz": "i32", "col0": "i32", "inv_t": "fp32",
+                       "HAS_BIAS": "constexpr", "ENTROPY_GRAD": "constexpr", **dict.fromkeys(bwd_tiles, "constexpr"),
                        "PRECISION": "constexpr"},
-            constexprs={"HAS_BIAS": False, **bwd_tiles, "PRECISION": precision},
+            constexprs={"HAS_BIAS": False, "ENTROPY_GRAD": True, **bwd_tiles, "PRECISION": precision},
             num_warps=bwd["num_warps"],
             aligned=("h_ptr", "w_ptr", "gz_ptr", "V", "H", "stride_h", "stride_w", "stride_gz", "col0"),
         ))  # fmt: skip

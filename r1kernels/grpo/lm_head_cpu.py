@@ -64,13 +64,15 @@ def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: b
     return zy - lse, lse, entropy
 
 
-def backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature: float):
+def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature: float):
+    """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)``; ``grad_entropy`` may be None."""
     N, H = hidden.shape
     V = weight.shape[0]
     vt, rows = _blocks(N, V)
     inv_t = 1.0 / temperature
     ids = token_ids.long()
-    g = grad_logp.float() * inv_t
+    g = grad_logp.float()
+    ge = None if grad_entropy is None else grad_entropy.float()
     gemm_in_bf16 = hidden.dtype == torch.bfloat16
     d_hidden32 = torch.zeros((N, H))
     d_weight = torch.empty_like(weight)
@@ -88,11 +90,16 @@ def backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature: float
             h32 = h.float()
             log_p = _logits(h32, w32, b32, inv_t).sub_(lse[r0:r1, None])
             hit, col = _targets_in_tile(ids[r0:r1], v0, v1)
-            # onehot - softmax; at the target 1 - p is -expm1(logp), exact even when p -> 1
-            target = -torch.expm1(log_p[hit, col])
-            gz = log_p.exp_().neg_()
+            # g * (onehot - softmax); at the target 1 - p is -expm1(logp), exact even when p -> 1
+            target = -torch.expm1(log_p[hit, col]) * g[r0:r1][hit]
+            p = log_p.exp()
+            if ge is not None:  # entropy E = -sum p log p: d E / d z_k = -p_k (log p_k + E)
+                entropy_term = log_p.add_(entropy[r0:r1, None]).mul_(p).mul_(ge[r0:r1, None])
+            gz = p.mul_(-g[r0:r1, None])
             gz[hit, col] = target
-            gz.mul_(g[r0:r1, None])
+            if ge is not None:
+                gz.sub_(entropy_term)
+            gz.mul_(inv_t)
             if d_bias32 is not None:
                 d_bias32[v0:v1] += gz.sum(dim=0)
             if gemm_in_bf16:

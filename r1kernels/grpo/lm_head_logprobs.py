@@ -130,7 +130,7 @@ def _matmul(a, b, c, accumulate: bool, cfg) -> None:
     )  # fmt: skip
 
 
-def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
+def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
     N, H = hidden.shape
     V = weight.shape[0]
     arch = backend.device_arch(hidden.device)
@@ -146,6 +146,9 @@ def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperatur
     d_bias32 = torch.zeros((V,), dtype=torch.float32, device=dev) if bias is not None else None
     gz = _alloc.empty((rows, cols), hidden.dtype, dev)
     grad_logp = grad_logp.float().contiguous()
+    with_eg = grad_entropy is not None
+    ge = grad_entropy.float().contiguous() if with_eg else grad_logp
+    ent = entropy.float().contiguous() if with_eg else grad_logp
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h = hidden[r0:r1]
@@ -154,10 +157,11 @@ def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperatur
             w, g = weight[v0:v1], gz[: r1 - r0, : v1 - v0]
             grid = (cdiv(r1 - r0, cfg["BLOCK_N"]), cdiv(v1 - v0, cfg["BLOCK_V"]))
             kernels.logprob_grad_logits_kernel[grid](
-                h, w, bias[v0:v1] if bias is not None else w, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1], g,
-                r1 - r0, v1 - v0, H, hidden.stride(0), weight.stride(0), cols, v0, 1.0 / temperature,
-                HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-                PRECISION=_precision(hidden), num_warps=cfg["num_warps"],
+                h, w, bias[v0:v1] if bias is not None else w, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1],
+                ge[r0:r1], ent[r0:r1], g, r1 - r0, v1 - v0, H, hidden.stride(0), weight.stride(0), cols, v0,
+                1.0 / temperature, HAS_BIAS=bias is not None, ENTROPY_GRAD=with_eg, BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], PRECISION=_precision(hidden),
+                num_warps=cfg["num_warps"],
             )  # fmt: skip
             _matmul(g, w, d_hidden[r0:r1], accumulate=hidden_accumulates, cfg=mm)  # d hidden (+)= G @ W
             _matmul(g.T, h, d_weight[v0:v1], accumulate=rows < N, cfg=mm)  # d weight (+)= G^T @ H
@@ -166,19 +170,20 @@ def _backward_triton(grad_logp, hidden, weight, bias, token_ids, lse, temperatur
     return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias32
 
 
-def logprob_stats_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
+def logprob_stats_backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
     if hidden.shape[0] == 0:
         db = None if bias is None else torch.zeros_like(bias)
         return torch.zeros_like(hidden), torch.zeros_like(weight), db
+    args = (grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature)
     if backend.resolve(hidden.device, "token_logprob_stats_backward") == "cpu":
-        return lm_head_cpu.backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
-    return _backward_triton(grad_logp, hidden, weight, bias, token_ids.long(), lse, temperature)
+        return lm_head_cpu.backward(*args)
+    return _backward_triton(*args[:5], token_ids.long(), *args[6:])
 
 
 # ---- torch.library ops ------------------------------------------------------------------------------
 
 
-def _fake_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature):
+def _fake_backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
     d_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
     return torch.empty_like(hidden), torch.empty_like(weight), d_bias
 
@@ -186,28 +191,38 @@ def _fake_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
 @define_op("token_logprob_stats_backward", fake=_fake_backward)
 def _stats_backward_op(
     grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     token_ids: torch.Tensor,
     lse: torch.Tensor,
+    entropy: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dh, dw, db = logprob_stats_backward(grad_logp, hidden, weight, bias, token_ids, lse, temperature)
+    dh, dw, db = logprob_stats_backward(
+        grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature
+    )
     return dh, dw, (db.to(bias.dtype) if db is not None else hidden.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, token_ids, temperature, _ = inputs
+    hidden, weight, bias, token_ids, temperature, with_entropy = inputs
     _, lse, entropy = output
-    ctx.save_for_backward(hidden, weight, bias, token_ids, lse)
+    ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
     ctx.temperature = temperature
-    ctx.mark_non_differentiable(lse, entropy)
+    ctx.mark_non_differentiable(lse)
+    if not with_entropy:
+        ctx.mark_non_differentiable(entropy)  # zeros, not an entropy
 
 
-def _backward(ctx, grad_logp, _grad_lse, _grad_entropy):
-    hidden, weight, bias, token_ids, lse = ctx.saved_tensors
-    dh, dw, db = _stats_backward_op(grad_logp, hidden, weight, bias, token_ids, lse, ctx.temperature)
+def _backward(ctx, grad_logp, _grad_lse, grad_entropy):
+    hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    dh, dw, db = _stats_backward_op(
+        grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, ctx.temperature
+    )
     return dh, dw, (db if bias is not None else None), None, None, None
 
 
@@ -250,8 +265,10 @@ def token_logprob_stats(
         with_entropy: also compute the entropy of each row's distribution (one extra FMA per logit).
 
     Returns:
-        ``(logp [N] fp32, lse [N] fp32, entropy [N] fp32)``; ``logp`` is differentiable w.r.t. hidden, weight
-        and bias; ``lse`` and ``entropy`` are metrics without gradient (zeros when ``with_entropy=False``).
+        ``(logp [N] fp32, lse [N] fp32, entropy [N] fp32)``. ``logp`` and (with ``with_entropy``) ``entropy``
+        are differentiable w.r.t. hidden, weight and bias, both through the same fused backward (so an
+        entropy bonus costs no extra pass); ``lse`` has no gradient; ``entropy`` is zeros without
+        ``with_entropy``.
     """
     validate(hidden, weight, bias, token_ids, temperature)
     return _stats_op(hidden, weight, bias, token_ids, float(temperature), with_entropy)

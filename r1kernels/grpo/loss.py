@@ -96,6 +96,7 @@ def grpo_loss(
     rollout_is_ratio: torch.Tensor | None = None,
     return_entropy: bool = False,
     log_ratio_clamp: float = 20.0,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss from final hidden states and the LM-head weight, without materialising the logits.
 
@@ -131,6 +132,8 @@ def grpo_loss(
             truncated importance sampling), multiplies the policy term.
         log_ratio_clamp: both log-ratios are clamped to ``[-c, c]`` before ``exp`` so neither the ratio nor
             the k3 KL can overflow to Inf/NaN; outside the clamp the gradient of that term is 0.
+        entropy_coef: entropy bonus (verl's ``entropy_coeff``): ``- entropy_coef * entropy`` is added to each
+            token's loss before aggregation; its gradient flows through the same fused backward.
 
     Returns:
         ``(loss, metrics)``: a scalar fp32 loss and 0-d fp32 tensors ``kl`` (masked mean k3; 0 without a
@@ -174,8 +177,9 @@ def grpo_loss(
         ref = token_logprobs(ref_hidden.reshape(-1, H), weight if ref_weight is None else ref_weight, ids, temperature)
 
     logp, _, entropy = token_logprob_stats(
-        hidden.reshape(-1, H), weight, ids, bias=bias, temperature=temperature, with_entropy=return_entropy
-    )
+        hidden.reshape(-1, H), weight, ids, bias=bias, temperature=temperature,
+        with_entropy=return_entropy or entropy_coef != 0.0,
+    )  # fmt: skip
     c = log_ratio_clamp
     log_ratio = torch.clamp(logp - (logp.detach() if old is None else old.float()), -c, c)
     if importance_sampling_level == "sequence":
@@ -187,6 +191,8 @@ def grpo_loss(
     per_token = -torch.minimum(unclipped * adv, clipped * adv)
     if is_ratio is not None:
         per_token = per_token * is_ratio.float()
+    if entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * entropy
     n_tok = mask.sum().clamp(min=1.0)
     kl_mean = torch.zeros((), device=logp.device)
     if beta > 0:
@@ -216,5 +222,5 @@ def grpo_loss(
             "clip_ratio": (low + high).sum() / n_tok,
         }
         if return_entropy:
-            metrics["entropy"] = (entropy * mask).sum() / n_tok
+            metrics["entropy"] = (entropy.detach() * mask).sum() / n_tok
     return loss, metrics

@@ -53,6 +53,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     rollout_is_ratio=None,
     log_ratio_clamp: float = 20.0,
+    entropy_coef: float = 0.0,
 ):
     """Returns (loss, metrics) in float64; differentiable w.r.t. hidden / weight / bias if they require grad."""
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -71,6 +72,7 @@ def grpo_loss(
     per_token = -torch.minimum(unclipped * adv, clipped * adv)
     if rollout_is_ratio is not None:
         per_token = per_token * rollout_is_ratio.double()
+    per_token = per_token - entropy_coef * entropy
     kl = None
     if ref_logps is not None and beta != 0.0:
         d = torch.clamp(ref_logps.double() - logp, -log_ratio_clamp, log_ratio_clamp)
