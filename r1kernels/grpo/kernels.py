@@ -230,17 +230,19 @@ def logprob_variants(arch: int) -> list[KernelVariant]:
             constexprs={"HAS_BIAS": False, "WITH_ENTROPY": True, **fwd_tiles, "PRECISION": precision},
             num_warps=fwd["num_warps"], aligned=("h_ptr", "w_ptr", "H", "stride_h", "stride_w"),
         ))  # fmt: skip
-        out.append(KernelVariant(
-            name=f"grpo.logprob_grad_logits[{tag}]", kernel=logprob_grad_logits_kernel, kind=kind,
-            signature={**common, "lse_ptr": "*fp32", "g_ptr": "*fp32", "ge_ptr": "*fp32", "ent_ptr": "*fp32",
-                       "gz_ptr": f"*{tl_type}", "N": "i32", "V": "i32", "H": "i32", "stride_h": "i32",
-                       "stride_w": "i32", "stride_gz": "i32", "col0": "i32", "inv_t": "fp32",
-                       "HAS_BIAS": "constexpr", "ENTROPY_GRAD": "constexpr", **dict.fromkeys(bwd_tiles, "constexpr"),
-                       "PRECISION": "constexpr"},
-            constexprs={"HAS_BIAS": False, "ENTROPY_GRAD": True, **bwd_tiles, "PRECISION": precision},
-            num_warps=bwd["num_warps"],
-            aligned=("h_ptr", "w_ptr", "gz_ptr", "V", "H", "stride_h", "stride_w", "stride_gz", "col0"),
-        ))  # fmt: skip
+        for entropy_grad in (False, True):
+            out.append(KernelVariant(
+                name=f"grpo.logprob_grad_logits[{tag}{',entropy' if entropy_grad else ''}]",
+                kernel=logprob_grad_logits_kernel, kind=kind,
+                signature={**common, "lse_ptr": "*fp32", "g_ptr": "*fp32", "ge_ptr": "*fp32", "ent_ptr": "*fp32",
+                           "gz_ptr": f"*{tl_type}", "N": "i32", "V": "i32", "H": "i32", "stride_h": "i32",
+                           "stride_w": "i32", "stride_gz": "i32", "col0": "i32", "inv_t": "fp32",
+                           "HAS_BIAS": "constexpr", "ENTROPY_GRAD": "constexpr",
+                           **dict.fromkeys(bwd_tiles, "constexpr"), "PRECISION": "constexpr"},
+                constexprs={"HAS_BIAS": False, "ENTROPY_GRAD": entropy_grad, **bwd_tiles, "PRECISION": precision},
+                num_warps=bwd["num_warps"],
+                aligned=("h_ptr", "w_ptr", "gz_ptr", "V", "H", "stride_h", "stride_w", "stride_gz", "col0"),
+            ))  # fmt: skip
         mm = matmul_config(nbytes, arch)
         mm_tiles = {k: mm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         # Launches see unit strides specialised to constexpr 1 (Triton's JIT does this for ints equal to 1):
