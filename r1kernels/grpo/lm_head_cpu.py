@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-VOCAB_TILE = 4096
+VOCAB_TILE = 2048
 CPU_SCRATCH_BYTES = 16 * 2**20  # one fp32 [rows, VOCAB_TILE] logits block
 
 
