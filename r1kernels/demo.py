@@ -2,7 +2,7 @@
 its reference as it trains; then the FP8 quantization ops against theirs; optionally the ahead-of-time
 compile report of every Triton kernel.
 
-    python -m r1kernels.demo [--steps 400] [--backend auto|cpu|triton] [--compile-report]
+    python -m r1kernels.demo [--steps 600] [--backend auto|cpu|triton] [--compile-report]
 
 ``--backend triton`` on a machine without a GPU runs the Triton kernels in Triton's interpreter (slow:
 use a few steps).
@@ -42,7 +42,7 @@ def fp8_demo() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--backend", choices=("auto", "cpu", "triton"), default="auto")
     parser.add_argument("--compile-report", action="store_true", help="also compile every Triton kernel")
     args = parser.parse_args(argv)

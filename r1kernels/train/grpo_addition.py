@@ -28,17 +28,18 @@ T = 3  # tens, ones, <eos>
 
 @dataclasses.dataclass
 class Config:
-    steps: int = 400
+    steps: int = 600
     prompts: int = 64  # prompts per step
     group: int = 8  # completions per prompt
     hidden: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     beta: float = 0.04
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
     temperature: float = 1.2
     inner_steps: int = 2  # policy updates per batch of rollouts (the ratio moves off 1 from the second on)
     loss_type: str = "dapo"
+    entropy_coef: float = 0.01  # entropy bonus, keeps exploring once the easy tokens are learned
     check_every: int = 5
     seed: int = 0
     device: str = "cpu"  # "cuda": the policy and the fused ops run on the GPU (Triton kernels)
@@ -120,7 +121,8 @@ def train(cfg: Config, log=print) -> dict[str, float]:
             # absolute: confident tokens have logp near 0, where a relative error means nothing
             errs.append(_check("token_logprobs", float((old_logps.double() - r_old).abs().max()), 1e-5))
         kwargs = dict(old_logps=old_logps, ref_logps=ref_logps, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
-                      epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, loss_type=cfg.loss_type)  # fmt: skip
+                      epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, loss_type=cfg.loss_type,
+                      entropy_coef=cfg.entropy_coef)  # fmt: skip
         for _ in range(cfg.inner_steps):
             hidden = policy.hidden_states(a, b, completion)
             hidden.retain_grad()
