@@ -75,7 +75,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(k for k, v in o.items() if v) or "plain")
 def test_loss_matrix_cpu(loss_type, level, opts):
     kwargs = {"loss_type": loss_type, "importance_sampling_level": level, "epsilon_high": 0.28}
@@ -106,6 +106,19 @@ def test_entropy_bonus(kernel_device, backend, loss_type):
 
 def test_bf16_cpu_and_per_token_advantages():
     _check({"loss_type": "bnpo", "old": True, "token_adv": True}, dtype=torch.bfloat16, tol=2e-2)
+
+
+def test_gspo_token_differs_from_gspo_only_with_per_token_advantages():
+    hidden, weight, ids, mask, adv, old, _ = _batch()
+    for advantages, same in ((adv, True), (torch.randn(B, T), False)):
+        grads = []
+        for level in ("sequence", "sequence_token"):
+            w = weight.clone().requires_grad_()
+            loss, _ = grpo_loss(hidden, w, ids, mask, advantages, old_logps=old, importance_sampling_level=level)
+            loss.backward()
+            grads.append(w.grad)
+        assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7) == same
+    _check({"loss_type": "grpo", "old": True, "token_adv": True, "importance_sampling_level": "sequence_token"})
 
 
 def test_metrics_count_clipped_tokens():

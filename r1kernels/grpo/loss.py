@@ -15,7 +15,7 @@ from r1kernels._checks import check_tensor
 from r1kernels.grpo.lm_head_logprobs import token_logprob_stats, token_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IS_LEVELS = ("token", "sequence")
+IS_LEVELS = ("token", "sequence", "sequence_token")
 
 
 class _Segments:
@@ -125,8 +125,9 @@ def grpo_loss(
             gradient accumulation or data parallelism pass ``num_items_in_batch`` = completion tokens summed
             over every micro-batch and rank, and ``num_processes`` = ranks whose gradients are averaged;
             it defaults to this batch's token count.
-        importance_sampling_level: ``token`` or ``sequence`` (GSPO: one ratio per sequence from the mean
-            token log-ratio).
+        importance_sampling_level: ``token``, ``sequence`` (GSPO: one ratio per sequence from the mean
+            token log-ratio) or ``sequence_token`` (GSPO-token: that ratio's value, each token's own gradient;
+            differs from ``sequence`` only with per-token advantages).
         delta: optional upper clamp of the unclipped ratio (two-sided clipping).
         rollout_is_ratio: optional per-token importance weight from the rollout engine (e.g. vLLM's
             truncated importance sampling), multiplies the policy term.
@@ -182,9 +183,10 @@ def grpo_loss(
     )  # fmt: skip
     c = log_ratio_clamp
     log_ratio = torch.clamp(logp - (logp.detach() if old is None else old.float()), -c, c)
-    if importance_sampling_level == "sequence":
-        seq = seg.seq_sum(log_ratio * mask) / seg.seq_sum(mask).clamp(min=1.0)
-        log_ratio = seg.to_tokens(seq)
+    if importance_sampling_level != "token":
+        seq = seg.to_tokens(seg.seq_sum(log_ratio * mask) / seg.seq_sum(mask).clamp(min=1.0))
+        # GSPO-token: the sequence ratio's value with each token's own gradient
+        log_ratio = seq if importance_sampling_level == "sequence" else seq.detach() + (logp - logp.detach())
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)

@@ -63,9 +63,9 @@ def grpo_loss(
     adv = adv.unsqueeze(1).expand_as(logp) if adv.dim() == 1 else adv
     old = logp.detach() if old_logps is None else old_logps.double()
     log_ratio = torch.clamp(logp - old, -log_ratio_clamp, log_ratio_clamp)
-    if importance_sampling_level == "sequence":
-        seq = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        log_ratio = seq.unsqueeze(-1).expand_as(logp)
+    if importance_sampling_level in ("sequence", "sequence_token"):
+        seq = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(logp)
+        log_ratio = seq if importance_sampling_level == "sequence" else seq.detach() + logp - logp.detach()
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
