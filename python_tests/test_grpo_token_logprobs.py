@@ -120,7 +120,7 @@ def test_huge_logits_stay_finite(backend, device):
     r_logp, r_entropy = ref.token_logprobs(hidden.cpu(), weight.cpu(), ids.cpu())
     assert torch.isfinite(lse).all() and torch.isfinite(logp).all() and torch.isfinite(entropy).all()
     assert torch.allclose(logp.double().cpu(), r_logp, rtol=1e-5, atol=1e-3)
-    assert torch.allclose(entropy.double().cpu(), r_entropy, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(entropy.double().cpu(), r_entropy, rtol=1e-4, atol=1e-4)  # no cancellation at large z
 
 
 @pytest.mark.parametrize("backend,device", backends_for())

@@ -55,7 +55,7 @@ def logprob_fwd_kernel(
     w_ptr,  # [V, H] LM-head weight, row stride stride_w
     b_ptr,  # [V] bias (unused unless HAS_BIAS)
     y_ptr,  # [N] int64 target token ids, all in [0, V)
-    part_ptr,  # [4, NUM_CHUNKS, N] fp32 partials: running max, sum exp, target logit, sum exp * z
+    part_ptr,  # [4, NUM_CHUNKS, N] fp32 partials: max m, sum exp(z - m), target logit, sum exp(z - m)(z - m)
     N, V, H, stride_h, stride_w, inv_t, V_CHUNK,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
@@ -80,10 +80,14 @@ def logprob_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(p, axis=1)
         if WITH_ENTROPY:
-            # masked columns have p = 0 and z = -inf: use z = 0 there so 0 * z is 0, not NaN
-            t = t * alpha + tl.sum(p * tl.where(cols[None, :] < v_end, z, 0.0), axis=1)
+            # t = sum exp(z - m) * (z - m), relative to the running max so that large logits do not cancel in
+            # entropy = log(s) - t / s; moving the max from m to m_new adds (m - m_new) * s before rescaling.
+            # Masked columns have p = 0 and z = -inf: take z - m_new = 0 there so 0 * (-inf) is not NaN.
+            shift = tl.where(s > 0, m - m_new, 0.0) * s  # s = 0 while m = -inf: no shift (and no inf * 0)
+            zc = tl.where(cols[None, :] < v_end, z - m_new[:, None], 0.0)
+            t = (t + shift) * alpha + tl.sum(p * zc, axis=1)
+        s = s * alpha + tl.sum(p, axis=1)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m = m_new
     base = part_ptr + chunk.to(tl.int64) * N + rows

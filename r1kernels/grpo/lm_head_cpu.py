@@ -54,13 +54,16 @@ def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: b
             zy[r0:r1][hit] = z[hit, col]
             m_new = torch.maximum(m[r0:r1], z.amax(dim=1))
             alpha = torch.exp(m[r0:r1] - m_new)
-            p = torch.exp(z - m_new[:, None])
-            s[r0:r1] = s[r0:r1] * alpha + p.sum(dim=1)
+            zc = z.sub_(m_new[:, None])  # z - m_new, in place (zy was read above)
+            p = torch.exp(zc)
             if with_entropy:
-                t[r0:r1] = t[r0:r1] * alpha + (p * z).sum(dim=1)
+                # t = sum p (z - m) relative to the running max (see kernels.logprob_fwd_kernel): no cancellation
+                shift = torch.where(s[r0:r1] > 0, m[r0:r1] - m_new, 0.0) * s[r0:r1]
+                t[r0:r1] = (t[r0:r1] + shift) * alpha + (p * zc).sum(dim=1)
+            s[r0:r1] = s[r0:r1] * alpha + p.sum(dim=1)
             m[r0:r1] = m_new
     lse = m + torch.log(s)
-    entropy = lse - t / s if with_entropy else torch.zeros(N)
+    entropy = torch.log(s) - t / s if with_entropy else torch.zeros(N)
     return zy - lse, lse, entropy
 
 

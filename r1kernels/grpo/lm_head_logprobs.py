@@ -88,7 +88,10 @@ def _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy):
     s_all = (s * scale).sum(dim=0)
     lse = m_all + torch.log(s_all)
     logp = zy.sum(dim=0) - lse
-    entropy = lse - (t * scale).sum(dim=0) / s_all if with_entropy else torch.zeros_like(lse)
+    if with_entropy:  # each chunk's t is relative to its own max: move it to the global max first
+        entropy = torch.log(s_all) - ((t + (m - m_all) * s) * scale).sum(dim=0) / s_all
+    else:
+        entropy = torch.zeros_like(lse)
     return logp, lse, entropy
 
 
