@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch  # torch does not import triton, so TRITON_INTERPRET can still be set after this
+
 
 def fp8_demo() -> None:
-    import torch
-
     import r1kernels
     from r1kernels.fp8 import reference as ref
 
@@ -46,11 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("auto", "cpu", "triton"), default="auto")
     parser.add_argument("--compile-report", action="store_true", help="also compile every Triton kernel")
     args = parser.parse_args(argv)
-    if args.backend == "triton":
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+    if args.backend == "triton" and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
     import r1kernels
     from r1kernels.train.grpo_addition import Config, train
 
@@ -59,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
         _interpreter_shim.install()
     print(f"GRPO on 'add two digits' (ops on backend {args.backend!r}):")
-    import torch
-
     with r1kernels.use_backend(args.backend):
         train(Config(steps=args.steps, device="cuda" if torch.cuda.is_available() else "cpu"))
     fp8_demo()

@@ -2,11 +2,11 @@
 and never stored whole.
 
 - ``logprob_fwd_kernel``: per token, over one vocab chunk, the online log-sum-exp state (running max m,
-  sum of exp s), the target logit and, optionally, sum(exp(z - m) * z) for the entropy. Programs are
+  sum of exp s), the target logit and, optionally, sum(exp(z - m) * (z - m)) for the entropy. Programs are
   ordered chunk-major so the programs resident at once read the same weight rows (L2 reuse); the
   launcher combines the per-chunk partials (O(tokens x chunks)).
-- ``logprob_grad_logits_kernel``: recomputes a logits tile and writes d logp / d logits
-  ``g / T * (onehot - softmax)`` for one chunk of tokens into a bounded scratch buffer.
+- ``logprob_grad_logits_kernel``: recomputes a logits tile and writes d loss / d logits
+  (``g / T * (onehot - softmax)``, plus the entropy term when asked) for one block into a bounded scratch.
 - ``matmul_kernel``: C (+)= A @ B with fp32 accumulation; gives d hidden = G @ W and d weight += G^T @ H.
 
 Runtime values (N, V, H, 1/temperature) are kernel arguments, never constexpr.

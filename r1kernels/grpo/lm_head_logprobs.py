@@ -122,22 +122,22 @@ def grad_blocks(N: int, V: int, elt: int, block_n: int, block_v: int) -> tuple[i
     return min(rows, cdiv(N, block_n) * block_n), V
 
 
-def _matmul(a, b, c, accumulate: bool, cfg) -> None:
+def _matmul(a, b, c, accumulate: bool, cfg, precision: str) -> None:
     M, K = a.shape
     Nc = b.shape[1]
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(Nc, cfg["BLOCK_N"]),)
     kernels.matmul_kernel[grid](
         a, b, c, M, Nc, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
         ACCUMULATE=accumulate, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], PRECISION=_precision(a), num_warps=cfg["num_warps"],
+        GROUP_M=cfg["GROUP_M"], PRECISION=precision, num_warps=cfg["num_warps"],
     )  # fmt: skip
 
 
 def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
     N, H = hidden.shape
     V = weight.shape[0]
-    arch = backend.device_arch(hidden.device)
-    cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=False, precision=_precision(hidden))
+    arch, precision = backend.device_arch(hidden.device), _precision(hidden)
+    cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=False, precision=precision)
     mm = kernels.matmul_config(hidden.element_size(), arch)
     rows, cols = grad_blocks(N, V, hidden.element_size(), cfg["BLOCK_N"], cfg["BLOCK_V"])
     hidden_accumulates = cols < V  # blocks split the vocab: d hidden sums over them, in fp32
@@ -163,14 +163,15 @@ def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, l
                 h, w, bias[v0:v1] if bias is not None else w, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1],
                 ge[r0:r1], ent[r0:r1], g, r1 - r0, v1 - v0, H, hidden.stride(0), weight.stride(0), cols, v0,
                 1.0 / temperature, HAS_BIAS=bias is not None, ENTROPY_GRAD=with_eg, BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], PRECISION=_precision(hidden),
+                BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], PRECISION=precision,
                 num_warps=cfg["num_warps"],
             )  # fmt: skip
-            _matmul(g, w, d_hidden[r0:r1], accumulate=hidden_accumulates, cfg=mm)  # d hidden (+)= G @ W
-            _matmul(g.T, h, d_weight[v0:v1], accumulate=rows < N, cfg=mm)  # d weight (+)= G^T @ H
+            _matmul(g, w, d_hidden[r0:r1], hidden_accumulates, mm, precision)  # d hidden (+)= G @ W
+            _matmul(g.T, h, d_weight[v0:v1], rows < N, mm, precision)  # d weight (+)= G^T @ H
             if d_bias32 is not None:
                 d_bias32[v0:v1] += g.float().sum(dim=0)
-    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias32
+    d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
+    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias
 
 
 def logprob_stats_backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
@@ -206,7 +207,7 @@ def _stats_backward_op(
     dh, dw, db = logprob_stats_backward(
         grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature
     )
-    return dh, dw, (db.to(bias.dtype) if db is not None else hidden.new_empty((0,)))
+    return dh, dw, (db if db is not None else hidden.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):

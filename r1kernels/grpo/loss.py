@@ -40,7 +40,6 @@ class _Segments:
 
 def _layout(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[_Segments, tuple[int, ...]]:
     """The token layout of ``hidden`` and the shape every per-token tensor must have."""
-    check_tensor("hidden", hidden)
     if cu_seqlens is None:
         check_tensor("hidden", hidden, ndim=3)
         B, T, _ = hidden.shape
