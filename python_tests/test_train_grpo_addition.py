@@ -1,5 +1,10 @@
 """The GRPO demo loop learns and every op matches its reference while it trains."""
 
+import os
+import subprocess
+import sys
+
+import pytest
 from conftest import HAS_GPU
 
 import r1kernels
@@ -27,3 +32,14 @@ def test_demo_entry_point(capsys):
     assert demo.main(["--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "every op matched its reference" in out and "bitwise equal to reference: True" in out
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the interpreter path is for machines without a GPU")
+def test_demo_triton_backend_from_a_fresh_process():
+    """`python -m r1kernels.demo --backend triton` imports triton before main() runs: the demo must still get
+    the interpreter (it re-runs itself with TRITON_INTERPRET=1)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "r1kernels.demo", "--steps", "2", "--backend", "triton"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "every op matched its reference" in out.stdout

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 
-import torch  # torch does not import triton, so TRITON_INTERPRET can still be set after this
+import torch
 
 
 def fp8_demo() -> None:
@@ -46,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("auto", "cpu", "triton"), default="auto")
     parser.add_argument("--compile-report", action="store_true", help="also compile every Triton kernel")
     args = parser.parse_args(argv)
-    if args.backend == "triton" and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+    if args.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be on before triton is first imported, and `python -m r1kernels.demo` has
+        # already imported it with the r1kernels package: run the demo again in a process that has it on.
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "r1kernels.demo", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env=env).returncode
     import r1kernels
     from r1kernels.train.grpo_addition import Config, train
 
