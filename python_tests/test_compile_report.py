@@ -38,6 +38,8 @@ def test_check_flags_spills_and_missing_wgmma():
     assert "spills" in problems and "warpgroup MMA" in problems
     over = compile_report.CompileRow("k", 89, "memory", 40, 0, 0, 200_000, "-", 0, 4, 0)
     assert "over the sm_89 limit" in " ".join(compile_report.check(over))
+    wraps = compile_report.CompileRow("k", 80, "memory", 40, 0, 0, 0, "-", 0, 4, 0, i32_index_products=2)
+    assert "int32 index x stride" in " ".join(compile_report.check(wraps))
 
 
 def test_cli_prints_table(capsys):

@@ -5,8 +5,8 @@ import torch
 from conftest import HAS_GPU, backends_for
 
 import r1kernels
-from r1kernels.fp8 import kernels
 from r1kernels.fp8 import reference as ref
+from r1kernels.fp8 import tiles
 
 SHAPES = [(1, 1), (3, 200), (129, 4096), (67, 300), (2, 128), (5, 16), (33, 129)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -34,7 +34,7 @@ def fp8_convert(request, monkeypatch):
     """Both the hardware conversion (sm_89+, emulated by the interpreter shim) and the software encoder
     that sm_80 runs."""
     if request.param == "software":
-        monkeypatch.setattr(kernels, "hw_fp8_convert", lambda arch: False)
+        monkeypatch.setattr(tiles, "hw_fp8_convert", lambda arch: False)
     elif HAS_GPU and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("hardware FP8 conversion needs sm_89+")
     return request.param
@@ -231,32 +231,6 @@ def test_quantize_does_not_write_on_bad_input():
     with pytest.raises(ValueError):
         r1kernels.fp8.quantize_per_token_group(x, 100)
     assert torch.isfinite(x).all()
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend):
-    device = "cuda" if (HAS_GPU and backend == "triton") else "cpu"
-    x = _rand((9, 300), torch.bfloat16, device)
-    q, s = ref.quantize_per_token_group(x.cpu())
-    bq, bs = ref.quantize_per_block(x.cpu())
-    ops = torch.ops.r1k
-    with r1kernels.use_backend(backend):
-        torch.library.opcheck(ops.quantize_fp8_per_token_group, (x, 128, False, False))
-        torch.library.opcheck(ops.quantize_fp8_per_token_group, (x, 64, True, True))
-        torch.library.opcheck(ops.quantize_fp8_per_block, (x, 128, False))
-        # torch's schema check compares inputs before / after with allclose, which has no float8 kernel;
-        # the other checks (fake tensor, aot dispatch, autograd registration) run on the FP8-input ops.
-        fp8_input_checks = ("test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration")
-        torch.library.opcheck(
-            ops.dequantize_fp8_per_token_group,
-            (q.to(device), s.to(device), 128, torch.bfloat16),
-            test_utils=fp8_input_checks,
-        )
-        torch.library.opcheck(
-            ops.dequantize_fp8_per_block,
-            (bq.to(device), bs.to(device), 128, torch.float32),
-            test_utils=fp8_input_checks,
-        )
 
 
 def test_torch_compile_fullgraph():

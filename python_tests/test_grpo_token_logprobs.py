@@ -5,9 +5,11 @@ import torch
 from conftest import HAS_GPU, backends_for
 
 import r1kernels
-from r1kernels.grpo import kernels, lm_head_cpu, token_logprob_stats, token_logprobs
+from r1kernels.grpo import lm_head_cpu, token_logprob_stats, token_logprobs
 from r1kernels.grpo import lm_head_logprobs as tlp
 from r1kernels.grpo import reference as ref
+from r1kernels.grpo.kernels import logprob_fwd
+from r1kernels.grpo.kernels.logits_tile import dot_precision
 
 # fp32 inputs follow torch's fp32 matmul policy; its default ("highest") keeps the dots in full fp32.
 FP32_GRAD_TOL = 2e-5 if HAS_GPU else 1e-5
@@ -46,7 +48,7 @@ def test_forward_backward_match_reference(backend, device, dtype, N, H, V, bias,
     params = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
     with r1kernels.use_backend(backend):
         logp, lse, entropy = token_logprob_stats(
-            hidden, weight, ids, bias=b, temperature=temperature, with_entropy=True
+            hidden, weight, ids, bias=b, temperature=temperature, return_entropy=True
         )
         grads = torch.autograd.grad((logp * grad_out).sum(), params)
     r_logp, r_entropy, r_grads = _reference(hidden, weight, b, ids, temperature, grad_out)
@@ -65,7 +67,7 @@ def test_forward_backward_match_reference(backend, device, dtype, N, H, V, bias,
 def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch, N, V):
     """Several vocab chunks in the forward (partials combined); in the backward several blocks that split the
     vocab (N < V: d hidden accumulates) or the tokens (N >= V: d weight accumulates)."""
-    monkeypatch.setattr(kernels, "V_CHUNK", 192)  # the last chunk partial
+    monkeypatch.setattr(logprob_fwd, "vocab_chunk", lambda *args: 192)  # the last chunk partial
     monkeypatch.setattr(tlp, "GPU_SCRATCH_BYTES", 64 * 128 * 4)  # one tile of the backward per block
     monkeypatch.setattr(lm_head_cpu, "VOCAB_TILE", 192)  # the CPU path's vocab tiles and token chunks
     monkeypatch.setattr(lm_head_cpu, "CPU_SCRATCH_BYTES", 16 * 192 * 4)
@@ -73,7 +75,7 @@ def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch, N, V):
     grad_out = torch.randn(N, device=device)
     params = [t.requires_grad_() for t in (hidden, weight, b)]
     with r1kernels.use_backend(backend):
-        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, with_entropy=True)
+        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, return_entropy=True)
         grads = torch.autograd.grad((logp * grad_out).sum(), params)
     r_logp, r_entropy, r_grads = _reference(hidden, weight, b, ids, 1.0, grad_out)
     rows, cols = tlp.grad_blocks(N, V, 4, 64, 64)  # the interpreter's fp32 tiles
@@ -92,7 +94,7 @@ def test_entropy_gradient(backend, device, dtype, with_logp):
     ga, gc = torch.randn(45, device=device), torch.randn(45, device=device)
     params = [t.requires_grad_() for t in (hidden, weight, b)]
     with r1kernels.use_backend(backend):
-        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, temperature=0.8, with_entropy=True)
+        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, temperature=0.8, return_entropy=True)
         objective = (gc * entropy).sum() + ((ga * logp).sum() if with_logp else 0.0)
         grads = torch.autograd.grad(objective, params)
     leaves = [t.detach().double().cpu().requires_grad_() for t in (hidden, weight, b)]
@@ -106,7 +108,7 @@ def test_entropy_gradient(backend, device, dtype, with_logp):
         assert _rel(g, r) < tol, f"{name}: rel. error {_rel(g, r):.2e}"
 
 
-def test_entropy_without_with_entropy_has_no_gradient():
+def test_entropy_without_return_entropy_has_no_gradient():
     hidden, weight, _, ids = _inputs(4, 8, 20, torch.float32, "cpu", bias=False)
     _, _, entropy = token_logprob_stats(hidden.requires_grad_(), weight, ids)
     assert not entropy.requires_grad and torch.equal(entropy, torch.zeros(4))
@@ -116,7 +118,7 @@ def test_entropy_without_with_entropy_has_no_gradient():
 def test_huge_logits_stay_finite(backend, device):
     hidden, weight, _, ids = _inputs(20, 32, 300, torch.float32, device, bias=False, scale=300.0)
     with r1kernels.use_backend(backend):
-        logp, lse, entropy = token_logprob_stats(hidden, weight, ids, with_entropy=True)
+        logp, lse, entropy = token_logprob_stats(hidden, weight, ids, return_entropy=True)
     r_logp, r_entropy = ref.token_logprobs(hidden.cpu(), weight.cpu(), ids.cpu())
     assert torch.isfinite(lse).all() and torch.isfinite(logp).all() and torch.isfinite(entropy).all()
     assert torch.allclose(logp.double().cpu(), r_logp, rtol=1e-5, atol=1e-3)
@@ -183,41 +185,35 @@ def test_bad_input(kwargs, match):
         token_logprob_stats(args.pop("hidden"), args.pop("weight"), args.pop("token_ids"), **args)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend):
-    device = "cuda" if (HAS_GPU and backend == "triton") else "cpu"
-    hidden, weight, b, ids = _inputs(9, 16, 40, torch.float32, device)
-    with r1kernels.use_backend(backend):
-        torch.library.opcheck(torch.ops.r1k.token_logprob_stats, (hidden, weight, b, ids, 0.9, True))
-        torch.library.opcheck(
-            torch.ops.r1k.token_logprob_stats,
-            (hidden.requires_grad_(), weight.requires_grad_(), None, ids, 1.0, False),
-        )
-        _, lse, entropy = token_logprob_stats(hidden.detach(), weight.detach(), ids, with_entropy=True)
-        g = torch.randn(9, device=device)
-        for grad_entropy in (None, torch.randn(9, device=device)):
-            torch.library.opcheck(
-                torch.ops.r1k.token_logprob_stats_backward,
-                (g, grad_entropy, hidden.detach(), weight.detach(), b, ids, lse, entropy, 0.9),
-            )
-
-
 @pytest.mark.parametrize("backend,device", backends_for())
 def test_nan_hidden_propagates_to_its_token_only(backend, device):
     hidden, weight, _, ids = _inputs(40, 32, 300, torch.float32, device, bias=False)
     hidden[7, 3] = float("nan")
     with r1kernels.use_backend(backend):
-        logp, lse, entropy = token_logprob_stats(hidden, weight, ids, with_entropy=True)
+        logp, lse, entropy = token_logprob_stats(hidden, weight, ids, return_entropy=True)
     bad = torch.zeros(40, dtype=torch.bool)
     bad[7] = True
     for t in (logp, lse, entropy):
         assert torch.isnan(t.cpu()[bad]).all() and torch.isfinite(t.cpu()[~bad]).all()
 
 
+@pytest.mark.parametrize("N,V,expect_chunk", [(512, 151936, None), (16384, 151936, 8192), (70, 300, 320)])
+def test_vocab_chunk_fills_the_gpu(N, V, expect_chunk):
+    """Several waves of programs on 132 SMs at small N; the largest chunk at large N; one chunk at tiny V."""
+    cfg = logprob_fwd.config(2, 90, "tf32")
+    chunk = logprob_fwd.vocab_chunk(N, V, 132, cfg)
+    programs = -(-N // cfg["BLOCK_N"]) * -(-V // chunk)
+    assert (chunk % cfg["BLOCK_V"] == 0 and logprob_fwd.MIN_V_CHUNK <= chunk <= logprob_fwd.MAX_V_CHUNK) or V < 1024
+    if expect_chunk is not None:
+        assert chunk == expect_chunk
+    else:
+        assert programs >= logprob_fwd.WAVES * 132 > -(-N // cfg["BLOCK_N"]) * -(-V // logprob_fwd.MAX_V_CHUNK)
+
+
 def test_fp32_dot_precision_follows_torch(monkeypatch):
-    assert kernels.dot_precision(4, allow_tf32=False) == "ieee"
-    assert kernels.dot_precision(4, allow_tf32=True) == "tf32"
-    assert kernels.dot_precision(2, allow_tf32=False) == "tf32"  # 16-bit inputs: tensor cores regardless
+    assert dot_precision(4, allow_tf32=False) == "ieee"
+    assert dot_precision(4, allow_tf32=True) == "tf32"
+    assert dot_precision(2, allow_tf32=False) == "tf32"  # 16-bit inputs: tensor cores regardless
     hidden = torch.randn(2, 8)
     previous = torch.get_float32_matmul_precision()
     try:

@@ -1,25 +1,60 @@
-"""Every public op is a torch.library op in the r1k namespace, and every one has an opcheck test."""
+"""Every public op is a torch.library op in the r1k namespace, passes opcheck on the sample inputs it
+registers itself, and is cheap to call in eager mode without leaving torch.compile's sight."""
 
+import pytest
 import torch
+from conftest import HAS_GPU
 
-import r1kernels  # noqa: F401  (importing registers the ops)
+import r1kernels
 from r1kernels._ops import OPS
 
-# op -> the test that runs torch.library.opcheck on it
-OPCHECKED = {
-    "quantize_fp8_per_token_group": "test_fp8_quantize.py::test_opcheck",
-    "quantize_fp8_per_block": "test_fp8_quantize.py::test_opcheck",
-    "dequantize_fp8_per_token_group": "test_fp8_quantize.py::test_opcheck",
-    "dequantize_fp8_per_block": "test_fp8_quantize.py::test_opcheck",
-    "token_logprob_stats": "test_grpo_token_logprobs.py::test_opcheck",
-    "token_logprob_stats_backward": "test_grpo_token_logprobs.py::test_opcheck",
-}
 
-
-def test_every_registered_op_is_opchecked():
-    assert set(OPS) == set(OPCHECKED), "a new op needs an opcheck test and an entry in OPCHECKED"
-
-
-def test_ops_live_in_the_r1k_namespace():
-    for name in OPS:
+def test_every_op_registers_samples_and_lives_in_the_r1k_namespace():
+    assert OPS, "no ops registered"
+    for name, op in OPS.items():
+        assert op.samples is not None, f"{name} registers no sample inputs for opcheck"
         assert hasattr(torch.ops.r1k, name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_opcheck(name, backend):
+    device = "cuda" if (HAS_GPU and backend == "triton") else "cpu"
+    samples = list(OPS[name].samples(device))
+    assert samples
+    with r1kernels.use_backend(backend):
+        for sample in samples:
+            narrowed = {} if sample.test_utils is None else {"test_utils": sample.test_utils}
+            torch.library.opcheck(getattr(torch.ops.r1k, name), sample.args, **narrowed)
+
+
+def test_eager_calls_skip_the_dispatcher_and_compiled_calls_use_it(monkeypatch):
+    """Eager: the implementation directly (no torch.library dispatch); under torch.compile: the op."""
+    op = OPS["quantize_fp8_per_token_group"]
+    calls, impl = [], op.impl
+    monkeypatch.setattr(op, "impl", lambda *a: calls.append(a) or impl(*a))
+    x = torch.randn(2, 128)
+    r1kernels.fp8.quantize_per_token_group(x)
+    assert len(calls) == 1
+
+    seen = []
+
+    def spy(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    monkeypatch.undo()
+    torch.compile(lambda t: r1kernels.fp8.quantize_per_token_group(t)[1], backend=spy, fullgraph=True)(x)
+    assert any("r1k.quantize_fp8_per_token_group" in s for s in seen), seen
+
+
+def test_eager_autograd_path_matches_the_registered_op():
+    hidden = torch.randn(5, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    ids = torch.randint(0, 30, (5,))
+    grads = []
+    for call in (OPS["token_logprob_stats"], torch.ops.r1k.token_logprob_stats):
+        logp, _, entropy = call(hidden, weight, None, ids, 0.8, True)
+        grads.append(torch.autograd.grad((logp + 0.3 * entropy).sum(), (hidden, weight)))
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)

@@ -1,15 +1,63 @@
-"""torch.library registration shared by every op: one namespace, a fake kernel always, autograd
-where the op has a backward. Registered ops are listed in OPS so tests can opcheck each one."""
+"""torch.library registration shared by every op: one namespace, a fake kernel always, autograd where the op
+has a backward, sample inputs for the opcheck test, and cheap eager calls.
+
+``define_op`` registers the decorated implementation as ``torch.ops.r1k.<name>`` and returns an ``Op``
+handle, which the public function calls. Under ``torch.compile`` the handle calls the registered op, so
+the op stays one opaque node of the graph (its fake kernel gives shapes); so does any other tracing (a
+dispatch mode, tensor subclasses). In plain eager mode it calls the
+implementation directly (through an ``autograd.Function`` built from the same backward when a gradient is
+needed): torch.library's dispatch costs tens of microseconds per call, which decode-sized calls cannot
+afford. The implementation validates its inputs itself, once per call on either path.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 
 NAMESPACE = "r1k"
-OPS: dict[str, Any] = {}
+
+
+class Sample(NamedTuple):
+    """Arguments of one opcheck run; ``test_utils`` narrows the checks (None: all of them)."""
+
+    args: tuple
+    test_utils: tuple[str, ...] | None = None
+
+
+class Op:
+    """A registered op: call it like the op. ``op`` is the ``torch.ops`` overload, ``impl`` the implementation,
+    ``samples(device)`` yields the ``Sample``s that the opcheck test runs."""
+
+    def __init__(self, name: str, impl: Callable, op: Any, autograd: type | None, samples: Callable | None):
+        self.name, self.impl, self.op, self.autograd, self.samples = name, impl, op, autograd, samples
+
+    def __call__(self, *args: Any) -> Any:
+        if not _plain_eager(args):
+            return self.op(*args)
+        if self.autograd is not None and torch.is_grad_enabled() and _any_requires_grad(args):
+            return self.autograd.apply(*args)
+        return self.impl(*args)
+
+
+OPS: dict[str, Op] = {}
+
+
+def _plain_eager(args: tuple) -> bool:
+    """True when nothing traces this call: not torch.compile, no dispatch mode (make_fx, fake tensors,
+    functionalization, opcheck's AOT tracing) and only plain tensors."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _any_requires_grad(args: tuple) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def define_op(
@@ -19,16 +67,26 @@ def define_op(
     backward: Callable | None = None,
     setup_context: Callable | None = None,
     mutates_args: tuple[str, ...] = (),
-) -> Callable[[Callable], Any]:
-    """Decorator: register ``fn`` as ``torch.ops.r1k.<name>`` with its fake (meta) kernel and, when
-    given, its backward. The decorated function's type hints define the op's schema."""
+    samples: Callable[[str], Iterable[Sample]] | None = None,
+) -> Callable[[Callable], Op]:
+    """Decorator: register ``fn`` as ``torch.ops.r1k.<name>`` with its fake (meta) kernel and, when given, its
+    backward (``setup_context(ctx, inputs, output)`` / ``backward(ctx, *grads)``, torch.library's convention).
+    The decorated function's type hints define the op's schema; it must validate its own inputs."""
 
-    def wrap(fn: Callable) -> Any:
+    def wrap(fn: Callable) -> Op:
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(fn)
         op.register_fake(fake)
+        autograd = None
         if backward is not None:
             op.register_autograd(backward, setup_context=setup_context)
-        OPS[name] = op
-        return op
+            autograd = type(
+                f"{name}_eager_autograd",
+                (torch.autograd.Function,),
+                {"forward": staticmethod(fn), "setup_context": staticmethod(setup_context),
+                 "backward": staticmethod(backward)},
+            )  # fmt: skip
+        handle = Op(name, fn, op, autograd, samples)
+        OPS[name] = handle
+        return handle
 
     return wrap

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from collections.abc import Iterator
 
@@ -50,6 +51,22 @@ def device_arch(device: torch.device) -> int | None:
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+H100_SMS = 132
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, for grid sizing; CPU tensors (Triton's interpreter) take
+    an H100's 132, so the tests exercise the choices an H100 makes."""
+    if device.type != "cuda":
+        return H100_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def interpreter_enabled() -> bool:

@@ -6,8 +6,9 @@ without a GPU and read the result like a profiler.
 For each kernel and arch it reports registers, stack / local memory (spills), shared memory, the MMA
 instructions in the SASS, 16-byte global accesses and TMA (bulk tensor) copies. ``check(row)`` lists
 the problems that fail the test suite: any local memory or stack, shared memory over the chip limit,
-a matrix kernel without wgmma on sm_90a. ``--cuda`` adds the CUDA C++ kernels of csrc/ (sm_80, sm_90a),
-built with the ptxas flags of the real build, where spills and local memory are errors.
+a matrix kernel without wgmma on sm_90a, a 32-bit product of an index and a stride (``ttir_checks``).
+``--cuda`` adds the CUDA C++ kernels of csrc/ (sm_80, sm_90a), built with the ptxas flags of the real
+build, where spills and local memory are errors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1kernels.compile_registry import ARCH_NAMES, ARCHS, SHARED_LIMIT, KernelVariant, all_variants
+from r1kernels.ttir_checks import int32_index_products
 
 
 @dataclass
@@ -41,6 +43,7 @@ class CompileRow:
     vec16_global: int
     tma: int
     cp_async: int = 0
+    i32_index_products: int = 0  # 32-bit (index x runtime integer) products in the TTIR: offsets that wrap
     error: str = ""
 
 
@@ -111,6 +114,7 @@ def analyse(v: KernelVariant, arch: int) -> CompileRow:
         + len(re.findall(r"\b(?:ld|st)\.global(?:\.[a-z0-9:]+)*\.v2\.(?:b64|u64|f64)", ptx)),
         tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx)),
+        i32_index_products=len(int32_index_products(compiled.asm["ttir"])),
     )
 
 
@@ -173,6 +177,8 @@ def check(row: CompileRow) -> list[str]:
         problems.append(
             f"shared memory {row.shared} B over the {ARCH_NAMES[row.arch]} limit {SHARED_LIMIT[row.arch]} B"
         )
+    if row.i32_index_products:
+        problems.append(f"{row.i32_index_products} int32 index x stride products (offsets wrap past 2**31)")
     if row.registers > 255:
         problems.append(f"{row.registers} registers per thread")
     if row.kind == "matrix" and row.arch == 90 and (row.wgmma_ptx == 0 or "GMMA" not in row.mma):

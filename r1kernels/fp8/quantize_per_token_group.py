@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from r1kernels._ops import define_op
+from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.tiles import SCALE_LAYOUTS, quantize_outputs, quantize_tiles, validate_quantize_input
 
 _OP = "quantize_fp8_per_token_group"
@@ -15,7 +15,13 @@ def _fake(x: torch.Tensor, group_size: int, ue8m0: bool, m_major_scales: bool):
     return quantize_outputs(x, 1, group_size, m_major_scales)
 
 
-@define_op(_OP, fake=_fake)
+def _samples(device: str):
+    x = torch.randn(9, 300, device=device).to(torch.bfloat16)
+    yield Sample((x, 128, False, False))
+    yield Sample((x, 64, True, True))
+
+
+@define_op(_OP, fake=_fake, samples=_samples)
 def _quantize_per_token_group_op(
     x: torch.Tensor, group_size: int, ue8m0: bool, m_major_scales: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,5 +53,4 @@ def quantize_per_token_group(
     """
     if scale_layout not in SCALE_LAYOUTS:
         raise ValueError(f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
-    validate_quantize_input("x", x, group_size, "group_size")  # before torch.library's own schema checks
     return _quantize_per_token_group_op(x, group_size, ue8m0, scale_layout == "m_major")

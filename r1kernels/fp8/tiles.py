@@ -9,7 +9,10 @@ import torch
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_power_of_two, check_tensor
 from r1kernels._ext import ext, has_cuda_kernels
-from r1kernels.fp8 import kernels
+from r1kernels._launch import cuda_stream, device_guard, launch
+from r1kernels.fp8.kernels import dequantize_tiles as dequantize_kernel
+from r1kernels.fp8.kernels import quantize_tiles as quantize_kernel
+from r1kernels.fp8.kernels.e4m3 import hw_fp8_convert
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEQUANT_OUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -23,13 +26,13 @@ def tma_aligned_rows(m: int) -> int:
     return cdiv(m, 4) * 4
 
 
-def validate_quantize_input(name: str, x: torch.Tensor, tile: int, tile_arg: str) -> None:
+def validate_quantize_input(name: str, x: torch.Tensor, tile: int, tile_arg: str, max_tile: int = 1024) -> None:
     check_tensor(name, x, dtypes=INPUT_DTYPES, ndim=2)
     if x.shape[1] > 1 and x.stride(1) != 1:
         raise ValueError(
             f"{name} must have unit stride in its last dimension (got strides {x.stride()}); call .contiguous() first"
         )
-    check_power_of_two(tile_arg, tile, minimum=16, maximum=1024)
+    check_power_of_two(tile_arg, tile, minimum=16, maximum=max_tile)
 
 
 def quantize_outputs(x: torch.Tensor, tile_m: int, tile_k: int, m_major: bool):
@@ -68,41 +71,28 @@ def quantize_tiles(x: torch.Tensor, tile_m: int, tile_k: int, ue8m0: bool, m_maj
             ue8m0,
         )
     elif where == "cuda":
-        ext().quantize_fp8_groups_cuda(
-            x.data_ptr(),
-            _CPP_DTYPE[x.dtype],
-            M,
-            K,
-            row_stride,
-            tile_k,
-            q.data_ptr(),
-            scales.data_ptr(),
-            scales.stride(0),
-            scales.stride(1),
-            ue8m0,
-            torch.cuda.current_stream(x.device).cuda_stream,
-        )
+        with device_guard(x.device):
+            ext().quantize_fp8_groups_cuda(
+                x.data_ptr(),
+                _CPP_DTYPE[x.dtype],
+                M,
+                K,
+                row_stride,
+                tile_k,
+                q.data_ptr(),
+                scales.data_ptr(),
+                scales.stride(0),
+                scales.stride(1),
+                ue8m0,
+                cuda_stream(x.device),
+            )
     else:
-        share = tile_m > 1
-        cfg = kernels.quantize_config(tile_m, tile_k, share)
-        hw = kernels.hw_fp8_convert(backend.device_arch(x.device))
+        cfg = quantize_kernel.config(tile_m, tile_k)
+        hw = hw_fp8_convert(backend.device_arch(x.device))
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(K, tile_k))
-        kernels.quantize_tiles_kernel[grid](
-            x,
-            q if hw else q.view(torch.uint8),
-            scales,
-            M,
-            K,
-            row_stride,
-            scales.stride(0),
-            scales.stride(1),
-            BLOCK_M=cfg["BLOCK_M"],
-            TILE_K=tile_k,
-            ROWS_SHARE_SCALE=share,
-            POW2=ue8m0,
-            HW_CVT=hw,
-            num_warps=cfg["num_warps"],
-        )
+        args = (x, q if hw else q.view(torch.uint8), scales, M, K, row_stride, scales.stride(0), scales.stride(1))
+        launch(quantize_kernel.quantize_tiles_kernel, grid, args, cfg, x.device,
+               TILE_K=tile_k, ROWS_SHARE_SCALE=tile_m > 1, POW2=ue8m0, HW_CVT=hw)  # fmt: skip
     return q, scales
 
 
@@ -146,22 +136,10 @@ def dequantize_tiles(
             _CPP_DTYPE[out_dtype],
         )
     else:
-        cfg = kernels.dequantize_config(tile_m, tile_k)
-        hw = kernels.hw_fp8_convert(backend.device_arch(q.device))
+        cfg = dequantize_kernel.config(tile_k)
+        hw = hw_fp8_convert(backend.device_arch(q.device))
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"]))
-        kernels.dequantize_tiles_kernel[grid](
-            q if hw else q.view(torch.uint8),
-            scales,
-            out,
-            M,
-            K,
-            scales.stride(0),
-            scales.stride(1),
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_K=cfg["BLOCK_K"],
-            TILE_M=tile_m,
-            TILE_K=tile_k,
-            HW_CVT=hw,
-            num_warps=cfg["num_warps"],
-        )
+        args = (q if hw else q.view(torch.uint8), scales, out, M, K, scales.stride(0), scales.stride(1))
+        launch(dequantize_kernel.dequantize_tiles_kernel, grid, args, cfg, q.device,
+               TILE_M=tile_m, TILE_K=tile_k, HW_CVT=hw)  # fmt: skip
     return out

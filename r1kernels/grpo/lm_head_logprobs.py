@@ -16,8 +16,11 @@ import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_same_device, check_tensor
-from r1kernels._ops import define_op
-from r1kernels.grpo import kernels, lm_head_cpu
+from r1kernels._launch import launch
+from r1kernels._ops import Sample, define_op
+from r1kernels.grpo import lm_head_cpu
+from r1kernels.grpo.kernels import logprob_fwd, logprob_grad_logits, matmul
+from r1kernels.grpo.kernels.logits_tile import dot_precision
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Bytes of the backward's [rows, V] gradient scratch on the GPU (the CPU path bounds its own blocks).
@@ -53,57 +56,61 @@ def validate(hidden, weight, bias, token_ids, temperature) -> None:
 
 
 def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
-    """Ids outside [0, V) would read past the weight; checked on the host (one sync) before any launch."""
-    if token_ids.numel():
-        lo, hi = int(token_ids.min()), int(token_ids.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in [{lo}, {hi}]")
+    """Ids outside [0, V) would read past the weight. On the CPU a host check raises a clear error; on a GPU
+    the check runs on the device (``torch._assert_async``): no host synchronisation, so the op stays
+    capturable in a CUDA graph, and a bad id still stops the program instead of reading garbage."""
+    if not token_ids.numel():
+        return
+    if token_ids.device.type != "cpu":
+        torch._assert_async(((token_ids >= 0) & (token_ids < vocab)).all(), "token_ids must lie in [0, V)")
+        return
+    lo, hi = int(token_ids.min()), int(token_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in [{lo}, {hi}]")
 
 
 # ---- forward ----------------------------------------------------------------------------------------
 
 
 def _precision(t: torch.Tensor) -> str:
-    return kernels.dot_precision(t.element_size(), torch.get_float32_matmul_precision() != "highest")
+    return dot_precision(t.element_size(), torch.get_float32_matmul_precision() != "highest")
 
 
-def _forward_triton(hidden, weight, bias, token_ids, temperature, with_entropy):
+def _forward_triton(hidden, weight, bias, token_ids, temperature, return_entropy):
     N, H = hidden.shape
     V = weight.shape[0]
     arch, precision = backend.device_arch(hidden.device), _precision(hidden)
-    cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=True, precision=precision)
-    n_chunks = cdiv(V, kernels.V_CHUNK)
+    cfg = logprob_fwd.config(hidden.element_size(), arch, precision)
+    v_chunk = logprob_fwd.vocab_chunk(N, V, backend.sm_count(hidden.device), cfg)
+    n_chunks = cdiv(V, v_chunk)
     part = _alloc.empty((4, n_chunks, N), torch.float32, hidden.device)
     grid = (cdiv(N, cfg["BLOCK_N"]) * n_chunks,)
-    kernels.logprob_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, token_ids, part,
-        N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, kernels.V_CHUNK,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], PRECISION=precision,
-        num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    args = (hidden, weight, bias if bias is not None else weight, token_ids, part,
+            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, v_chunk)  # fmt: skip
+    launch(logprob_fwd.logprob_fwd_kernel, grid, args, cfg, hidden.device,
+           HAS_BIAS=bias is not None, WITH_ENTROPY=return_entropy, PRECISION=precision)  # fmt: skip
     m, s, zy, t = part.unbind(0)
     m_all = m.amax(dim=0)
     scale = torch.exp(m - m_all)
     s_all = (s * scale).sum(dim=0)
     lse = m_all + torch.log(s_all)
     logp = zy.sum(dim=0) - lse
-    if with_entropy:  # each chunk's t is relative to its own max: move it to the global max first
+    if return_entropy:  # each chunk's t is relative to its own max: move it to the global max first
         entropy = torch.log(s_all) - ((t + (m - m_all) * s) * scale).sum(dim=0) / s_all
     else:
         entropy = torch.zeros_like(lse)
     return logp, lse, entropy
 
 
-def logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy, op="token_logprob_stats"):
+def logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy, op="token_logprob_stats"):
     N = hidden.shape[0]
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
     check_token_range(token_ids, weight.shape[0])
     if backend.resolve(hidden.device, op) == "cpu":
-        return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, with_entropy)
-    return _forward_triton(hidden, weight, bias, token_ids.long(), temperature, with_entropy)
+        return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, return_entropy)
+    return _forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
 
 
 # ---- backward ---------------------------------------------------------------------------------------
@@ -126,19 +133,16 @@ def _matmul(a, b, c, accumulate: bool, cfg, precision: str) -> None:
     M, K = a.shape
     Nc = b.shape[1]
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(Nc, cfg["BLOCK_N"]),)
-    kernels.matmul_kernel[grid](
-        a, b, c, M, Nc, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-        ACCUMULATE=accumulate, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], PRECISION=precision, num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    args = (a, b, c, M, Nc, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0))
+    launch(matmul.matmul_kernel, grid, args, cfg, a.device, ACCUMULATE=accumulate, PRECISION=precision)
 
 
 def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
     N, H = hidden.shape
     V = weight.shape[0]
     arch, precision = backend.device_arch(hidden.device), _precision(hidden)
-    cfg = kernels.logits_tile_config(hidden.element_size(), arch, forward=False, precision=precision)
-    mm = kernels.matmul_config(hidden.element_size(), arch)
+    cfg = logprob_grad_logits.config(hidden.element_size(), arch, precision)
+    mm = matmul.config(hidden.element_size(), arch, precision)
     rows, cols = grad_blocks(N, V, hidden.element_size(), cfg["BLOCK_N"], cfg["BLOCK_V"])
     hidden_accumulates = cols < V  # blocks split the vocab: d hidden sums over them, in fp32
     dev = hidden.device
@@ -158,14 +162,12 @@ def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, l
         for v0 in range(0, V, cols):
             v1 = min(V, v0 + cols)
             w, g = weight[v0:v1], gz[: r1 - r0, : v1 - v0]
-            grid = (cdiv(r1 - r0, cfg["BLOCK_N"]), cdiv(v1 - v0, cfg["BLOCK_V"]))
-            kernels.logprob_grad_logits_kernel[grid](
-                h, w, bias[v0:v1] if bias is not None else w, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1],
-                ge[r0:r1], ent[r0:r1], g, r1 - r0, v1 - v0, H, hidden.stride(0), weight.stride(0), cols, v0,
-                1.0 / temperature, HAS_BIAS=bias is not None, ENTROPY_GRAD=with_eg, BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], PRECISION=precision,
-                num_warps=cfg["num_warps"],
-            )  # fmt: skip
+            grid = (cdiv(r1 - r0, cfg["BLOCK_N"]) * cdiv(v1 - v0, cfg["BLOCK_V"]),)
+            args = (h, w, bias[v0:v1] if bias is not None else w, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1],
+                    ge[r0:r1], ent[r0:r1], g, r1 - r0, v1 - v0, H, hidden.stride(0), weight.stride(0), cols, v0,
+                    1.0 / temperature)  # fmt: skip
+            launch(logprob_grad_logits.logprob_grad_logits_kernel, grid, args, cfg, dev,
+                   HAS_BIAS=bias is not None, ENTROPY_GRAD=with_eg, PRECISION=precision)  # fmt: skip
             _matmul(g, w, d_hidden[r0:r1], hidden_accumulates, mm, precision)  # d hidden (+)= G @ W
             _matmul(g.T, h, d_weight[v0:v1], rows < N, mm, precision)  # d weight (+)= G^T @ H
             if d_bias32 is not None:
@@ -192,7 +194,17 @@ def _fake_backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse
     return torch.empty_like(hidden), torch.empty_like(weight), d_bias
 
 
-@define_op("token_logprob_stats_backward", fake=_fake_backward)
+def _backward_samples(device: str):
+    for sample in _samples(device):
+        hidden, weight, bias, ids, temperature, _ = (t.detach() if isinstance(t, torch.Tensor) else t
+                                                     for t in sample.args)  # fmt: skip
+        _, lse, entropy = logprob_stats(hidden, weight, bias, ids, temperature, True)
+        g = torch.randn_like(lse)
+        yield Sample((g, None, hidden, weight, bias, ids, lse, entropy, temperature))
+        yield Sample((g, torch.randn_like(lse), hidden, weight, bias, ids, lse, entropy, temperature))
+
+
+@define_op("token_logprob_stats_backward", fake=_fake_backward, samples=_backward_samples)
 def _stats_backward_op(
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor | None,
@@ -211,12 +223,12 @@ def _stats_backward_op(
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, token_ids, temperature, with_entropy = inputs
+    hidden, weight, bias, token_ids, temperature, return_entropy = inputs
     _, lse, entropy = output
     ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
     ctx.temperature = temperature
     ctx.mark_non_differentiable(lse)
-    if not with_entropy:
+    if not return_entropy:
         ctx.mark_non_differentiable(entropy)  # zeros, not an entropy
 
 
@@ -230,23 +242,33 @@ def _backward(ctx, grad_logp, _grad_lse, grad_entropy):
     return dh, dw, (db if bias is not None else None), None, None, None
 
 
-def _fake_forward(hidden, weight, bias, token_ids, temperature, with_entropy):
+def _fake_forward(hidden, weight, bias, token_ids, temperature, return_entropy):
     validate(hidden, weight, bias, token_ids, temperature)
     n = hidden.shape[0]
     return tuple(hidden.new_empty((n,), dtype=torch.float32) for _ in range(3))
 
 
-@define_op("token_logprob_stats", fake=_fake_forward, backward=_backward, setup_context=_setup_context)
+def _samples(device: str):
+    hidden = torch.randn(9, 16, device=device)
+    weight = torch.randn(40, 16, device=device) * 0.5
+    bias, ids = torch.randn(40, device=device), torch.randint(0, 40, (9,), device=device)
+    yield Sample((hidden, weight, bias, ids, 0.9, True))
+    yield Sample((hidden.clone().requires_grad_(), weight.clone().requires_grad_(), None, ids.int(), 1.0, False))
+
+
+@define_op(
+    "token_logprob_stats", fake=_fake_forward, backward=_backward, setup_context=_setup_context, samples=_samples
+)
 def _stats_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     token_ids: torch.Tensor,
     temperature: float,
-    with_entropy: bool,
+    return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     validate(hidden, weight, bias, token_ids, temperature)
-    return logprob_stats(hidden, weight, bias, token_ids, temperature, with_entropy)
+    return logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy)
 
 
 def token_logprob_stats(
@@ -256,7 +278,7 @@ def token_logprob_stats(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    with_entropy: bool = False,
+    return_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable fused LM head + log-softmax gather.
 
@@ -266,16 +288,15 @@ def token_logprob_stats(
         token_ids: ``[N]`` int64 / int32, every id in ``[0, V)``.
         bias: optional ``[V]``, same dtype.
         temperature: logits are divided by it before the softmax (a runtime value: no recompile).
-        with_entropy: also compute the entropy of each row's distribution (one extra FMA per logit).
+        return_entropy: also compute the entropy of each row's distribution (one extra FMA per logit).
 
     Returns:
-        ``(logp [N] fp32, lse [N] fp32, entropy [N] fp32)``. ``logp`` and (with ``with_entropy``) ``entropy``
+        ``(logp [N] fp32, lse [N] fp32, entropy [N] fp32)``. ``logp`` and (with ``return_entropy``) ``entropy``
         are differentiable w.r.t. hidden, weight and bias, both through the same fused backward (so an
         entropy bonus costs no extra pass); ``lse`` has no gradient; ``entropy`` is zeros without
-        ``with_entropy``.
+        ``return_entropy``.
     """
-    validate(hidden, weight, bias, token_ids, temperature)
-    return _stats_op(hidden, weight, bias, token_ids, float(temperature), with_entropy)
+    return _stats_op(hidden, weight, bias, token_ids, temperature, return_entropy)
 
 
 @torch.no_grad()
@@ -304,6 +325,6 @@ def token_logprobs(
         )
     logp, _, entropy = token_logprob_stats(
         hidden.reshape(-1, hidden.shape[-1]), weight, token_ids.reshape(-1),
-        bias=bias, temperature=temperature, with_entropy=return_entropy,
+        bias=bias, temperature=temperature, return_entropy=return_entropy,
     )  # fmt: skip
     return (logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)

@@ -49,15 +49,27 @@ def _layout(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[_Seg
         check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32, torch.int64), ndim=1)
         N = hidden.shape[0]
         cu = cu_seqlens.long()
-        # one host sync: bad offsets would silently mix sequences
-        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != N or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing offsets from 0 to N = {N} (B + 1 values), got {cu.tolist()[:8]}"
-            )
+        if cu.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+        _check_offsets(cu, N)
         seg, token_shape = _Segments(cu.numel() - 1, None, cu, N), (N,)
     if seg.B <= 0 or seg.N == 0:
         raise ValueError(f"empty batch: hidden has shape {tuple(hidden.shape)}")
     return seg, token_shape
+
+
+def _check_offsets(cu: torch.Tensor, N: int) -> None:
+    """Bad offsets would silently mix sequences. CPU tensors in eager mode: a host check with a clear error.
+    CUDA tensors and torch.compile: a device-side assert, so there is no host synchronisation (CUDA graphs,
+    ``fullgraph=True`` on packed input)."""
+    ok = (cu[0] == 0) & (cu[-1] == N) & (cu[1:] >= cu[:-1]).all()
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing offsets from 0 to N = {N} (B + 1 values), got {cu.tolist()[:8]}"
+            )
+        return
+    torch._assert_async(ok, "cu_seqlens must be non-decreasing offsets from 0 to N (B + 1 values)")
 
 
 def _per_token(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -178,7 +190,7 @@ def grpo_loss(
 
     logp, _, entropy = token_logprob_stats(
         hidden.reshape(-1, H), weight, ids, bias=bias, temperature=temperature,
-        with_entropy=return_entropy or entropy_coef != 0.0,
+        return_entropy=return_entropy or entropy_coef != 0.0,
     )  # fmt: skip
     c = log_ratio_clamp
     log_ratio = torch.clamp(logp - (logp.detach() if old is None else old.float()), -c, c)

@@ -1,0 +1,63 @@
+"""What the GRPO kernels share: the recompute of one logits tile, ``expm1`` and the fp32 dot policy."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# (Triton type, bytes per element, dot precision) of the registered variants: fp32 twice, for torch's two
+# fp32 matmul policies.
+DTYPE_CASES = (("bf16", 2, "tf32"), ("fp16", 2, "tf32"), ("fp32", 4, "tf32"), ("fp32", 4, "ieee"))
+
+
+def dot_precision(dtype_bytes: int, allow_tf32: bool) -> str:
+    """fp32 inputs follow torch's matmul policy: TF32 tensor cores only when torch allows them
+    (``torch.set_float32_matmul_precision("high")``), otherwise full-precision FMA ("ieee"). 16-bit inputs
+    always run on tensor cores (the setting does not apply to them)."""
+    return "tf32" if dtype_bytes < 4 or allow_tf32 else "ieee"
+
+
+def case_tag(tl_type: str, dtype_bytes: int, precision: str) -> tuple[str, str]:
+    """(variant name tag, registry kind) of a dtype case: full-fp32 dots run on the FMA units by request."""
+    tag = tl_type if dtype_bytes < 4 else f"{tl_type},{precision}"
+    return tag, "matrix" if precision == "tf32" else "fma"
+
+
+@triton.jit
+def logits_tile(
+    h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """z[BLOCK_N, BLOCK_V] = (hidden[rows] @ weight[cols].T + bias[cols]) / T in fp32; -inf past V."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    k = tl.arange(0, BLOCK_H)
+    for h0 in tl.range(0, H, BLOCK_H):  # pipelined to the launch's num_stages
+        kh = h0 + k
+        a = tl.load(h_ptr + rows[:, None] * stride_h + kh[None, :], mask=(rows[:, None] < N) & (kh[None, :] < H),
+                    other=0.0)  # fmt: skip
+        b = tl.load(w_ptr + cols[:, None] * stride_w + kh[None, :], mask=(cols[:, None] < V) & (kh[None, :] < H),
+                    other=0.0)  # fmt: skip
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    z = acc * inv_t
+    return tl.where(cols[None, :] < V, z, float("-inf"))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1 without cancellation near 0 (a cubic Taylor term below |x| = 1e-2, relative error < 1e-8)."""
+    small = x * (1.0 + x * (0.5 + x * (1.0 / 6.0)))
+    return tl.where(tl.abs(x) < 1e-2, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """(row, col) of program ``pid`` in a grouped order: consecutive programs sweep GROUP row blocks, then the
+    next column, so the programs resident at once share GROUP row operands and ~waves/GROUP column operands
+    in L2 instead of each streaming its own (the GROUP_M swizzle of a tiled matmul)."""
+    width = GROUP * n_cols
+    first = (pid // width) * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size
