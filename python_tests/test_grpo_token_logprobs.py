@@ -69,6 +69,7 @@ def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch, N, V):
     vocab (N < V: d hidden accumulates) or the tokens (N >= V: d weight accumulates)."""
     monkeypatch.setattr(logprob_fwd, "vocab_chunk", lambda *args: 192)  # the last chunk partial
     monkeypatch.setattr(tlp, "GPU_SCRATCH_BYTES", 64 * 128 * 4)  # one tile of the backward per block
+    monkeypatch.setattr(tlp, "MIN_ACCUMULATE_K", 64)
     monkeypatch.setattr(lm_head_cpu, "VOCAB_TILE", 192)  # the CPU path's vocab tiles and token chunks
     monkeypatch.setattr(lm_head_cpu, "CPU_SCRATCH_BYTES", 16 * 192 * 4)
     hidden, weight, b, ids = _inputs(N, 32, V, torch.float32, device)
@@ -195,6 +196,14 @@ def test_nan_hidden_propagates_to_its_token_only(backend, device):
     bad[7] = True
     for t in (logp, lse, entropy):
         assert torch.isnan(t.cpu()[bad]).all() and torch.isfinite(t.cpu()[~bad]).all()
+
+
+@pytest.mark.parametrize("N,V", [(16384, 152064), (200_000, 152064), (131072, 152064)])
+def test_backward_blocks_keep_the_fp32_update_compute_bound(N, V):
+    rows, cols = tlp.grad_blocks(N, V, 2, 128, 128)
+    k = cols if N < V else rows
+    assert k >= tlp.MIN_ACCUMULATE_K and (rows == N or cols == V)
+    assert rows * cols * 2 <= max(tlp.GPU_SCRATCH_BYTES, tlp.MIN_ACCUMULATE_K * max(N, V) * 2)
 
 
 @pytest.mark.parametrize("N,V,expect_chunk", [(512, 151936, None), (16384, 151936, 8192), (70, 300, 320)])

@@ -25,6 +25,8 @@ from r1kernels.grpo.kernels.logits_tile import dot_precision
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Bytes of the backward's [rows, V] gradient scratch on the GPU (the CPU path bounds its own blocks).
 GPU_SCRATCH_BYTES = 256 * 2**20
+# Smallest vocab slice / token slice of a backward block (see grad_blocks).
+MIN_ACCUMULATE_K = 2048
 
 
 # ---- validation -------------------------------------------------------------------------------------
@@ -121,12 +123,15 @@ def grad_blocks(N: int, V: int, elt: int, block_n: int, block_v: int) -> tuple[i
 
     The smaller of d hidden [N, H] and d weight [V, H] is the one accumulated in fp32 across blocks, so the
     block spans the whole of the other dimension: all tokens x a vocab slice when N < V, else a token slice
-    x the whole vocab."""
+    x the whole vocab. The slice is at least MIN_ACCUMULATE_K wide even past the scratch budget: each block
+    reads and writes the fp32 accumulator once (8 bytes per element) for 2 x slice FLOPs per element, so a
+    narrower slice makes the update memory-bound (H100: 989 TFLOP/s / 3.35 TB/s ~ 295 FLOP/byte, i.e. a
+    slice of ~1200; 768 tokens at V = 152064 under the old budget-only rule ran at ~60% of the GEMM rate)."""
     if N < V:
-        cols = max(block_v, (GPU_SCRATCH_BYTES // (N * elt)) // block_v * block_v)
-        return N, min(cols, cdiv(V, block_v) * block_v)
-    rows = max(block_n, (GPU_SCRATCH_BYTES // (V * elt)) // block_n * block_n)
-    return min(rows, cdiv(N, block_n) * block_n), V
+        cols = max(block_v, MIN_ACCUMULATE_K, (GPU_SCRATCH_BYTES // (N * elt)) // block_v * block_v)
+        return N, min(cdiv(cols, block_v) * block_v, cdiv(V, block_v) * block_v)
+    rows = max(block_n, MIN_ACCUMULATE_K, (GPU_SCRATCH_BYTES // (V * elt)) // block_n * block_n)
+    return min(cdiv(rows, block_n) * block_n, cdiv(N, block_n) * block_n), V
 
 
 def _matmul(a, b, c, accumulate: bool, cfg, precision: str) -> None:
@@ -171,7 +176,7 @@ def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, l
             _matmul(g, w, d_hidden[r0:r1], hidden_accumulates, mm, precision)  # d hidden (+)= G @ W
             _matmul(g.T, h, d_weight[v0:v1], rows < N, mm, precision)  # d weight (+)= G^T @ H
             if d_bias32 is not None:
-                d_bias32[v0:v1] += g.float().sum(dim=0)
+                d_bias32[v0:v1] += torch.sum(g, dim=0, dtype=torch.float32)  # fp32 sum, no fp32 copy of g
     d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
     return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias
 
