@@ -4,7 +4,7 @@ The extension never includes torch headers (see ARCHITECTURE.md), so the build n
 compiler, and nvcc when the CUDA kernels are wanted. Environment switches:
 
   R1K_NO_CUDA=1            skip the CUDA sources even when nvcc is found
-  R1K_CUDA_ARCHS="80;90a"  architectures to build the CUDA sources for (default "80;90a")
+  R1K_CUDA_ARCHS="90a"     architectures to build the CUDA sources for (default: csrc/cuda_build.json)
   R1K_BUILD_TYPE=Release   CMake build type
 """
 
@@ -55,7 +55,9 @@ class CMakeBuild(build_ext):
             "Ninja",
         ]
         if nvcc:
-            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DR1K_CUDA_ARCHS={os.environ.get('R1K_CUDA_ARCHS', '80;90a')}"]
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            if os.environ.get("R1K_CUDA_ARCHS"):  # else CMake's default, from csrc/cuda_build.json
+                args.append(f"-DR1K_CUDA_ARCHS={os.environ['R1K_CUDA_ARCHS']}")
         print(f"r1kernels build: CUDA sources {'ON with ' + nvcc if nvcc else 'OFF'}", flush=True)
         try:
             subprocess.run([cmake, str(ROOT), *args], cwd=build_dir, check=True)

@@ -86,6 +86,27 @@ def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch, N, V):
         assert _rel(g, r) < FP32_GRAD_TOL
 
 
+@pytest.mark.parametrize("small_logits", [0, 1 << 20], ids=["blocked", "one-shot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_one_shot_and_blocked_paths(monkeypatch, small_logits, dtype):
+    """The CPU path's decode-sized one-shot form and its blocked form, each against the reference."""
+    monkeypatch.setattr(lm_head_cpu, "SMALL_LOGITS", small_logits)
+    hidden, weight, b, ids = _inputs(37, 48, 300, dtype, "cpu")
+    grad_out, grad_ent = torch.randn(37), torch.randn(37)
+    params = [t.requires_grad_() for t in (hidden, weight, b)]
+    with r1kernels.use_backend("cpu"):
+        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, temperature=0.7, return_entropy=True)
+        grads = torch.autograd.grad((logp * grad_out + entropy * grad_ent).sum(), params)
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    r_logp, r_entropy = ref.token_logprobs(leaves[0], leaves[1], ids, leaves[2], 0.7)
+    r_grads = torch.autograd.grad((r_logp * grad_out.double() + r_entropy * grad_ent.double()).sum(), leaves)
+    assert torch.allclose(logp.double(), r_logp.detach(), atol=2e-5, rtol=0)
+    assert torch.allclose(entropy.double(), r_entropy.detach(), atol=2e-5, rtol=0)
+    tol = FP32_GRAD_TOL if dtype == torch.float32 else BF16_GRAD_TOL
+    for name, g, r in zip(("d hidden", "d weight", "d bias"), grads, r_grads, strict=True):
+        assert _rel(g, r) < tol, f"{name}: rel. error {_rel(g, r):.2e}"
+
+
 @pytest.mark.parametrize("backend,device", backends_for())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_logp", [True, False], ids=["logp+entropy", "entropy-only"])

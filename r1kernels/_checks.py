@@ -39,12 +39,11 @@ def check_power_of_two(name: str, value: int, *, minimum: int = 1, maximum: int 
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    for name, dev in devices.items():
-        if dev != first:
-            listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-            raise ValueError(f"all inputs must be on one device; got {listing} ({name} differs)")
+    first = next(iter(tensors.values())).device
+    for t in tensors.values():
+        if t.device != first:
+            listing = ", ".join(f"{n} on {x.device}" for n, x in tensors.items())
+            raise ValueError(f"all inputs must be on one device; got {listing}")
     return first
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+import torch
+
 
 @functools.cache
 def ext() -> ModuleType:
@@ -25,3 +27,12 @@ def has_cuda_kernels() -> bool:
         return bool(ext().with_cuda)
     except ImportError:
         return False
+
+
+@functools.cache
+def cpp_dtype(dtype: torch.dtype):
+    """The extension's ``DType`` member for a torch dtype (float32, float16, bfloat16)."""
+    member = getattr(ext().DType, str(dtype).removeprefix("torch."), None)
+    if member is None:
+        raise TypeError(f"the C++ kernels take float32, float16 or bfloat16 tensors, got {dtype}")
+    return member

@@ -119,9 +119,18 @@ def analyse(v: KernelVariant, arch: int) -> CompileRow:
 
 
 # The CUDA C++ sources, built as CMakeLists.txt builds them (ptxas warnings on spills / local memory are errors).
-CUDA_ARCHS = {80: "sm_80", 90: "sm_90a"}
-PTXAS_FLAGS = "-Xptxas=-v,-warn-spills,-warn-lmem-usage,-Werror"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def cuda_build_settings() -> dict[str, str]:
+    """csrc/cuda_build.json: the arch list and ptxas flags, the one source CMakeLists.txt and setup.py read."""
+    return json.loads((CSRC / "cuda_build.json").read_text())
+
+
+_SETTINGS = cuda_build_settings()
+# {80: "sm_80", 90: "sm_90a"} from "80;90a"
+CUDA_ARCHS = {int(a.rstrip("a")): f"sm_{a}" for a in _SETTINGS["archs"].split(";")}
+PTXAS_FLAGS = f"-Xptxas={_SETTINGS['ptxas_flags']}"
 _FUNC = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 

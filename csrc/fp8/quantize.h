@@ -1,9 +1,9 @@
 #pragma once
 #include <cstdint>
 
-namespace r1k {
+#include "common/dtype.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace r1k {
 
 // A row-major [rows, cols] matrix cut into tile_rows x tile_cols tiles, one fp32 scale per tile at
 // scales[tile_r * scale_stride_r + tile_c * scale_stride_c] (strides in elements; M-major layouts

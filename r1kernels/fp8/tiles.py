@@ -4,11 +4,13 @@ these; the fake (meta) kernels call the same ``*_outputs`` allocators so shapes 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_power_of_two, check_tensor
-from r1kernels._ext import ext, has_cuda_kernels
+from r1kernels._ext import cpp_dtype, ext, has_cuda_kernels
 from r1kernels._launch import cuda_stream, device_guard, launch
 from r1kernels.fp8.kernels import dequantize_tiles as dequantize_kernel
 from r1kernels.fp8.kernels import quantize_tiles as quantize_kernel
@@ -16,7 +18,6 @@ from r1kernels.fp8.kernels.e4m3 import hw_fp8_convert
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEQUANT_OUT_DTYPES = (torch.bfloat16, torch.float32)
-_CPP_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SCALE_LAYOUTS = ("row", "m_major")
 
 
@@ -33,6 +34,19 @@ def validate_quantize_input(name: str, x: torch.Tensor, tile: int, tile_arg: str
             f"{name} must have unit stride in its last dimension (got strides {x.stride()}); call .contiguous() first"
         )
     check_power_of_two(tile_arg, tile, minimum=16, maximum=max_tile)
+
+
+def tile_geometry(x: torch.Tensor, tile_m: int, tile_k: int, scales: torch.Tensor):
+    """The C++ kernels' TileGeometry of a [M, K] matrix (unit column stride) and its scales."""
+    M, K = x.shape
+    return _geometry(M, K, x.stride(0) if M > 1 else K, tile_m, tile_k, scales.stride(0), scales.stride(1))
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(rows, cols, row_stride, tile_rows, tile_cols, scale_stride_r, scale_stride_c):
+    # cached: building the pybind11 struct costs a few microseconds, a visible share of a decode-sized call
+    return ext().TileGeometry(rows=rows, cols=cols, row_stride=row_stride, tile_rows=tile_rows, tile_cols=tile_cols,
+                              scale_stride_r=scale_stride_r, scale_stride_c=scale_stride_c)  # fmt: skip
 
 
 def quantize_outputs(x: torch.Tensor, tile_m: int, tile_k: int, m_major: bool):
@@ -56,36 +70,13 @@ def quantize_tiles(x: torch.Tensor, tile_m: int, tile_k: int, ue8m0: bool, m_maj
     where = backend.resolve(x.device, op, has_cuda_kernel=tile_m == 1 and has_cuda_kernels())
     row_stride = x.stride(0) if M > 1 else K
     if where == "cpu":
-        ext().quantize_fp8_tiles_cpu(
-            x.data_ptr(),
-            _CPP_DTYPE[x.dtype],
-            M,
-            K,
-            row_stride,
-            tile_m,
-            tile_k,
-            q.data_ptr(),
-            scales.data_ptr(),
-            scales.stride(0),
-            scales.stride(1),
-            ue8m0,
-        )
+        ext().quantize_fp8_tiles_cpu(x=x.data_ptr(), dtype=cpp_dtype(x.dtype), geometry=tile_geometry(x, tile_m, tile_k,
+                                     scales), out=q.data_ptr(), scales=scales.data_ptr(), pow2=ue8m0)  # fmt: skip
     elif where == "cuda":
         with device_guard(x.device):
-            ext().quantize_fp8_groups_cuda(
-                x.data_ptr(),
-                _CPP_DTYPE[x.dtype],
-                M,
-                K,
-                row_stride,
-                tile_k,
-                q.data_ptr(),
-                scales.data_ptr(),
-                scales.stride(0),
-                scales.stride(1),
-                ue8m0,
-                cuda_stream(x.device),
-            )
+            ext().quantize_fp8_groups_cuda(x=x.data_ptr(), dtype=cpp_dtype(x.dtype), geometry=tile_geometry(x, 1,
+                                           tile_k, scales), out=q.data_ptr(), scales=scales.data_ptr(), pow2=ue8m0,
+                                           stream=cuda_stream(x.device))  # fmt: skip
     else:
         cfg = quantize_kernel.config(tile_m, tile_k)
         hw = hw_fp8_convert(backend.device_arch(x.device))
@@ -123,18 +114,8 @@ def dequantize_tiles(
         return out
     where = backend.resolve(q.device, op)
     if where == "cpu":
-        ext().dequantize_fp8_tiles_cpu(
-            q.data_ptr(),
-            M,
-            K,
-            tile_m,
-            tile_k,
-            scales.data_ptr(),
-            scales.stride(0),
-            scales.stride(1),
-            out.data_ptr(),
-            _CPP_DTYPE[out_dtype],
-        )
+        ext().dequantize_fp8_tiles_cpu(q=q.data_ptr(), scales=scales.data_ptr(), geometry=tile_geometry(q, tile_m,
+                                       tile_k, scales), out=out.data_ptr(), out_dtype=cpp_dtype(out_dtype))  # fmt: skip
     else:
         cfg = dequantize_kernel.config(tile_k)
         hw = hw_fp8_convert(backend.device_arch(q.device))

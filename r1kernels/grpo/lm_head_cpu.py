@@ -13,6 +13,9 @@ import torch
 
 VOCAB_TILE = 2048
 CPU_SCRATCH_BYTES = 16 * 2**20  # one fp32 [rows, VOCAB_TILE] logits block
+# Problems whose whole [N, V] fp32 logits fit in this many elements (256 KiB) take a one-shot path: at decode
+# sizes the blocked loops' few dozen small torch ops cost more than the math.
+SMALL_LOGITS = 1 << 16
 
 
 def _blocks(N: int, V: int) -> tuple[int, int]:
@@ -24,10 +27,39 @@ def _blocks(N: int, V: int) -> tuple[int, int]:
 
 
 def _logits(h32, w32, b32, inv_t):
-    z = h32 @ w32.T
-    if b32 is not None:
-        z += b32
-    return z.mul_(inv_t)
+    z = h32 @ w32.T if b32 is None else torch.addmm(b32, h32, w32.T)
+    return z if inv_t == 1.0 else z.mul_(inv_t)
+
+
+def _float(t):
+    return None if t is None else t.float()
+
+
+def _forward_small(hidden, weight, bias, ids, inv_t: float, with_entropy: bool):
+    z = _logits(hidden.float(), weight.float(), _float(bias), inv_t)
+    log_p = torch.log_softmax(z, dim=1)  # one fused op; torch.logsumexp is several times slower at this size
+    logp = log_p.gather(1, ids[:, None]).squeeze(1)
+    # lse at the max logit, where |log p| <= log V: as exact as the max-shifted sum of the blocked path
+    z_max, at_max = z.max(dim=1, keepdim=True)
+    lse = z_max.sub_(log_p.gather(1, at_max)).squeeze(1)
+    if not with_entropy:
+        return logp, lse, torch.zeros_like(lse)
+    return logp, lse, (log_p.exp() * log_p).sum(dim=1).neg_()
+
+
+def _backward_small(g, ge, hidden, weight, bias, ids, entropy, inv_t: float):
+    h32, w32 = hidden.float(), weight.float()
+    log_p = torch.log_softmax(_logits(h32, w32, _float(bias), inv_t), dim=1)
+    p = log_p.exp()
+    gz = p * -g[:, None]
+    col = ids[:, None]
+    gz.scatter_(1, col, torch.expm1(log_p.gather(1, col)).mul_(-g[:, None]))  # 1 - p at the target, exactly
+    if ge is not None:
+        gz.sub_(log_p.add_(entropy[:, None]).mul_(p).mul_(ge[:, None]))
+    if inv_t != 1.0:
+        gz.mul_(inv_t)
+    d_bias = None if bias is None else gz.sum(dim=0).to(bias.dtype)
+    return (gz @ w32).to(hidden.dtype), (gz.T @ h32).to(weight.dtype), d_bias
 
 
 def _targets_in_tile(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +70,11 @@ def _targets_in_tile(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor,
 
 def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: bool):
     N, V = hidden.shape[0], weight.shape[0]
-    vt, rows = _blocks(N, V)
     inv_t = 1.0 / temperature
     ids = token_ids.long()
+    if N * V <= SMALL_LOGITS:
+        return _forward_small(hidden, weight, bias, ids, inv_t, with_entropy)
+    vt, rows = _blocks(N, V)
     m = torch.full((N,), float("-inf"))
     s, zy, t = torch.zeros(N), torch.zeros(N), torch.zeros(N)
     for v0 in range(0, V, vt):
@@ -71,11 +105,13 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)``; ``grad_entropy`` may be None."""
     N, H = hidden.shape
     V = weight.shape[0]
-    vt, rows = _blocks(N, V)
     inv_t = 1.0 / temperature
     ids = token_ids.long()
     g = grad_logp.float()
     ge = None if grad_entropy is None else grad_entropy.float()
+    if N * V <= SMALL_LOGITS:
+        return _backward_small(g, ge, hidden, weight, bias, ids, entropy, inv_t)
+    vt, rows = _blocks(N, V)
     gemm_in_bf16 = hidden.dtype == torch.bfloat16
     d_hidden32 = torch.zeros((N, H))
     d_weight = torch.empty_like(weight)

@@ -66,7 +66,7 @@ def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
     if token_ids.device.type != "cpu":
         torch._assert_async(((token_ids >= 0) & (token_ids < vocab)).all(), "token_ids must lie in [0, V)")
         return
-    lo, hi = int(token_ids.min()), int(token_ids.max())
+    lo, hi = (int(t) for t in torch.aminmax(token_ids))
     if lo < 0 or hi >= vocab:
         raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in [{lo}, {hi}]")
 

@@ -1,0 +1,111 @@
+"""Host-side overhead of each public op on tiny (decode-sized) CPU inputs.
+
+Per op, microseconds per call (median of repeated timing loops), against the cost of a two-op torch
+expression (``x.abs().amax()`` on the same tiny tensor) in the same process:
+
+- ``public``: the public function (validation once, backend choice, eager call of the implementation);
+- ``torch.ops``: the registered op through torch.library's dispatcher (what torch.compile graphs call);
+- ``bare``: the kernel alone (the C++ / CPU-path function on pre-allocated outputs), no validation;
+- ``public / expr``: the target is at most 5x (ratios from alternating timing rounds, robust to noise).
+
+    python benchmarks/bench_dispatch.py [--reps 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import write_table
+
+import r1kernels
+from r1kernels._ext import cpp_dtype, ext
+from r1kernels._ops import OPS
+from r1kernels.fp8.tiles import tile_geometry
+from r1kernels.grpo import lm_head_cpu
+
+
+def _loop_us(fn, reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def per_call_us(fn, baseline, reps: int, rounds: int = 11) -> tuple[float, float]:
+    """(median us per call of ``fn``, median ratio to ``baseline``), the two timed in alternating rounds so
+    that a noisy neighbour or a frequency change shifts both alike."""
+    fn(), baseline()
+    times, ratios = [], []
+    for _ in range(rounds):
+        base = _loop_us(baseline, reps)
+        t = _loop_us(fn, reps)
+        times.append(t)
+        ratios.append(t / base)
+    return statistics.median(times), statistics.median(ratios)
+
+
+def cases():
+    """(op, public call, torch.ops call, bare kernel call) on tiny inputs."""
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    q, s = r1kernels.fp8.quantize_per_token_group(x)
+    w = torch.randn(16, 128)
+    wq, ws = r1kernels.fp8.quantize_per_block(w)
+    q_out, s_out = torch.empty_like(q), torch.empty_like(s)
+    d_out = torch.empty(1, 128, dtype=torch.bfloat16)
+    ops = torch.ops.r1k
+
+    def bare_quant():
+        ext().quantize_fp8_tiles_cpu(x=x.data_ptr(), dtype=cpp_dtype(x.dtype), geometry=tile_geometry(x, 1, 128, s_out),
+                                     out=q_out.data_ptr(), scales=s_out.data_ptr(), pow2=False)  # fmt: skip
+
+    def bare_dequant():
+        ext().dequantize_fp8_tiles_cpu(q=q.data_ptr(), scales=s.data_ptr(), geometry=tile_geometry(q, 1, 128, s),
+                                       out=d_out.data_ptr(), out_dtype=cpp_dtype(d_out.dtype))  # fmt: skip
+
+    h, lm, ids = torch.randn(1, 64), torch.randn(128, 64), torch.randint(0, 128, (1,))
+    _, lse, ent = r1kernels.grpo.token_logprob_stats(h, lm, ids, return_entropy=True)
+    g = torch.randn(1)
+    yield ("quantize_fp8_per_token_group", lambda: r1kernels.fp8.quantize_per_token_group(x),
+           lambda: ops.quantize_fp8_per_token_group(x, 128, False, False), bare_quant)  # fmt: skip
+    yield ("quantize_fp8_per_block", lambda: r1kernels.fp8.quantize_per_block(w),
+           lambda: ops.quantize_fp8_per_block(w, 128, False), None)  # fmt: skip
+    yield ("dequantize_fp8_per_token_group", lambda: r1kernels.fp8.dequantize_per_token_group(q, s),
+           lambda: ops.dequantize_fp8_per_token_group(q, s, 128, torch.bfloat16), bare_dequant)  # fmt: skip
+    yield ("dequantize_fp8_per_block", lambda: r1kernels.fp8.dequantize_per_block(wq, ws),
+           lambda: ops.dequantize_fp8_per_block(wq, ws, 128, torch.bfloat16), None)  # fmt: skip
+    yield ("token_logprob_stats", lambda: r1kernels.grpo.token_logprob_stats(h, lm, ids),
+           lambda: ops.token_logprob_stats(h, lm, None, ids, 1.0, False),
+           lambda: lm_head_cpu.forward(h, lm, None, ids, 1.0, False))  # fmt: skip
+    yield ("token_logprob_stats_backward", lambda: OPS["token_logprob_stats_backward"](g, None, h, lm, None, ids, lse,
+           ent, 1.0), lambda: ops.token_logprob_stats_backward(g, None, h, lm, None, ids, lse, ent, 1.0),
+           lambda: lm_head_cpu.backward(g, None, h, lm, None, ids, lse, ent, 1.0))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=2000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny inputs: thread start-up would dominate and vary
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+
+    def expr():
+        return x.abs().amax()
+
+    expr_us, _ = per_call_us(expr, expr, args.reps)
+    rows = []
+    for name, public, dispatched, bare in cases():
+        assert name in OPS
+        pub, pub_ratio = per_call_us(public, expr, args.reps)
+        disp, disp_ratio = per_call_us(dispatched, expr, args.reps)
+        b = per_call_us(bare, expr, args.reps)[0] if bare is not None else float("nan")
+        rows.append([name, round(pub, 1), round(disp, 1), round(b, 1), round(pub_ratio, 2), round(disp_ratio, 2)])
+    print(f"x.abs().amax() on [1, 128] bf16: {expr_us:.1f} us per call")
+    write_table("dispatch_cpu", ["op", "public us", "torch.ops us", "bare us", "public / expr", "torch.ops / expr"],
+                rows)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
