@@ -85,4 +85,6 @@ def write_table(name: str, header: list[str], rows: list[list[object]]) -> str:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"CPU ({torch.get_num_threads()} threads)"
+    from r1kernels.cpu_caps import bf16_gemm_path
+
+    return f"CPU ({torch.get_num_threads()} threads; {bf16_gemm_path()})"

@@ -3,13 +3,16 @@
 The loops run vocab tiles outermost, so each tile of the weight is converted to fp32 once and its
 ``d weight`` rows are accumulated in fp32 once; a token chunk's logits block is the only logits-shaped
 memory alive (``CPU_SCRATCH_BYTES``). Logits, log-sum-exp and log-probs are fp32 for every input dtype.
-For bf16 inputs the two gradient GEMMs run in bf16 (AMX / AVX512-BF16 where the CPU has them) on the
-bf16-rounded ``d logits``, as the GPU kernels do, and are accumulated in fp32.
+For bf16 inputs the two gradient GEMMs run in bf16 on the bf16-rounded ``d logits`` (as the GPU kernels
+do, accumulated in fp32) when the CPU has native bf16 dot products, and in fp32 otherwise, where emulated
+bf16 GEMMs are 5-30x slower (``r1kernels.cpu_caps``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from r1kernels import cpu_caps
 
 VOCAB_TILE = 2048
 CPU_SCRATCH_BYTES = 16 * 2**20  # one fp32 [rows, VOCAB_TILE] logits block
@@ -112,7 +115,7 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
     if N * V <= SMALL_LOGITS:
         return _backward_small(g, ge, hidden, weight, bias, ids, entropy, inv_t)
     vt, rows = _blocks(N, V)
-    gemm_in_bf16 = hidden.dtype == torch.bfloat16
+    gemm_in_bf16 = hidden.dtype == torch.bfloat16 and cpu_caps.fast_bf16_gemm()
     d_hidden32 = torch.zeros((N, H))
     d_weight = torch.empty_like(weight)
     d_bias32 = None if bias is None else torch.zeros(V)
