@@ -51,7 +51,7 @@ def cases():
     """(op, public call, torch.ops call, bare kernel call) on tiny inputs."""
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     q, s = r1kernels.fp8.quantize_per_token_group(x)
-    w = torch.randn(16, 128)
+    w = torch.randn(1, 128)
     wq, ws = r1kernels.fp8.quantize_per_block(w)
     q_out, s_out = torch.empty_like(q), torch.empty_like(s)
     d_out = torch.empty(1, 128, dtype=torch.bfloat16)
@@ -65,13 +65,19 @@ def cases():
         ext().dequantize_fp8_tiles_cpu(q=q.data_ptr(), scales=s.data_ptr(), geometry=tile_geometry(q, 1, 128, s),
                                        out=d_out.data_ptr(), out_dtype=cpp_dtype(d_out.dtype))  # fmt: skip
 
+    wq_out, ws_out = torch.empty_like(wq), torch.empty_like(ws)
+
+    def bare_block_quant():
+        ext().quantize_fp8_tiles_cpu(x=w.data_ptr(), dtype=cpp_dtype(w.dtype), geometry=tile_geometry(w, 128, 128,
+                                     ws_out), out=wq_out.data_ptr(), scales=ws_out.data_ptr(), pow2=False)  # fmt: skip
+
     h, lm, ids = torch.randn(1, 64), torch.randn(128, 64), torch.randint(0, 128, (1,))
     _, lse, ent = r1kernels.grpo.token_logprob_stats(h, lm, ids, return_entropy=True)
     g = torch.randn(1)
     yield ("quantize_fp8_per_token_group", lambda: r1kernels.fp8.quantize_per_token_group(x),
            lambda: ops.quantize_fp8_per_token_group(x, 128, False, False), bare_quant)  # fmt: skip
     yield ("quantize_fp8_per_block", lambda: r1kernels.fp8.quantize_per_block(w),
-           lambda: ops.quantize_fp8_per_block(w, 128, False), None)  # fmt: skip
+           lambda: ops.quantize_fp8_per_block(w, 128, False), bare_block_quant)  # fmt: skip
     yield ("dequantize_fp8_per_token_group", lambda: r1kernels.fp8.dequantize_per_token_group(q, s),
            lambda: ops.dequantize_fp8_per_token_group(q, s, 128, torch.bfloat16), bare_dequant)  # fmt: skip
     yield ("dequantize_fp8_per_block", lambda: r1kernels.fp8.dequantize_per_block(wq, ws),

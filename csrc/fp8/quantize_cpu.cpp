@@ -11,15 +11,20 @@
 namespace r1k {
 namespace {
 
+// Below this many elements a call runs on the calling thread: waking the OpenMP team costs more than the work
+// (decode-sized calls).
+constexpr int64_t kParallelElements = 1 << 15;
+
 // Each tile row segment is converted to fp32 once into a small buffer; the amax and encode loops over
 // it are branch-free and vectorize.
 template <typename Load>
 void quantize_tiles(Load load, const TileGeometry& g, uint8_t* out, float* scales, bool pow2) {
   const int64_t tiles_r = (g.rows + g.tile_rows - 1) / g.tile_rows;
   const int64_t tiles_c = (g.cols + g.tile_cols - 1) / g.tile_cols;
-#pragma omp parallel
+#pragma omp parallel if (g.rows * g.cols >= kParallelElements)
   {
-    std::vector<float> buf(static_cast<size_t>(g.tile_rows * g.tile_cols));
+    // sized to the tile as clipped by the matrix: a decode-sized call must not pay for a 128 x 128 buffer
+    std::vector<float> buf(static_cast<size_t>(std::min(g.tile_rows, g.rows) * std::min(g.tile_cols, g.cols)));
 #pragma omp for collapse(2) schedule(static)
     for (int64_t tr = 0; tr < tiles_r; ++tr) {
       for (int64_t tc = 0; tc < tiles_c; ++tc) {
@@ -57,7 +62,7 @@ uint16_t float_to_bf16_rne(float v) {
 
 template <typename Store>
 void dequantize_tiles(const uint8_t* q, const float* scales, const TileGeometry& g, Store store) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (g.rows * g.cols >= kParallelElements)
   for (int64_t r = 0; r < g.rows; ++r) {
     const float* srow = scales + (r / g.tile_rows) * g.scale_stride_r;
     for (int64_t c = 0; c < g.cols; ++c)
