@@ -1,7 +1,7 @@
 """Fused GRPO loss benchmark: forward + backward (loss.backward() filling hidden.grad and weight.grad).
 
-Three implementations of the same loss (token-level clipped surrogate + beta * k3 KL, "grpo" aggregation:
-masked mean per sequence, then mean over sequences):
+Three implementations of the same loss (token-level clipped surrogate + beta * k3 KL; aggregation ``grpo``,
+masked mean per sequence then mean over sequences, or with ``--loss-type dapo`` the masked mean over all tokens):
 
 - ``r1k``: ``r1kernels.grpo.grpo_loss`` (never materialises the ``[tokens, vocab]`` logits);
 - ``plain``: PyTorch on full logits as TRL's GRPOTrainer computes it (``plain_grpo_loss`` below);
@@ -19,6 +19,7 @@ recompute the logits in the backward do 8 * N * H * V.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from common import H100_BF16_TFLOPS, device_name, peak_mem_mib, peak_mem_mib_fresh_process, time_ms, write_table
@@ -34,6 +35,13 @@ LOGP_NOISE = 0.05  # old / ref log-probs = true log-probs + N(0, LOGP_NOISE^2): 
 GPU_EXTRA_SHAPE = (4096, 151936)  # H, V (Qwen-sized LM head), added on a GPU
 WARMUP_SHAPE = (2, 16, 64, 512)  # B, T, H, V of the child's warm-up call
 LOSS_RTOL = {"fp32": 1e-3, "bf16": 1e-2}
+LOSS_TYPES = ("grpo", "dapo")
+
+
+def loss_type() -> str:
+    """grpo (sequence means) or dapo (global token mean); an environment variable so the memory child
+    processes measure the same loss."""
+    return os.environ.get("R1K_BENCH_LOSS_TYPE", "grpo")
 
 
 # ---- the plain PyTorch loss (TRL GRPOTrainer semantics) ----------------------------------------------
@@ -53,6 +61,8 @@ def plain_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, old_
         d = ref_logps - logp
         per_token = per_token + beta * (torch.exp(d) - d - 1)  # k3 estimate of KL(pi || pi_ref)
     mask = completion_mask
+    if loss_type() == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
     return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
 
 
@@ -86,7 +96,7 @@ def _r1k(x: dict) -> torch.Tensor:
     loss, _ = grpo_loss(
         x["hidden"], x["weight"], x["token_ids"], x["mask"], x["advantages"],
         old_logps=x["old"], ref_logps=x["ref"], beta=BETA, epsilon_low=EPSILON, temperature=TEMPERATURE,
-        loss_type="grpo",
+        loss_type=loss_type(),
     )  # fmt: skip
     return loss
 
@@ -108,7 +118,7 @@ def liger_loss_module(device: str):
 
         _LIGER[device] = LigerFusedLinearGRPOLoss(
             beta=BETA, compiled=device == "cuda", use_ref_model=True, chunk_size=1, epsilon_low=EPSILON,
-            epsilon_high=EPSILON, loss_type="grpo", temperature=TEMPERATURE,
+            epsilon_high=EPSILON, loss_type=loss_type(), temperature=TEMPERATURE,
         )  # fmt: skip
     return _LIGER[device]
 
@@ -249,8 +259,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", help="comma list of " + ", ".join(DTYPES))
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ", ".join(IMPLS))
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions on the CPU (best is kept)")
+    parser.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo")
     parser.add_argument("--mem-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ["R1K_BENCH_LOSS_TYPE"] = args.loss_type
     if args.mem_child:
         return _mem_child(*args.mem_child)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
@@ -273,13 +285,13 @@ def main() -> None:
     print()
     timing = "do_bench median" if device == "cuda" else f"best of {args.reps}"
     print(f"device: {device_name(device)}; forward + backward of the GRPO loss (beta={BETA}, eps={EPSILON}, "
-          f"loss_type=grpo), {timing}")  # fmt: skip
+          f"loss_type={loss_type()}), {timing}")  # fmt: skip
     print("extra peak MiB: over the inputs, including hidden.grad and weight.grad; peak vs plain / time vs liger: "
           "this row's value divided by plain's / liger's (< 1: less / faster); working MiB: extra peak minus the "
           "bytes of hidden.grad and weight.grad, the memory the loss itself needs")  # fmt: skip
     if device == "cuda":
-        print(f"floor: 6*N*H*V FLOPs at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); the fused kernels "
-              "do 8*N*H*V (the backward recomputes the logits), so their best is floor/achieved = 0.75")  # fmt: skip
+        print(f"floor: 6*N*H*V FLOPs at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); r1k's single-pass "
+              "training path does 6*N*H*V on the GPU (the two-pass path, used for GSPO, does 8*N*H*V)")  # fmt: skip
     write_table(f"grpo_{device}", header, rows)
 
 

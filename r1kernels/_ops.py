@@ -35,7 +35,7 @@ class Op:
         self.name, self.impl, self.op, self.autograd, self.samples = name, impl, op, autograd, samples
 
     def __call__(self, *args: Any) -> Any:
-        if not _plain_eager(args):
+        if not plain_eager(args):
             return self.op(*args)
         if self.autograd is not None and torch.is_grad_enabled() and _any_requires_grad(args):
             return self.autograd.apply(*args)
@@ -45,7 +45,7 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def _plain_eager(args: tuple) -> bool:
+def plain_eager(args: tuple) -> bool:
     """True when nothing traces this call: not torch.compile, no dispatch mode (make_fx, fake tensors,
     functionalization, opcheck's AOT tracing) and only plain tensors."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():

@@ -78,19 +78,22 @@ def _precision(t: torch.Tensor) -> str:
     return dot_precision(t.element_size(), torch.get_float32_matmul_precision() != "highest")
 
 
-def _forward_triton(hidden, weight, bias, token_ids, temperature, return_entropy):
+def _forward_triton(hidden, weight, bias, token_ids, temperature, return_entropy, logits=None):
+    """(logp, lse, entropy) of every row; with ``logits`` (an fp32 [N, V] buffer, unit column stride) the
+    kernel also writes the logits there, for the single-pass training path."""
     N, H = hidden.shape
     V = weight.shape[0]
     arch, precision = backend.device_arch(hidden.device), _precision(hidden)
-    cfg = logprob_fwd.config(hidden.element_size(), arch, precision)
+    cfg = logprob_fwd.config(hidden.element_size(), arch, precision, store=logits is not None)
     v_chunk = logprob_fwd.vocab_chunk(N, V, backend.sm_count(hidden.device), cfg)
     n_chunks = cdiv(V, v_chunk)
     part = _alloc.empty((4, n_chunks, N), torch.float32, hidden.device)
     grid = (cdiv(N, cfg["BLOCK_N"]) * n_chunks,)
-    args = (hidden, weight, bias if bias is not None else weight, token_ids, part,
-            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, v_chunk)  # fmt: skip
-    launch(logprob_fwd.logprob_fwd_kernel, grid, args, cfg, hidden.device,
-           HAS_BIAS=bias is not None, WITH_ENTROPY=return_entropy, PRECISION=precision)  # fmt: skip
+    z = part if logits is None else logits
+    args = (hidden, weight, bias if bias is not None else weight, token_ids, part, z,
+            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, v_chunk, z.stride(0))  # fmt: skip
+    launch(logprob_fwd.logprob_fwd_kernel, grid, args, cfg, hidden.device, HAS_BIAS=bias is not None,
+           WITH_ENTROPY=return_entropy, STORE_LOGITS=logits is not None, PRECISION=precision)  # fmt: skip
     m, s, zy, t = part.unbind(0)
     m_all = m.amax(dim=0)
     scale = torch.exp(m - m_all)
@@ -142,6 +145,19 @@ def _matmul(a, b, c, accumulate: bool, cfg, precision: str) -> None:
     launch(matmul.matmul_kernel, grid, args, cfg, a.device, ACCUMULATE=accumulate, PRECISION=precision)
 
 
+def grad_logits(h, w, bias, ids, lse, g, ge, ent, out, col0, temperature, cfg, precision, logits=None) -> None:
+    """out [rows, cols] = d loss / d logits of rows ``h`` over vocab ids col0 + [0, cols) (weight rows ``w``),
+    from d loss / d logp ``g`` (and d / d entropy ``ge``); reads ``logits`` [rows, cols] fp32 when given
+    instead of recomputing them."""
+    n, cols = out.shape
+    grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(cols, cfg["BLOCK_V"]),)
+    z = out if logits is None else logits
+    args = (h, w, bias if bias is not None else w, ids, lse, g, g if ge is None else ge, ent, out, z, n, cols,
+            h.shape[1], h.stride(0), w.stride(0), out.stride(0), col0, 1.0 / temperature, z.stride(0))  # fmt: skip
+    launch(logprob_grad_logits.logprob_grad_logits_kernel, grid, args, cfg, h.device, HAS_BIAS=bias is not None,
+           ENTROPY_GRAD=ge is not None, FROM_SCRATCH=logits is not None, PRECISION=precision)  # fmt: skip
+
+
 def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
     N, H = hidden.shape
     V = weight.shape[0]
@@ -167,12 +183,9 @@ def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, l
         for v0 in range(0, V, cols):
             v1 = min(V, v0 + cols)
             w, g = weight[v0:v1], gz[: r1 - r0, : v1 - v0]
-            grid = (cdiv(r1 - r0, cfg["BLOCK_N"]) * cdiv(v1 - v0, cfg["BLOCK_V"]),)
-            args = (h, w, bias[v0:v1] if bias is not None else w, token_ids[r0:r1], lse[r0:r1], grad_logp[r0:r1],
-                    ge[r0:r1], ent[r0:r1], g, r1 - r0, v1 - v0, H, hidden.stride(0), weight.stride(0), cols, v0,
-                    1.0 / temperature)  # fmt: skip
-            launch(logprob_grad_logits.logprob_grad_logits_kernel, grid, args, cfg, dev,
-                   HAS_BIAS=bias is not None, ENTROPY_GRAD=with_eg, PRECISION=precision)  # fmt: skip
+            grad_logits(h, w, bias[v0:v1] if bias is not None else None, token_ids[r0:r1], lse[r0:r1],
+                        grad_logp[r0:r1], ge[r0:r1] if with_eg else None, ent[r0:r1], g, v0, temperature, cfg,
+                        precision)  # fmt: skip
             _matmul(g, w, d_hidden[r0:r1], hidden_accumulates, mm, precision)  # d hidden (+)= G @ W
             _matmul(g.T, h, d_weight[v0:v1], rows < N, mm, precision)  # d weight (+)= G^T @ H
             if d_bias32 is not None:

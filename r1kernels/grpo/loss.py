@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from r1kernels._checks import check_tensor
+from r1kernels.grpo.fused_loss import fused_token_loss
 from r1kernels.grpo.lm_head_logprobs import token_logprob_stats, token_logprobs
+from r1kernels.grpo.token_loss import TokenTerms, aggregation_weights, kl_k3, token_log_ratio, token_loss
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence", "sequence_token")
@@ -72,6 +74,10 @@ def _check_offsets(cu: torch.Tensor, N: int) -> None:
     torch._assert_async(ok, "cu_seqlens must be non-decreasing offsets from 0 to N (B + 1 values)")
 
 
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _per_token(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
     if t is None:
         return None
@@ -108,6 +114,7 @@ def grpo_loss(
     return_entropy: bool = False,
     log_ratio_clamp: float = 20.0,
     entropy_coef: float = 0.0,
+    single_pass: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss from final hidden states and the LM-head weight, without materialising the logits.
 
@@ -188,52 +195,41 @@ def grpo_loss(
             )
         ref = token_logprobs(ref_hidden.reshape(-1, H), weight if ref_weight is None else ref_weight, ids, temperature)
 
-    logp, _, entropy = token_logprob_stats(
-        hidden.reshape(-1, H), weight, ids, bias=bias, temperature=temperature,
-        return_entropy=return_entropy or entropy_coef != 0.0,
-    )  # fmt: skip
-    c = log_ratio_clamp
-    log_ratio = torch.clamp(logp - (logp.detach() if old is None else old.float()), -c, c)
-    if importance_sampling_level != "token":
-        seq = seg.to_tokens(seg.seq_sum(log_ratio * mask) / seg.seq_sum(mask).clamp(min=1.0))
-        # GSPO-token: the sequence ratio's value with each token's own gradient
-        log_ratio = seq if importance_sampling_level == "sequence" else seq.detach() + (logp - logp.detach())
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    per_token = -torch.minimum(unclipped * adv, clipped * adv)
-    if is_ratio is not None:
-        per_token = per_token * is_ratio.float()
-    if entropy_coef != 0.0:
-        per_token = per_token - entropy_coef * entropy
     n_tok = mask.sum().clamp(min=1.0)
-    kl_mean = torch.zeros((), device=logp.device)
-    if beta > 0:
-        d = torch.clamp(ref.float() - logp, -c, c)
-        kl = torch.exp(d) - d - 1
-        per_token = per_token + beta * kl
-        kl_mean = (kl.detach() * mask).sum() / n_tok
-
-    masked = per_token * mask
-    if loss_type == "grpo":
-        loss = (seg.seq_sum(masked) / seg.seq_sum(mask).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
-        loss = masked.sum() / n_tok
-    elif loss_type == "dr_grpo":
-        loss = masked.sum() / (B * (max_completion_length or T))
+    seq_count = seg.to_tokens(seg.seq_sum(mask))
+    normaliser = n_tok if num_items_in_batch is None else num_items_in_batch / num_processes
+    terms = TokenTerms(
+        weight=aggregation_weights(mask, loss_type, seq_count, B, max_completion_length or T, normaliser),
+        adv=adv, old=None if old is None else old.float(), ref=ref.float() if beta > 0 else None,
+        is_ratio=None if is_ratio is None else is_ratio.float(), beta=beta, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, delta=delta, clamp=log_ratio_clamp, entropy_coef=entropy_coef,
+    )  # fmt: skip
+    with_entropy = return_entropy or entropy_coef != 0.0
+    flat = hidden.reshape(-1, H)
+    if importance_sampling_level == "token" and single_pass and _wants_grad(flat, weight, bias):
+        loss, logp, entropy = fused_token_loss(flat, weight, bias, ids, terms, temperature, with_entropy)
+        log_ratio = token_log_ratio(logp, terms.old, log_ratio_clamp)
     else:
-        normaliser = n_tok if num_items_in_batch is None else num_items_in_batch / num_processes
-        loss = masked.sum() / normaliser
+        logp, _, entropy = token_logprob_stats(flat, weight, ids, bias=bias, temperature=temperature,
+                                               return_entropy=with_entropy)  # fmt: skip
+        log_ratio = token_log_ratio(logp, terms.old, log_ratio_clamp)
+        if importance_sampling_level != "token":
+            seq = seg.to_tokens(seg.seq_sum(log_ratio * mask)) / seq_count.clamp(min=1.0)  # GSPO: sequence mean
+            # GSPO-token: the sequence ratio's value with each token's own gradient
+            log_ratio = seq if importance_sampling_level == "sequence" else seq.detach() + (logp - logp.detach())
+        loss = (terms.weight * token_loss(logp, entropy, log_ratio, terms)).sum()
 
     with torch.no_grad():
+        ratio = torch.exp(log_ratio)
         low = ((ratio < 1 - epsilon_low) & (adv < 0)).float() * mask
         high = ((ratio > 1 + epsilon_high) & (adv > 0)).float() * mask
+        kl = kl_k3(logp, terms.ref, log_ratio_clamp) if terms.ref is not None else None
         metrics = {
-            "kl": kl_mean,
+            "kl": torch.zeros((), device=logp.device) if kl is None else (kl * mask).sum() / n_tok,
             "clip_ratio_low": low.sum() / n_tok,
             "clip_ratio_high": high.sum() / n_tok,
             "clip_ratio": (low + high).sum() / n_tok,
         }
         if return_entropy:
-            metrics["entropy"] = (entropy.detach() * mask).sum() / n_tok
+            metrics["entropy"] = (entropy * mask).sum() / n_tok
     return loss, metrics

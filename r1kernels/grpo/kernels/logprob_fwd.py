@@ -7,6 +7,8 @@ for the entropy. The launcher combines the per-chunk partials (O(tokens x chunks
 
 from __future__ import annotations
 
+import itertools
+
 import triton
 import triton.language as tl
 
@@ -37,8 +39,9 @@ def logprob_fwd_kernel(
     b_ptr,  # [V] bias (unused unless HAS_BIAS)
     y_ptr,  # [N] int64 target token ids, all in [0, V)
     part_ptr,  # [4, NUM_CHUNKS, N] fp32 partials: max m, sum exp(z - m), target logit, sum exp(z - m)(z - m)
-    N, V, H, stride_h, stride_w, inv_t, V_CHUNK,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    z_ptr,  # [N, V] fp32 out, row stride stride_z: the logits themselves (written only when STORE_LOGITS)
+    N, V, H, stride_h, stride_w, inv_t, V_CHUNK, stride_z,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, STORE_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -59,6 +62,9 @@ def logprob_fwd_kernel(
         z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)  # fmt: skip
         z = tl.where(cols[None, :] < v_end, z, float("-inf"))
+        if STORE_LOGITS:  # the single-pass training path keeps them for its gradient (no recompute)
+            tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :], z,
+                     mask=(rows[:, None] < N) & (cols[None, :] < v_end))  # fmt: skip
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
@@ -81,29 +87,32 @@ def logprob_fwd_kernel(
     tl.store(base + 3 * plane, t, mask=ok)
 
 
-def config(dtype_bytes: int, arch: int | None, precision: str) -> KernelConfig:
+def config(dtype_bytes: int, arch: int | None, precision: str, store: bool = False) -> KernelConfig:
     """16-bit inputs: 128 x 128 logits tiles (HGMMA.64x128x16 on sm_90a, HMMA on sm_80 / sm_89) over 8 warps;
     beside the tile the forward keeps four running statistics per row, which puts it at 255 registers with no
-    stack (the compile report checks it). fp32 inputs take smaller tiles."""
+    stack (the compile report checks it). Storing the logits too (``store``, the single-pass training path)
+    needs the tile in a store layout as well: 128 x 64 there. fp32 inputs take smaller tiles."""
     if dtype_bytes == 4 and precision == "ieee":
         # full-precision fp32 dots hold their operands in registers (no tensor cores): a 32-row tile over
         # 8 warps stays off the stack
-        return KernelConfig({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=8)
+        tiles = (32, 64, 16) if store else (32, 64, 32)
+        return KernelConfig({"BLOCK_N": tiles[0], "BLOCK_V": tiles[1], "BLOCK_H": tiles[2], "GROUP_N": 8}, num_warps=8)
     if dtype_bytes == 4:
         return KernelConfig({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4)
-    return KernelConfig({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8)
+    return KernelConfig({"BLOCK_N": 128, "BLOCK_V": 64 if store else 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8)
 
 
 @register
 def variants(arch: int):
     out = []
-    for tl_type, nbytes, precision in DTYPE_CASES:
+    for (tl_type, nbytes, precision), store in itertools.product(DTYPE_CASES, (False, True)):
         tag, kind = case_tag(tl_type, nbytes, precision)
         out.append(variant(
-            f"grpo.logprob_fwd[{tag}]", logprob_fwd_kernel, config(nbytes, arch, precision), kind=kind,
-            types={"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "y_ptr": "*i64",
-                   "part_ptr": "*fp32", "inv_t": "fp32"},
-            switches={"HAS_BIAS": False, "WITH_ENTROPY": True, "PRECISION": precision},
-            aligned=("h_ptr", "w_ptr", "H", "stride_h", "stride_w"),
+            f"grpo.logprob_fwd[{tag}{',store' if store else ''}]", logprob_fwd_kernel,
+            config(nbytes, arch, precision, store),
+            kind=kind, types={"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "y_ptr": "*i64",
+                              "part_ptr": "*fp32", "z_ptr": "*fp32", "inv_t": "fp32"},
+            switches={"HAS_BIAS": False, "WITH_ENTROPY": True, "STORE_LOGITS": store, "PRECISION": precision},
+            aligned=("h_ptr", "w_ptr", "z_ptr", "H", "stride_h", "stride_w", "stride_z"),
         ))  # fmt: skip
     return out

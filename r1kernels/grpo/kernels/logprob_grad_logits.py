@@ -4,6 +4,8 @@ The ``matmul`` kernel then turns the scratch into d hidden and d weight."""
 
 from __future__ import annotations
 
+import itertools
+
 import triton
 import triton.language as tl
 
@@ -23,8 +25,9 @@ def logprob_grad_logits_kernel(
     ge_ptr,  # [C] fp32 d loss / d entropy (read only when ENTROPY_GRAD)
     ent_ptr,  # [C] fp32 entropy from the forward (read only when ENTROPY_GRAD)
     gz_ptr,  # [C, V] out: d loss / d logits (pre-temperature), dtype of the scratch buffer, row stride stride_gz
-    N, V, H, stride_h, stride_w, stride_gz, col0, inv_t,  # w_ptr / b_ptr start at vocab id col0
-    HAS_BIAS: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
+    z_ptr,  # [C, V] fp32 logits kept by the forward, row stride stride_z (read only when FROM_SCRATCH)
+    N, V, H, stride_h, stride_w, stride_gz, col0, inv_t, stride_z,  # w_ptr / b_ptr start at vocab id col0
+    HAS_BIAS: tl.constexpr, ENTROPY_GRAD: tl.constexpr, FROM_SCRATCH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -33,9 +36,13 @@ def logprob_grad_logits_kernel(
     block, tile = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tile.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)  # fmt: skip
     ok = rows < N
+    if FROM_SCRATCH:  # the single-pass training path: the forward kept the logits, nothing to recompute
+        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=ok[:, None] & (cols[None, :] < V),
+                    other=float("-inf"))  # fmt: skip
+    else:
+        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)  # fmt: skip
     lse = tl.load(lse_ptr + rows, mask=ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=ok, other=-1)
@@ -67,16 +74,21 @@ def config(dtype_bytes: int, arch: int | None, precision: str) -> KernelConfig:
 @register
 def variants(arch: int):
     out = []
+    types = {"y_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32", "ge_ptr": "*fp32", "ent_ptr": "*fp32",
+             "z_ptr": "*fp32", "inv_t": "fp32"}  # fmt: skip
+    aligned = ("h_ptr", "w_ptr", "gz_ptr", "z_ptr", "V", "H", "stride_h", "stride_w", "stride_gz", "col0", "stride_z")
     for tl_type, nbytes, precision in DTYPE_CASES:
         tag, kind = case_tag(tl_type, nbytes, precision)
-        for entropy_grad in (False, True):
+        io = {"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "gz_ptr": f"*{tl_type}"}
+        for entropy_grad, from_scratch in itertools.product((False, True), (False, True)):
+            if from_scratch and precision == "ieee":
+                continue  # no dot when reading the kept logits: one fp32 variant covers both precisions
             out.append(variant(
-                f"grpo.logprob_grad_logits[{tag}{',entropy' if entropy_grad else ''}]", logprob_grad_logits_kernel,
-                config(nbytes, arch, precision), kind=kind,
-                types={"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "y_ptr": "*i64",
-                       "lse_ptr": "*fp32", "g_ptr": "*fp32", "ge_ptr": "*fp32", "ent_ptr": "*fp32",
-                       "gz_ptr": f"*{tl_type}", "inv_t": "fp32"},
-                switches={"HAS_BIAS": False, "ENTROPY_GRAD": entropy_grad, "PRECISION": precision},
-                aligned=("h_ptr", "w_ptr", "gz_ptr", "V", "H", "stride_h", "stride_w", "stride_gz", "col0"),
+                f"grpo.logprob_grad_logits[{tag if not from_scratch else tl_type}{',entropy' if entropy_grad else ''}"
+                f"{',from_scratch' if from_scratch else ''}]", logprob_grad_logits_kernel,
+                config(nbytes, arch, precision), kind="memory" if from_scratch else kind, types={**types, **io},
+                switches={"HAS_BIAS": False, "ENTROPY_GRAD": entropy_grad, "FROM_SCRATCH": from_scratch,
+                          "PRECISION": precision},
+                aligned=aligned,
             ))  # fmt: skip
     return out

@@ -1,0 +1,103 @@
+"""The single-pass training path of the GRPO loss (gradients computed in the forward): its written-out
+per-token derivative against autograd, and the whole path against the float64 reference and the two-pass
+path, over several token blocks, on the Triton kernels and the CPU path."""
+
+import pytest
+import torch
+
+import r1kernels
+from r1kernels.grpo import fused_loss, grpo_loss
+from r1kernels.grpo import lm_head_logprobs as lm
+from r1kernels.grpo import reference as ref
+from r1kernels.grpo.token_loss import TokenTerms, block_gradients, token_log_ratio, token_loss
+
+
+@pytest.mark.parametrize("old", [True, False], ids=["old", "on-policy"])
+@pytest.mark.parametrize("delta", [None, 1.3])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "kl+is+entropy"])
+def test_written_out_derivative_matches_autograd(old, delta, extras):
+    N = 400
+    logp = -torch.rand(N) * 5
+    shift = torch.randn(N) * 0.3
+    shift[:40] = 0.0  # ratio exactly 1: a tie inside minimum()
+    shift[40:60] = 30.0  # past the log-ratio clamp: no gradient through the ratio
+    shift[60:80] = -30.0
+    t = TokenTerms(
+        weight=torch.rand(N), adv=torch.randn(N), old=(logp - shift) if old else None,
+        ref=(logp + torch.randn(N) * 0.5).index_fill(0, torch.arange(80, 90), 40.0) if extras else None,
+        is_ratio=torch.rand(N) + 0.5 if extras else None, beta=0.05 if extras else 0.0, epsilon_low=0.2,
+        epsilon_high=0.28, delta=delta, clamp=20.0, entropy_coef=0.01 if extras else 0.0,
+    )  # fmt: skip
+    entropy = torch.rand(N) * 3
+    total, d_logp, d_entropy = block_gradients(logp, entropy, t)
+    lp, ent = logp.clone().requires_grad_(), entropy.clone().requires_grad_()
+    want = (t.weight * token_loss(lp, ent, token_log_ratio(lp, t.old, t.clamp), t)).sum()
+    want_logp, want_ent = torch.autograd.grad(want, [lp, ent], allow_unused=True)
+    assert torch.allclose(total, want)
+    assert torch.allclose(d_logp, want_logp, rtol=1e-6, atol=1e-8)
+    if extras:
+        assert torch.allclose(d_entropy, want_ent)
+    else:
+        assert d_entropy is None and want_ent is None
+
+
+def _batch(B, T, H, V, dtype, device):
+    hidden = torch.randn(B, T, H).to(dtype).to(device)
+    weight = (torch.randn(V, H) * H**-0.5 * 2).to(dtype).to(device)
+    bias = (torch.randn(V) * 0.3).to(dtype).to(device)
+    ids = torch.randint(0, V, (B, T), device=device)
+    mask = (torch.rand(B, T, device=device) > 0.2).float()
+    logp, _ = ref.token_logprobs(hidden.cpu(), weight.cpu(), ids.cpu(), bias.cpu())
+    old = (logp + 0.3 * torch.randn(B, T, dtype=torch.float64)).float().to(device)
+    refp = (logp + 0.2 * torch.randn(B, T, dtype=torch.float64)).float().to(device)
+    return hidden, weight, bias, ids, mask, torch.randn(B, device=device), old, refp
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_single_pass_matches_reference_and_two_pass(backend, dtype, monkeypatch, kernel_device):
+    """Several token blocks (the scratch budget shrunk to one tile row) so the fp32 d-weight accumulates."""
+    monkeypatch.setattr(lm, "MIN_ACCUMULATE_K", 1)
+    monkeypatch.setattr(lm, "GPU_SCRATCH_BYTES", 1)
+    device = kernel_device if backend == "triton" else "cpu"
+    B, T, H, V = 3, 50, 32, 200
+    hidden, weight, bias, ids, mask, adv, old, refp = _batch(B, T, H, V, dtype, device)
+    kwargs = dict(bias=None, old_logps=old, ref_logps=refp, beta=0.04, epsilon_high=0.28, delta=1.5,
+                  loss_type="dapo", return_entropy=True, entropy_coef=0.01, temperature=0.9)  # fmt: skip
+    results = []
+    for single_pass in (True, False):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        with r1kernels.use_backend(backend):
+            loss, metrics = grpo_loss(h, w, ids, mask, adv, **{**kwargs, "bias": b}, single_pass=single_pass)
+            loss.backward()
+        results.append((loss.detach(), metrics, h.grad, w.grad, b.grad))
+    rh, rw, rb = (t.detach().double().cpu().requires_grad_() for t in (hidden, weight, bias))
+    cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items() if k != "return_entropy"}
+    r_loss, r_metrics = ref.grpo_loss(rh, rw, ids.cpu(), mask.cpu(), adv.cpu(), **{**cpu, "bias": rb})
+    r_loss.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    (loss, metrics, dh, dw, db), (loss2, metrics2, dh2, dw2, db2) = results
+    assert float(loss) == pytest.approx(float(r_loss), rel=tol, abs=1e-6)
+    assert float(loss2) == pytest.approx(float(loss), rel=tol, abs=1e-6)
+    for k in r_metrics:
+        assert float(metrics[k]) == pytest.approx(float(r_metrics[k]), rel=tol, abs=1e-6), k
+        assert float(metrics2[k]) == pytest.approx(float(metrics[k]), rel=tol, abs=1e-6), k
+    for name, g, r, g2 in (
+        ("d hidden", dh, rh.grad, dh2),
+        ("d weight", dw, rw.grad, dw2),
+        ("d bias", db, rb.grad, db2),
+    ):
+        err = float((g.double().cpu() - r).norm() / r.norm())
+        assert err < tol * 10, f"{name}: {err:.2e}"
+        assert float((g.double() - g2.double()).norm() / g2.double().norm()) < tol * 10, name
+    rows = fused_loss.fused_rows(B * T, V, hidden.element_size(), 64 if dtype == torch.float32 else 128)
+    assert backend == "cpu" or rows < B * T  # the Triton run really used several blocks
+
+
+def test_second_backward_through_the_same_graph_fails_loudly():
+    hidden, weight, _, ids, mask, adv, old, _ = _batch(2, 5, 16, 50, torch.float32, "cpu")
+    w = weight.clone().requires_grad_()
+    loss, _ = grpo_loss(hidden, w, ids, mask, adv, old_logps=old)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -1,0 +1,117 @@
+"""The GRPO loss of one token as a function of its log-prob (and entropy): the one place its formula lives.
+
+``grpo_loss`` evaluates it on all tokens and lets autograd carry its gradient into the fused LM-head backward;
+the single-pass training op (``fused_loss``) evaluates it on one block of tokens at a time, inside its
+forward, to get ``d loss / d logp`` before it forms the block's logit gradients. Every aggregation is a
+per-token weight (``aggregation_weights``), so the whole loss is ``sum(weight * token_loss)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class TokenTerms(NamedTuple):
+    """The per-token inputs ([N] fp32, or None) and scalars of the loss, besides logp and entropy."""
+
+    weight: torch.Tensor  # aggregation weight: completion mask / the loss type's normaliser
+    adv: torch.Tensor
+    old: torch.Tensor | None  # None: on-policy (ratio 1, gradient of logp)
+    ref: torch.Tensor | None  # None or beta == 0: no KL term
+    is_ratio: torch.Tensor | None
+    beta: float
+    epsilon_low: float
+    epsilon_high: float
+    delta: float | None
+    clamp: float
+    entropy_coef: float
+
+    def rows(self, r0: int, r1: int) -> TokenTerms:
+        """The terms of tokens r0:r1."""
+        cut = {k: v[r0:r1] for k, v in self._asdict().items() if isinstance(v, torch.Tensor)}
+        return self._replace(**cut)
+
+
+def token_log_ratio(logp: torch.Tensor, old: torch.Tensor | None, clamp: float) -> torch.Tensor:
+    """log(pi / pi_old), clamped to [-c, c] so exp cannot overflow (outside the clamp its gradient is 0)."""
+    return torch.clamp(logp - (logp.detach() if old is None else old), -clamp, clamp)
+
+
+def policy_loss(log_ratio: torch.Tensor, adv: torch.Tensor, t: TokenTerms) -> torch.Tensor:
+    """``-min(min(r, delta) * A, clip(r, 1 - eps_low, 1 + eps_high) * A)``, times the rollout IS ratio."""
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - t.epsilon_low, 1 + t.epsilon_high)
+    unclipped = ratio if t.delta is None else torch.clamp(ratio, max=t.delta)
+    loss = -torch.minimum(unclipped * adv, clipped * adv)
+    return loss if t.is_ratio is None else loss * t.is_ratio
+
+
+def kl_k3(logp: torch.Tensor, ref: torch.Tensor, clamp: float) -> torch.Tensor:
+    """k3 estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logp clamped to [-c, c]."""
+    d = torch.clamp(ref - logp, -clamp, clamp)
+    return torch.exp(d) - d - 1
+
+
+def token_loss(logp: torch.Tensor, entropy: torch.Tensor, log_ratio: torch.Tensor, t: TokenTerms) -> torch.Tensor:
+    """Each token's loss before aggregation: policy term, + beta * k3, - entropy_coef * entropy."""
+    loss = policy_loss(log_ratio, t.adv, t)
+    if t.beta > 0 and t.ref is not None:
+        loss = loss + t.beta * kl_k3(logp, t.ref, t.clamp)
+    if t.entropy_coef != 0.0:
+        loss = loss - t.entropy_coef * entropy
+    return loss
+
+
+def aggregation_weights(mask, loss_type: str, seq_count, B: int, max_len: int | None, normaliser) -> torch.Tensor:
+    """w such that the aggregated loss is sum(w * token_loss): ``grpo`` mask / (B * own sequence's tokens),
+    ``bnpo`` mask / all tokens, ``dr_grpo`` mask / (B * max_len), ``dapo`` mask / normaliser. ``seq_count``:
+    each token's sequence's completion-token count; ``normaliser``: dapo's divisor."""
+    if loss_type == "grpo":
+        return mask / (B * seq_count.clamp(min=1.0))
+    if loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return mask / (B * max_len)
+    return mask / normaliser
+
+
+def _clamp_passes(x: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+    """Where torch.clamp passes the gradient (inclusive bounds), as 0. / 1."""
+    ok = torch.ones_like(x, dtype=torch.bool)
+    if low is not None:
+        ok &= x >= low
+    if high is not None:
+        ok &= x <= high
+    return ok.to(x.dtype)
+
+
+def block_gradients(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
+    """(sum of weighted token losses, d/d logp, d/d entropy or None) of a block of tokens, fp32.
+
+    The single-pass op runs this inside its kernel implementation, where autograd does not record (a custom
+    op's kernel runs below the autograd dispatch key), so the derivative of ``token_loss`` is written out here,
+    following torch's own conventions (clamp passes the gradient at its bounds; minimum splits it at a tie).
+    ``test_fused_loss.py`` checks it against autograd through ``token_loss``."""
+    log_ratio = token_log_ratio(logp, t.old, t.clamp)
+    raw = logp - logp if t.old is None else logp - t.old
+    ratio = torch.exp(log_ratio)
+    d_ratio = ratio * _clamp_passes(raw, -t.clamp, t.clamp)  # d ratio / d logp
+    capped = ratio if t.delta is None else torch.clamp(ratio, max=t.delta)
+    d_capped = 1.0 if t.delta is None else _clamp_passes(ratio, None, t.delta)
+    clipped = torch.clamp(ratio, 1 - t.epsilon_low, 1 + t.epsilon_high)
+    d_clipped = _clamp_passes(ratio, 1 - t.epsilon_low, 1 + t.epsilon_high)
+    a, b = capped * t.adv, clipped * t.adv
+    share_a = (a < b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)  # which branch minimum() takes
+    d_policy = -t.adv * (share_a * d_capped + (1 - share_a) * d_clipped) * d_ratio
+    if t.is_ratio is not None:
+        d_policy = d_policy * t.is_ratio
+    loss = token_loss(logp, entropy, log_ratio, t)
+    d_logp = d_policy
+    if t.beta > 0 and t.ref is not None:
+        raw_d = t.ref - logp
+        d = torch.clamp(raw_d, -t.clamp, t.clamp)
+        d_logp = d_logp - t.beta * torch.expm1(d) * _clamp_passes(raw_d, -t.clamp, t.clamp)
+    d_entropy = None if t.entropy_coef == 0.0 else -t.entropy_coef * t.weight
+    return (t.weight * loss).sum(), t.weight * d_logp, d_entropy
