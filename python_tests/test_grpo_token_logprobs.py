@@ -8,7 +8,7 @@ import r1kernels
 from r1kernels.grpo import lm_head_cpu, token_logprob_stats, token_logprobs
 from r1kernels.grpo import lm_head_logprobs as tlp
 from r1kernels.grpo import reference as ref
-from r1kernels.grpo.kernels import logprob_fwd
+from r1kernels.grpo.kernels import logits_tile, logprob_fwd
 from r1kernels.grpo.kernels.logits_tile import dot_precision
 
 # fp32 inputs follow torch's fp32 matmul policy; its default ("highest") keeps the dots in full fp32.
@@ -253,3 +253,33 @@ def test_fp32_dot_precision_follows_torch(monkeypatch):
         assert tlp._precision(hidden) == "ieee"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="forces the TMA path on CPU tensors; on a GPU the arch decides")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tma_operand_path_in_the_interpreter(monkeypatch, dtype):
+    """The tensor-descriptor (TMA) loads of sm_90a, run by the interpreter: partial tiles at every edge (TMA
+    zero-fills them), bias, temperature, entropy, both gradients."""
+    monkeypatch.setattr(logits_tile, "use_tma", lambda arch, elt, *tensors: True)
+    hidden, weight, b, ids = _inputs(70, 48, 300, dtype, "cpu")
+    grad_out, grad_ent = torch.randn(70), torch.randn(70)
+    params = [t.requires_grad_() for t in (hidden, weight, b)]
+    with r1kernels.use_backend("triton"):
+        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, temperature=0.8, return_entropy=True)
+        grads = torch.autograd.grad((logp * grad_out + entropy * grad_ent).sum(), params)
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    r_logp, r_entropy = ref.token_logprobs(leaves[0], leaves[1], ids, leaves[2], 0.8)
+    r_grads = torch.autograd.grad((r_logp * grad_out.double() + r_entropy * grad_ent.double()).sum(), leaves)
+    assert torch.allclose(logp.double(), r_logp.detach(), atol=2e-5, rtol=0)
+    assert torch.allclose(entropy.double(), r_entropy.detach(), atol=2e-5, rtol=0)
+    for name, g, r in zip(("d hidden", "d weight", "d bias"), grads, r_grads, strict=True):
+        assert _rel(g, r) < BF16_GRAD_TOL, f"{name}: rel. error {_rel(g, r):.2e}"
+
+
+def test_tma_is_chosen_only_where_the_hardware_takes_it():
+    a = torch.empty(64, 128, dtype=torch.bfloat16)
+    assert logits_tile.use_tma(90, 2, a, a)
+    assert not logits_tile.use_tma(89, 2, a, a) and not logits_tile.use_tma(None, 2, a, a)  # sm_89, interpreter
+    assert not logits_tile.use_tma(90, 4, a, a)  # fp32 keeps the pointer loads
+    assert not logits_tile.use_tma(90, 2, a[:, 1:], a)  # base address not 16-byte aligned
+    assert not logits_tile.use_tma(90, 2, torch.empty(64, 100, dtype=torch.bfloat16)[:, :96], a)  # 200-byte rows

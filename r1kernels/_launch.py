@@ -14,6 +14,7 @@ Every launch in the package goes through ``launch`` (a test checks there is no o
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,19 @@ def cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _descriptor_memory(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # kernels that build TMA descriptors in-kernel (tl.make_tensor_descriptor) get their global scratch here,
+    # on the current device, which the device guard has made the inputs' one
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@functools.cache
+def _ensure_descriptor_allocator() -> None:
+    import triton
+
+    triton.set_allocator(_descriptor_memory)
+
+
 # Test hook: called with (kernel, config, switches) before every launch (the registry-coverage test records
 # what the ops really launch).
 on_launch: Callable[[Any, KernelConfig, dict[str, Any]], None] | None = None
@@ -64,5 +78,7 @@ def launch(kernel: Any, grid: tuple[int, ...], args: tuple, config: KernelConfig
     feature constexprs (dtypes, flags) that are not tile sizes."""
     if on_launch is not None:
         on_launch(kernel, config, switches)
+    if switches.get("USE_TMA"):
+        _ensure_descriptor_allocator()
     with device_guard(device):
         kernel[grid](*args, **switches, **config.launch_options())

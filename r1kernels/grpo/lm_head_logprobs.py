@@ -19,7 +19,7 @@ from r1kernels._checks import cdiv, check_same_device, check_tensor
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
 from r1kernels.grpo import lm_head_cpu
-from r1kernels.grpo.kernels import logprob_fwd, logprob_grad_logits, matmul
+from r1kernels.grpo.kernels import logits_tile, logprob_fwd, logprob_grad_logits, matmul
 from r1kernels.grpo.kernels.logits_tile import dot_precision
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -92,8 +92,9 @@ def _forward_triton(hidden, weight, bias, token_ids, temperature, return_entropy
     z = part if logits is None else logits
     args = (hidden, weight, bias if bias is not None else weight, token_ids, part, z,
             N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, v_chunk, z.stride(0))  # fmt: skip
+    tma = logits_tile.use_tma(arch, hidden.element_size(), hidden, weight)
     launch(logprob_fwd.logprob_fwd_kernel, grid, args, cfg, hidden.device, HAS_BIAS=bias is not None,
-           WITH_ENTROPY=return_entropy, STORE_LOGITS=logits is not None, PRECISION=precision)  # fmt: skip
+           WITH_ENTROPY=return_entropy, STORE_LOGITS=logits is not None, PRECISION=precision, USE_TMA=tma)  # fmt: skip
     m, s, zy, t = part.unbind(0)
     m_all = m.amax(dim=0)
     scale = torch.exp(m - m_all)
@@ -154,8 +155,9 @@ def grad_logits(h, w, bias, ids, lse, g, ge, ent, out, col0, temperature, cfg, p
     z = out if logits is None else logits
     args = (h, w, bias if bias is not None else w, ids, lse, g, g if ge is None else ge, ent, out, z, n, cols,
             h.shape[1], h.stride(0), w.stride(0), out.stride(0), col0, 1.0 / temperature, z.stride(0))  # fmt: skip
+    tma = logits is None and logits_tile.use_tma(backend.device_arch(h.device), h.element_size(), h, w)
     launch(logprob_grad_logits.logprob_grad_logits_kernel, grid, args, cfg, h.device, HAS_BIAS=bias is not None,
-           ENTROPY_GRAD=ge is not None, FROM_SCRATCH=logits is not None, PRECISION=precision)  # fmt: skip
+           ENTROPY_GRAD=ge is not None, FROM_SCRATCH=logits is not None, PRECISION=precision, USE_TMA=tma)  # fmt: skip
 
 
 def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):

@@ -15,7 +15,7 @@ import triton.language as tl
 from r1kernels._checks import cdiv
 from r1kernels._launch import KernelConfig
 from r1kernels.compile_registry import register, variant
-from r1kernels.grpo.kernels.logits_tile import DTYPE_CASES, case_tag, grouped_tile, logits_tile
+from r1kernels.grpo.kernels.logits_tile import DTYPE_CASES, case_tag, grouped_tile, logits_tile, operand_sources
 
 MAX_V_CHUNK = 8192  # vocab columns per program at most: ~19 chunks at V = 151936
 MIN_V_CHUNK = 1024  # at least: below that, the partials and their combine stop being negligible
@@ -43,13 +43,14 @@ def logprob_fwd_kernel(
     N, V, H, stride_h, stride_w, inv_t, V_CHUNK, stride_z,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, STORE_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     num_chunks = tl.cdiv(V, V_CHUNK)
     # grouped order: a resident wave holds GROUP_N token blocks x ~waves/GROUP_N vocab chunks, so its hidden
     # blocks stay in L2 across the chunk's vocab tiles and each weight tile serves GROUP_N programs
     block, chunk = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_chunks, GROUP_N)
     rows = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_src, w_src = operand_sources(h_ptr, w_ptr, N, V, H, stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, USE_TMA)
     y = tl.load(y_ptr + rows, mask=rows < N, other=-1)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
@@ -59,8 +60,8 @@ def logprob_fwd_kernel(
     v_end = tl.minimum(v_start + V_CHUNK, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)  # fmt: skip
+        z = logits_tile(h_src, w_src, b_ptr, rows, cols, block * BLOCK_N, tl.cast(v0, tl.int32), N, V, H, stride_h,
+                        stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, USE_TMA)  # fmt: skip
         z = tl.where(cols[None, :] < v_end, z, float("-inf"))
         if STORE_LOGITS:  # the single-pass training path keeps them for its gradient (no recompute)
             tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :], z,
@@ -107,12 +108,15 @@ def variants(arch: int):
     out = []
     for (tl_type, nbytes, precision), store in itertools.product(DTYPE_CASES, (False, True)):
         tag, kind = case_tag(tl_type, nbytes, precision)
-        out.append(variant(
-            f"grpo.logprob_fwd[{tag}{',store' if store else ''}]", logprob_fwd_kernel,
-            config(nbytes, arch, precision, store),
-            kind=kind, types={"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "y_ptr": "*i64",
-                              "part_ptr": "*fp32", "z_ptr": "*fp32", "inv_t": "fp32"},
-            switches={"HAS_BIAS": False, "WITH_ENTROPY": True, "STORE_LOGITS": store, "PRECISION": precision},
-            aligned=("h_ptr", "w_ptr", "z_ptr", "H", "stride_h", "stride_w", "stride_z"),
-        ))  # fmt: skip
+        # TMA where the launcher may choose it (sm_90a, 16-bit), the pointer loads always (unaligned inputs)
+        for tma in (False, True) if arch >= 90 and nbytes == 2 else (False,):
+            out.append(variant(
+                f"grpo.logprob_fwd[{tag}{',store' if store else ''}{',tma' if tma else ''}]", logprob_fwd_kernel,
+                config(nbytes, arch, precision, store), kind=kind,
+                types={"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "y_ptr": "*i64",
+                       "part_ptr": "*fp32", "z_ptr": "*fp32", "inv_t": "fp32"},
+                switches={"HAS_BIAS": False, "WITH_ENTROPY": True, "STORE_LOGITS": store, "PRECISION": precision,
+                          "USE_TMA": tma},
+                aligned=("h_ptr", "w_ptr", "z_ptr", "H", "stride_h", "stride_w", "stride_z"),
+            ))  # fmt: skip
     return out

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from r1kernels._launch import KernelConfig
 from r1kernels.compile_registry import register, variant
-from r1kernels.grpo.kernels.logits_tile import DTYPE_CASES, case_tag, expm1, grouped_tile, logits_tile
+from r1kernels.grpo.kernels.logits_tile import DTYPE_CASES, case_tag, expm1, grouped_tile, logits_tile, operand_sources
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def logprob_grad_logits_kernel(
     N, V, H, stride_h, stride_w, stride_gz, col0, inv_t, stride_z,  # w_ptr / b_ptr start at vocab id col0
     HAS_BIAS: tl.constexpr, ENTROPY_GRAD: tl.constexpr, FROM_SCRATCH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # grouped order: a resident wave covers GROUP_N token blocks x ~waves/GROUP_N vocab tiles, so hidden rows and
     # weight rows are each re-read from L2, not HBM (a row-fastest 2-D grid re-reads the hidden block per tile)
@@ -41,8 +41,9 @@ def logprob_grad_logits_kernel(
         z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=ok[:, None] & (cols[None, :] < V),
                     other=float("-inf"))  # fmt: skip
     else:
-        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)  # fmt: skip
+        h_src, w_src = operand_sources(h_ptr, w_ptr, N, V, H, stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, USE_TMA)
+        z = logits_tile(h_src, w_src, b_ptr, rows, cols, block * BLOCK_N, tile * BLOCK_V, N, V, H, stride_h,
+                        stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, USE_TMA)  # fmt: skip
     lse = tl.load(lse_ptr + rows, mask=ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=ok, other=-1)
@@ -80,15 +81,18 @@ def variants(arch: int):
     for tl_type, nbytes, precision in DTYPE_CASES:
         tag, kind = case_tag(tl_type, nbytes, precision)
         io = {"h_ptr": f"*{tl_type}", "w_ptr": f"*{tl_type}", "b_ptr": f"*{tl_type}", "gz_ptr": f"*{tl_type}"}
-        for entropy_grad, from_scratch in itertools.product((False, True), (False, True)):
-            if from_scratch and precision == "ieee":
+        for entropy_grad, from_scratch, tma in itertools.product((False, True), (False, True), (False, True)):
+            if from_scratch and (precision == "ieee" or tma):
                 continue  # no dot when reading the kept logits: one fp32 variant covers both precisions
+            if tma and (arch < 90 or nbytes != 2):
+                continue  # TMA where the launcher may choose it: sm_90a, 16-bit
+            name = f"{tag if not from_scratch else tl_type}{',entropy' if entropy_grad else ''}"
+            name += ",from_scratch" if from_scratch else ",tma" if tma else ""
             out.append(variant(
-                f"grpo.logprob_grad_logits[{tag if not from_scratch else tl_type}{',entropy' if entropy_grad else ''}"
-                f"{',from_scratch' if from_scratch else ''}]", logprob_grad_logits_kernel,
+                f"grpo.logprob_grad_logits[{name}]", logprob_grad_logits_kernel,
                 config(nbytes, arch, precision), kind="memory" if from_scratch else kind, types={**types, **io},
                 switches={"HAS_BIAS": False, "ENTROPY_GRAD": entropy_grad, "FROM_SCRATCH": from_scratch,
-                          "PRECISION": precision},
+                          "PRECISION": precision, "USE_TMA": tma},
                 aligned=aligned,
             ))  # fmt: skip
     return out
