@@ -86,25 +86,31 @@ def test_vocab_chunks_and_token_chunks(backend, device, monkeypatch, N, V):
         assert _rel(g, r) < FP32_GRAD_TOL
 
 
-@pytest.mark.parametrize("small_logits", [0, 1 << 20], ids=["blocked", "one-shot"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_one_shot_and_blocked_paths(monkeypatch, small_logits, dtype):
-    """The CPU path's decode-sized one-shot form and its blocked form, each against the reference."""
-    monkeypatch.setattr(lm_head_cpu, "SMALL_LOGITS", small_logits)
-    hidden, weight, b, ids = _inputs(37, 48, 300, dtype, "cpu")
-    grad_out, grad_ent = torch.randn(37), torch.randn(37)
+def _check_logp_entropy_and_grads(backend: str, dtype: torch.dtype, N: int, temperature: float) -> None:
+    """Forward (log-probs, entropy) and both gradients of logp and entropy, with a bias, against float64."""
+    hidden, weight, b, ids = _inputs(N, 48, 300, dtype, "cpu")
+    grad_out, grad_ent = torch.randn(N), torch.randn(N)
     params = [t.requires_grad_() for t in (hidden, weight, b)]
-    with r1kernels.use_backend("cpu"):
-        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, temperature=0.7, return_entropy=True)
+    with r1kernels.use_backend(backend):
+        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, temperature=temperature,
+                                               return_entropy=True)  # fmt: skip
         grads = torch.autograd.grad((logp * grad_out + entropy * grad_ent).sum(), params)
     leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
-    r_logp, r_entropy = ref.token_logprobs(leaves[0], leaves[1], ids, leaves[2], 0.7)
+    r_logp, r_entropy = ref.token_logprobs(leaves[0], leaves[1], ids, leaves[2], temperature)
     r_grads = torch.autograd.grad((r_logp * grad_out.double() + r_entropy * grad_ent.double()).sum(), leaves)
     assert torch.allclose(logp.double(), r_logp.detach(), atol=2e-5, rtol=0)
     assert torch.allclose(entropy.double(), r_entropy.detach(), atol=2e-5, rtol=0)
     tol = FP32_GRAD_TOL if dtype == torch.float32 else BF16_GRAD_TOL
     for name, g, r in zip(("d hidden", "d weight", "d bias"), grads, r_grads, strict=True):
         assert _rel(g, r) < tol, f"{name}: rel. error {_rel(g, r):.2e}"
+
+
+@pytest.mark.parametrize("small_logits", [0, 1 << 20], ids=["blocked", "one-shot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_one_shot_and_blocked_paths(monkeypatch, small_logits, dtype):
+    """The CPU path's decode-sized one-shot form and its blocked form, each against the reference."""
+    monkeypatch.setattr(lm_head_cpu, "SMALL_LOGITS", small_logits)
+    _check_logp_entropy_and_grads("cpu", dtype, 37, 0.7)
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
@@ -261,19 +267,7 @@ def test_tma_operand_path_in_the_interpreter(monkeypatch, dtype):
     """The tensor-descriptor (TMA) loads of sm_90a, run by the interpreter: partial tiles at every edge (TMA
     zero-fills them), bias, temperature, entropy, both gradients."""
     monkeypatch.setattr(logits_tile, "use_tma", lambda arch, elt, *tensors: True)
-    hidden, weight, b, ids = _inputs(70, 48, 300, dtype, "cpu")
-    grad_out, grad_ent = torch.randn(70), torch.randn(70)
-    params = [t.requires_grad_() for t in (hidden, weight, b)]
-    with r1kernels.use_backend("triton"):
-        logp, _, entropy = token_logprob_stats(hidden, weight, ids, bias=b, temperature=0.8, return_entropy=True)
-        grads = torch.autograd.grad((logp * grad_out + entropy * grad_ent).sum(), params)
-    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
-    r_logp, r_entropy = ref.token_logprobs(leaves[0], leaves[1], ids, leaves[2], 0.8)
-    r_grads = torch.autograd.grad((r_logp * grad_out.double() + r_entropy * grad_ent.double()).sum(), leaves)
-    assert torch.allclose(logp.double(), r_logp.detach(), atol=2e-5, rtol=0)
-    assert torch.allclose(entropy.double(), r_entropy.detach(), atol=2e-5, rtol=0)
-    for name, g, r in zip(("d hidden", "d weight", "d bias"), grads, r_grads, strict=True):
-        assert _rel(g, r) < BF16_GRAD_TOL, f"{name}: rel. error {_rel(g, r):.2e}"
+    _check_logp_entropy_and_grads("triton", dtype, 70, 0.8)
 
 
 def test_tma_is_chosen_only_where_the_hardware_takes_it():
