@@ -4,7 +4,7 @@ The extension never includes torch headers (see ARCHITECTURE.md), so the build n
 compiler, and nvcc when the CUDA kernels are wanted. Environment switches:
 
   R1K_NO_CUDA=1            skip the CUDA sources even when nvcc is found
-  R1K_CUDA_ARCHS="90a"     architectures to build the CUDA sources for (default: csrc/cuda_build.json)
+  R1K_CUDA_ARCHS=<list>    CUDA architectures, CMake CUDA_ARCHITECTURES syntax (default: csrc/cuda_build.json)
   R1K_BUILD_TYPE=Release   CMake build type
 """
 

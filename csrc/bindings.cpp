@@ -5,6 +5,7 @@
 
 #include "common/dtype.h"
 #include "fp8/bindings.h"
+#include "grpo/bindings.h"
 
 namespace py = pybind11;
 
@@ -21,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
       .value("bfloat16", r1k::DType::kBFloat16);
 
   r1k::register_fp8(m);
+  r1k::register_grpo(m);
 }

@@ -4,6 +4,7 @@ torch.compile, and input errors. The loss math is backend-independent O(tokens) 
 matrix runs on the CPU path and a representative slice runs the Triton kernels."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -255,3 +256,115 @@ def test_dapo_gradient_accumulation_matches_the_whole_batch():
         parts.append(float(part))
     assert sum(parts) == pytest.approx(float(full), rel=1e-5)
     assert torch.allclose(w_acc.grad, w_full.grad, rtol=1e-4, atol=1e-7)
+
+
+# The reference itself, pinned to numbers worked out by hand (test_grpo_reference.py pins the plain cases; these
+# pin the sides of the clip PPO leaves open, delta, the rollout weight, bias and temperature, GSPO-token's
+# gradient and the log-ratio clamp). One sequence of two tokens over a vocabulary of two: hidden [[1], [2]],
+# weight [[1], [0]], bias [0.3, -0.2], temperature 0.7, ids [0, 1], so token t's logits are
+# z = [(x_t + 0.3) / 0.7, -0.2 / 0.7] and its log-prob, entropy and d logp / d hidden have closed forms.
+HAND_X, HAND_IDS, HAND_BIAS, HAND_TAU = (1.0, 2.0), (0, 1), (0.3, -0.2), 0.7
+
+
+def _hand_probs(t):
+    """softmax(z) of token t, as (p0, p1)."""
+    z0, z1 = (HAND_X[t] + HAND_BIAS[0]) / HAND_TAU, HAND_BIAS[1] / HAND_TAU
+    p0 = 1.0 / (1.0 + math.exp(z1 - z0))
+    return p0, 1.0 - p0
+
+
+def _hand_logp(t):
+    """log softmax(z)[id_t] = z[id_t] - log(exp(z0) + exp(z1))."""
+    z = ((HAND_X[t] + HAND_BIAS[0]) / HAND_TAU, HAND_BIAS[1] / HAND_TAU)
+    return z[HAND_IDS[t]] - math.log(math.exp(z[0]) + math.exp(z[1]))
+
+
+def _hand_dlogp_dh(t):
+    """d logp_t / d hidden_t = sum_v (onehot - p)_v * weight[v] / tau = ([id_t == 0] - p0) * 1 / tau."""
+    return ((1.0 if HAND_IDS[t] == 0 else 0.0) - _hand_probs(t)[0]) / HAND_TAU
+
+
+def _hand_inputs():
+    hidden = torch.tensor([[[HAND_X[0]], [HAND_X[1]]]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    bias = torch.tensor(HAND_BIAS, dtype=torch.float64)
+    logp = torch.tensor([[_hand_logp(0), _hand_logp(1)]], dtype=torch.float64)
+    return hidden, weight, torch.tensor([HAND_IDS]), bias, logp
+
+
+def _exact(got, want):
+    return float(torch.as_tensor(got).detach()) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_reference_by_hand_open_sides_of_the_clip_delta_rollout_weight_and_kl():
+    """Token level, per-token advantages A = [-0.5, 0.8], clip range [0.8, 1.28]. Token 0: r = e^0.4 = 1.49 above
+    the range with A < 0; token 1: r = e^-0.5 = 0.61 below it with A > 0. Both are the side PPO's pessimism
+    leaves unclipped (objective A * r, full gradient), neither counts as clipped in TRL's metrics. Rollout
+    weights w = [0.9, 1.1] scale the policy term only; beta = 0.05 with ref = logp + 0.3 adds k3 = e^0.3 - 1.3."""
+    hidden, weight, ids, bias, logp = _hand_inputs()
+    A, log_r, w, beta = (-0.5, 0.8), (0.4, -0.5), (0.9, 1.1), 0.05
+    r = [math.exp(x) for x in log_r]
+    k3 = math.exp(0.3) - 0.3 - 1
+    dk3_dlogp = 1 - math.exp(0.3)  # d/d logp of e^d - d - 1 with d = ref - logp
+    common = dict(bias=bias, temperature=HAND_TAU, old_logps=logp - torch.tensor([log_r], dtype=torch.float64),
+                  ref_logps=logp + 0.3, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
+                  rollout_is_ratio=torch.tensor([w], dtype=torch.float64))  # fmt: skip
+    adv = torch.tensor([A], dtype=torch.float64)
+    entropy = [-sum(p * math.log(p) for p in _hand_probs(t)) for t in range(2)]
+
+    loss, metrics = ref.grpo_loss(hidden, weight, ids, torch.ones(1, 2), adv, **common)
+    # grpo: the mean over the sequence's 2 tokens of -A_t r_t w_t + beta k3
+    assert _exact(loss, sum(-A[t] * r[t] * w[t] + beta * k3 for t in range(2)) / 2)
+    assert float(metrics["clip_ratio_low"]) == float(metrics["clip_ratio_high"]) == float(metrics["clip_ratio"]) == 0
+    assert _exact(metrics["kl"], k3) and _exact(metrics["entropy"], (entropy[0] + entropy[1]) / 2)
+    loss.backward()
+    for t in range(2):
+        assert _exact(hidden.grad[0, t, 0], (-A[t] * r[t] * w[t] + beta * dk3_dlogp) / 2 * _hand_dlogp_dh(t))
+
+    # delta caps token 0's unclipped ratio before the case analysis, the clip still reads the raw ratio (TRL):
+    # delta = 1.3: A * max(min(1.49, 1.3), clip(1.49)) = A * max(1.3, 1.28) = 1.3 A; delta = 1.25 (below
+    # 1 + eps_high): A * max(1.25, 1.28) = 1.28 A. Both constants (no policy gradient on token 0); token 1's
+    # r = 0.61 is under either cap and unchanged.
+    for delta, objective_ratio in ((1.3, 1.3), (1.25, 1.28)):
+        hidden.grad = None
+        loss, _ = ref.grpo_loss(hidden, weight, ids, torch.ones(1, 2), adv, delta=delta, **common)
+        assert _exact(loss, (-A[0] * objective_ratio * w[0] - A[1] * r[1] * w[1] + 2 * beta * k3) / 2), delta
+        loss.backward()
+        assert _exact(hidden.grad[0, 0, 0], beta * dk3_dlogp / 2 * _hand_dlogp_dh(0)), delta
+        assert _exact(hidden.grad[0, 1, 0], (-A[1] * r[1] * w[1] + beta * dk3_dlogp) / 2 * _hand_dlogp_dh(1)), delta
+
+
+def test_reference_by_hand_gspo_token_gradient_and_log_ratio_clamp():
+    """GSPO: token log-ratios [0.05, 0.15] give the sequence ratio s = e^0.1 = 1.105 (inside [0.8, 1.2]) on both
+    tokens, so with per-token advantages A = [0.4, -0.6] the loss is mean(-A_t s) = 0.1 s at both levels. The
+    gradients differ: ``sequence`` differentiates s (d log s / d logp_t = 1/2), so d loss / d logp_t =
+    sum_u (-A_u / 2) s / 2 = 0.05 s on both tokens; ``sequence_token`` gives token t its own -A_t s / 2."""
+    hidden, weight, ids, bias, logp = _hand_inputs()
+    adv = torch.tensor([[0.4, -0.6]], dtype=torch.float64)
+    old = logp - torch.tensor([[0.05, 0.15]], dtype=torch.float64)
+    s = math.exp(0.1)
+    for level, dloss_dlogp in (("sequence", (0.05 * s, 0.05 * s)), ("sequence_token", (-0.2 * s, 0.3 * s))):
+        hidden.grad = None
+        loss, metrics = ref.grpo_loss(hidden, weight, ids, torch.ones(1, 2), adv, bias=bias, temperature=HAND_TAU,
+                                      old_logps=old, importance_sampling_level=level)  # fmt: skip
+        assert _exact(loss, 0.1 * s) and float(metrics["clip_ratio"]) == 0.0, level
+        loss.backward()
+        for t in range(2):
+            assert _exact(hidden.grad[0, t, 0], dloss_dlogp[t] * _hand_dlogp_dh(t)), (level, t)
+
+    # log_ratio_clamp c = 2: the policy log-ratios [3, -3] and the KL's d = ref - logp = [3, -3] are cut to
+    # [2, -2]. Token 0 (A = -0.5, r = e^2 above the clip, open side): objective A e^2, k3 = e^2 - 2 - 1.
+    # Token 1 (A = 0.8, r = e^-2 below the clip, open side): objective A e^-2, k3 = e^-2 + 2 - 1.
+    # Every term sits outside its clamp, so the gradient is exactly 0.
+    hidden.grad = None
+    beta = 0.05
+    shift = torch.tensor([[3.0, -3.0]], dtype=torch.float64)
+    adv = torch.tensor([[-0.5, 0.8]], dtype=torch.float64)
+    loss, metrics = ref.grpo_loss(hidden, weight, ids, torch.ones(1, 2), adv, bias=bias, temperature=HAND_TAU,
+                                  old_logps=logp - shift, ref_logps=logp + shift, beta=beta,
+                                  log_ratio_clamp=2.0)  # fmt: skip
+    k3 = (math.exp(2) - 3, math.exp(-2) + 1)
+    assert _exact(loss, (0.5 * math.exp(2) - 0.8 * math.exp(-2) + beta * (k3[0] + k3[1])) / 2)
+    assert _exact(metrics["kl"], (k3[0] + k3[1]) / 2) and float(metrics["clip_ratio"]) == 0.0
+    loss.backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))

@@ -105,10 +105,13 @@ def _check_logp_entropy_and_grads(backend: str, dtype: torch.dtype, N: int, temp
         assert _rel(g, r) < tol, f"{name}: rel. error {_rel(g, r):.2e}"
 
 
-@pytest.mark.parametrize("small_logits", [0, 1 << 20], ids=["blocked", "one-shot"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_one_shot_and_blocked_paths(monkeypatch, small_logits, dtype):
-    """The CPU path's decode-sized one-shot form and its blocked form, each against the reference."""
+@pytest.mark.parametrize("tiny_macs,small_logits", [(0, 0), (0, 1 << 20), (1 << 30, 0)],
+                         ids=["blocked", "one-shot", "tiny-c++"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_tiny_one_shot_and_blocked_paths(monkeypatch, tiny_macs, small_logits, dtype):
+    """The CPU path's three forms, each against the reference: one C++ call (decode-sized), one-shot PyTorch
+    (logits fit 256 KiB), blocked (the rest)."""
+    monkeypatch.setattr(lm_head_cpu, "TINY_MACS", tiny_macs)
     monkeypatch.setattr(lm_head_cpu, "SMALL_LOGITS", small_logits)
     _check_logp_entropy_and_grads("cpu", dtype, 37, 0.7)
 

@@ -47,5 +47,19 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
+def check_index_range(name: str, index: torch.Tensor, upper: int, upper_name: str) -> None:
+    """Indices outside [0, upper) would read out of bounds. On the CPU a host check raises a clear error; on a
+    GPU the check runs on the device (``torch._assert_async``): no host synchronisation, so the op stays
+    capturable in a CUDA graph, and a bad index still stops the program instead of reading garbage."""
+    if not index.numel():
+        return
+    if index.device.type != "cpu":
+        torch._assert_async(((index >= 0) & (index < upper)).all(), f"{name} must lie in [0, {upper_name})")
+        return
+    lo, hi = (int(t) for t in torch.aminmax(index))
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper_name}) = [0, {upper}), got values in [{lo}, {hi}]")
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b

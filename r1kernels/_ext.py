@@ -32,7 +32,7 @@ def has_cuda_kernels() -> bool:
 @functools.cache
 def cpp_dtype(dtype: torch.dtype):
     """The extension's ``DType`` member for a torch dtype (float32, float16, bfloat16)."""
-    member = getattr(ext().DType, str(dtype).removeprefix("torch."), None)
+    member = ext().DType.__members__.get(str(dtype).removeprefix("torch."))
     if member is None:
         raise TypeError(f"the C++ kernels take float32, float16 or bfloat16 tensors, got {dtype}")
     return member

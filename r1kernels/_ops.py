@@ -35,9 +35,15 @@ class Op:
         self.name, self.impl, self.op, self.autograd, self.samples = name, impl, op, autograd, samples
 
     def __call__(self, *args: Any) -> Any:
-        if not plain_eager(args):
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
             return self.op(*args)
-        if self.autograd is not None and torch.is_grad_enabled() and _any_requires_grad(args):
+        needs_grad = False
+        for a in args:  # one pass: plain tensors only (subclasses trace), and whether any wants a gradient
+            if isinstance(a, torch.Tensor):
+                if type(a) not in _PLAIN:
+                    return self.op(*args)
+                needs_grad |= a.requires_grad
+        if needs_grad and self.autograd is not None and torch.is_grad_enabled():
             return self.autograd.apply(*args)
         return self.impl(*args)
 
@@ -54,10 +60,6 @@ def plain_eager(args: tuple) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _any_requires_grad(args: tuple) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def define_op(

@@ -1,9 +1,26 @@
-"""What this CPU does fast, decided at run time, never assumed from the machine the code was written on.
+"""What this CPU does fast, decided where the code runs, never assumed from the machine it was written on.
 
-bf16 GEMMs are fast only with native bf16 dot products (x86: AMX-BF16 or AVX512-BF16; Arm: the BF16
-extension): oneDNN then multiplies bf16 directly. Without them PyTorch emulates bf16 GEMMs and they run
-5-30x slower than fp32 (seen: the GRPO CPU backward at N=512, H=1024, V=32000 took 47 s with bf16 GEMMs on
-an AVX2-only EPYC and 1.5 s with fp32 ones). ``R1K_CPU_BF16_GEMM=1|0`` overrides the detection.
+bf16 GEMMs (``fast_bf16_gemm``). PyTorch multiplies bf16 matrices on the CPU fast only through oneDNN on a CPU
+with native bf16 dot products: x86 AVX512-BF16 or AMX-BF16, Arm's BF16 extension. Anywhere else it falls back
+to a generic kernel that converts element by element, 30-60x slower than an fp32 GEMM (seen: the GRPO CPU
+backward at N=512, H=1024, V=32000 took 47 s with bf16 GEMMs on an AVX2-only EPYC and 1.5 s with fp32 ones;
+on an AVX512-BF16 EPYC one 512x2048x1024 bf16 GEMM takes 16 ms through oneDNN and 3.2 s with oneDNN switched
+off). Where the bf16 GEMM is native it is 1.1-3x faster than fp32, so the choice matters little there and
+everything elsewhere: the rule is "bf16 only when native", in three parts:
+
+- the CPU has native bf16 dot products: ``torch.cpu.get_capabilities()`` (the cpuinfo library that PyTorch
+  and oneDNN dispatch on; any OS) where this torch has it, else the flags of ``/proc/cpuinfo``, else none;
+- this torch sends bf16 GEMMs to oneDNN on this CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: built
+  with oneDNN, and the CPU passes PyTorch's own check);
+- oneDNN is switched on now (``torch.backends.mkldnn.enabled``, which a user may turn off at run time).
+
+``torch.backends.cpu.get_cpu_capability()`` alone cannot decide: it names the vector width PyTorch's own
+kernels were dispatched for ("AVX2", "AVX512"), not bf16 support (Zen 3, Skylake-X and Ice Lake are "AVX2" or
+"AVX512" without native bf16); it is reported in the description only. A timing probe was not used: on a
+loaded or shared machine a few milliseconds of timing are noise, so the choice would change from run to run
+and results with it, and the gap it would have to find (30x or more) is exactly what the flags predict.
+
+``R1K_CPU_BF16_GEMM=1`` or ``0`` forces the choice either way (read on every call, so tests may set it).
 """
 
 from __future__ import annotations
@@ -14,42 +31,68 @@ from pathlib import Path
 
 import torch
 
-_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 flags; "bf16" is Arm's Features entry
+ENV = "R1K_CPU_BF16_GEMM"
+# Native bf16 dot products: x86 AVX512-BF16 and AMX-BF16; Arm's BF16 extension (BFDOT / BFMMLA), named "bf16"
+# both by torch.cpu.get_capabilities and in the Features line of /proc/cpuinfo.
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16")
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature names (lower case), from PyTorch's cpuinfo where available, else /proc/cpuinfo."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # recent torch only
+    if get_capabilities is not None:
+        return frozenset(name for name, value in get_capabilities().items() if value is True)
     try:
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags, so the safe fp32 choice
+    except OSError:  # neither: no flags, the safe fp32 choice
         return frozenset()
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
+        if line.startswith(("flags", "Features")):  # x86, Arm
+            return frozenset(line.split(":", 1)[1].lower().split())
     return frozenset()
 
 
+@functools.cache
+def _onednn_bf16_built() -> bool:
+    """This torch has oneDNN and routes bf16 GEMMs to it on this CPU (fixed for the process)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an op this torch does not register
+        return False
+
+
 def _override() -> bool | None:
-    value = os.environ.get("R1K_CPU_BF16_GEMM")
-    if value is None or value == "":
+    value = os.environ.get(ENV, "").strip()
+    if value == "":
         return None
     if value not in ("0", "1"):
-        raise ValueError(f"R1K_CPU_BF16_GEMM must be 0 or 1, got {value!r}")
+        raise ValueError(f"{ENV} must be 1 (bf16 GEMMs) or 0 (fp32 GEMMs) or unset (detect), got {value!r}")
     return value == "1"
 
 
+def _detect() -> tuple[bool, str]:
+    """(bf16 GEMMs are fast here, the reason in a few words)."""
+    native = [flag for flag in NATIVE_BF16 if flag in cpu_flags()]
+    if not native:
+        return False, "no native bf16"
+    if not _onednn_bf16_built():
+        return False, f"{native[0]}, but this torch has no oneDNN bf16 GEMM"
+    if not torch.backends.mkldnn.enabled:
+        return False, f"{native[0]}, but oneDNN is switched off"
+    return True, native[0]
+
+
 def fast_bf16_gemm() -> bool:
-    """True when bf16 GEMMs should run in bf16 on this CPU (native bf16 dot products, or forced)."""
+    """True when GEMMs on bf16 inputs should run in bf16 on this CPU, False when upcast to fp32 (faster there).
+    ``R1K_CPU_BF16_GEMM=1|0`` forces it; any other value raises ``ValueError``."""
     forced = _override()
-    if forced is not None:
-        return forced
-    return any(f in _cpu_flags() for f in _NATIVE_BF16_FLAGS)
+    return _detect()[0] if forced is None else forced
 
 
 def bf16_gemm_path() -> str:
-    """Which GEMM dtype the CPU paths use for bf16 inputs, and why (for benchmark tables)."""
+    """The choice and its reason, for benchmark tables: e.g. "bf16 GEMMs (avx512_bf16; torch kernels: AVX512)",
+    "fp32 GEMMs (no native bf16; torch kernels: AVX2)", "fp32 GEMMs (forced by R1K_CPU_BF16_GEMM=0; ...)"."""
     forced = _override()
-    native = sorted(f for f in _NATIVE_BF16_FLAGS if f in _cpu_flags())
-    why = "forced by R1K_CPU_BF16_GEMM" if forced is not None else (", ".join(native) or "no native bf16")
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{'bf16' if fast_bf16_gemm() else 'fp32'} GEMMs for bf16 inputs ({why}; torch kernels: {isa})"
+    fast, why = _detect() if forced is None else (forced, f"forced by {ENV}={int(forced)}")
+    return f"{'bf16' if fast else 'fp32'} GEMMs ({why}; torch kernels: {torch.backends.cpu.get_cpu_capability()})"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from r1kernels import _alloc, _ops, backend
-from r1kernels._checks import cdiv, check_tensor
+from r1kernels._checks import cdiv, check_index_range, check_tensor
 from r1kernels._ops import Sample, define_op
 from r1kernels.grpo import lm_head_logprobs as lm
 from r1kernels.grpo.kernels import logprob_grad_logits, matmul
@@ -165,9 +165,9 @@ def _fused_op(
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         d_bias = hidden.new_empty((0,)) if bias is None else torch.zeros_like(bias)
         return empty.sum(), empty, empty.clone(), torch.zeros_like(hidden), torch.zeros_like(weight), d_bias
-    lm.check_token_range(token_ids, weight.shape[0])
     if backend.resolve(hidden.device, _OP) == "cpu":
-        return _two_pass(hidden, weight, bias, token_ids, t, temperature, with_entropy)
+        return _two_pass(hidden, weight, bias, token_ids, t, temperature, with_entropy)  # checks the ids
+    check_index_range("token_ids", token_ids, weight.shape[0], "V")
     return _single_pass_triton(hidden, weight, bias, token_ids.long(), t, temperature, with_entropy)
 
 

@@ -3,9 +3,16 @@
 The loops run vocab tiles outermost, so each tile of the weight is converted to fp32 once and its
 ``d weight`` rows are accumulated in fp32 once; a token chunk's logits block is the only logits-shaped
 memory alive (``CPU_SCRATCH_BYTES``). Logits, log-sum-exp and log-probs are fp32 for every input dtype.
-For bf16 inputs the two gradient GEMMs run in bf16 on the bf16-rounded ``d logits`` (as the GPU kernels
-do, accumulated in fp32) when the CPU has native bf16 dot products, and in fp32 otherwise, where emulated
-bf16 GEMMs are 5-30x slower (``r1kernels.cpu_caps``).
+
+For bf16 inputs the dtype of the two gradient GEMMs (``d hidden += d logits @ W``, ``d W += d logits^T @ hidden``)
+follows the CPU the code runs on (``r1kernels.cpu_caps.fast_bf16_gemm``; ``R1K_CPU_BF16_GEMM=1|0`` forces it):
+- native bf16 dot products through oneDNN (AVX512-BF16, AMX-BF16, Arm BF16): bf16 GEMMs on the bf16-rounded
+  ``d logits``, as the GPU kernels do, each block's product added into the fp32 sums;
+- otherwise fp32 GEMMs on the fp32 ``d logits`` and the fp32 copies of the weight tile and the hidden chunk
+  that the logits recompute already holds, so no memory beyond the bf16 form's. There bf16 GEMMs would be
+  emulated, 30-60x slower (an AVX2-only EPYC at N=512, H=1024, V=32000: 47 s against 1.5 s). This form skips
+  both bf16 roundings and is the more accurate one.
+The one-shot form for small problems runs its GEMMs in fp32 for every CPU.
 """
 
 from __future__ import annotations
@@ -13,12 +20,52 @@ from __future__ import annotations
 import torch
 
 from r1kernels import cpu_caps
+from r1kernels._checks import check_index_range
+from r1kernels._ext import cpp_dtype, ext
 
 VOCAB_TILE = 2048
 CPU_SCRATCH_BYTES = 16 * 2**20  # one fp32 [rows, VOCAB_TILE] logits block
 # Problems whose whole [N, V] fp32 logits fit in this many elements (256 KiB) take a one-shot path: at decode
 # sizes the blocked loops' few dozen small torch ops cost more than the math.
 SMALL_LOGITS = 1 << 16
+# Up to this many multiply-adds (N x V x H) one C++ call does it all (csrc/grpo/lm_head_small.cpp).
+TINY_MACS = 1 << 20
+
+
+def _tiny(N: int, V: int, H: int) -> bool:
+    return N * V * H <= TINY_MACS
+
+
+def _problem(hidden, weight, bias, ids, inv_t: float):
+    (N, H), V = hidden.shape, weight.shape[0]
+    return ext().LmHeadProblem(
+        hidden=hidden.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
+        dtype=cpp_dtype(hidden.dtype), ids=ids.data_ptr(), n=N, v=V, h=H, stride_h=hidden.stride(0) if N > 1 else H,
+        stride_w=weight.stride(0) if V > 1 else H, inv_t=inv_t,
+    )  # fmt: skip
+
+
+def _forward_tiny(hidden, weight, bias, ids, inv_t: float, with_entropy: bool):
+    N = hidden.shape[0]
+    logp, lse, entropy = torch.empty(N), torch.empty(N), torch.zeros(N)  # three buffers: op outputs never alias
+    ok = ext().lm_head_logprobs_small_cpu(problem=_problem(hidden, weight, bias, ids, inv_t),
+                                          with_entropy=with_entropy, logp=logp.data_ptr(), lse=lse.data_ptr(),
+                                          entropy=entropy.data_ptr())  # fmt: skip
+    if not ok:
+        check_index_range("token_ids", ids, weight.shape[0], "V")  # raises, naming the values
+    return logp, lse, entropy
+
+
+def _backward_tiny(g, ge, hidden, weight, bias, ids, lse, entropy, inv_t: float):
+    (N, H), V = hidden.shape, weight.shape[0]
+    d_hidden, d_weight = torch.empty((N, H)), torch.empty((V, H))
+    d_bias = None if bias is None else torch.empty((V,))
+    ext().lm_head_logprobs_small_backward_cpu(
+        problem=_problem(hidden, weight, bias, ids, inv_t), g=g.data_ptr(), ge=0 if ge is None else ge.data_ptr(),
+        lse=lse.data_ptr(), entropy=entropy.data_ptr(), d_hidden=d_hidden.data_ptr(), d_weight=d_weight.data_ptr(),
+        d_bias=0 if d_bias is None else d_bias.data_ptr(),
+    )  # fmt: skip
+    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), None if bias is None else d_bias.to(bias.dtype)
 
 
 def _blocks(N: int, V: int) -> tuple[int, int]:
@@ -72,9 +119,12 @@ def _targets_in_tile(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor,
 
 
 def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: bool):
-    N, V = hidden.shape[0], weight.shape[0]
+    (N, H), V = hidden.shape, weight.shape[0]
     inv_t = 1.0 / temperature
-    ids = token_ids.long()
+    ids = token_ids.long().contiguous()
+    if _tiny(N, V, H):
+        return _forward_tiny(hidden, weight, bias, ids, inv_t, with_entropy)
+    check_index_range("token_ids", ids, V, "V")
     if N * V <= SMALL_LOGITS:
         return _forward_small(hidden, weight, bias, ids, inv_t, with_entropy)
     vt, rows = _blocks(N, V)
@@ -109,9 +159,11 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
-    ids = token_ids.long()
-    g = grad_logp.float()
-    ge = None if grad_entropy is None else grad_entropy.float()
+    ids = token_ids.long().contiguous()
+    g = grad_logp.float().contiguous()
+    ge = None if grad_entropy is None else grad_entropy.float().contiguous()
+    if _tiny(N, V, H):
+        return _backward_tiny(g, ge, hidden, weight, bias, ids, lse.contiguous(), entropy.float().contiguous(), inv_t)
     if N * V <= SMALL_LOGITS:
         return _backward_small(g, ge, hidden, weight, bias, ids, entropy, inv_t)
     vt, rows = _blocks(N, V)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from r1kernels import _alloc, backend
-from r1kernels._checks import cdiv, check_same_device, check_tensor
+from r1kernels._checks import cdiv, check_index_range, check_same_device, check_tensor
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
 from r1kernels.grpo import lm_head_cpu
@@ -55,20 +55,6 @@ def validate(hidden, weight, bias, token_ids, temperature) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"weight must be [V, H] with V >= 1 and H >= 1, got {tuple(weight.shape)}")
-
-
-def check_token_range(token_ids: torch.Tensor, vocab: int) -> None:
-    """Ids outside [0, V) would read past the weight. On the CPU a host check raises a clear error; on a GPU
-    the check runs on the device (``torch._assert_async``): no host synchronisation, so the op stays
-    capturable in a CUDA graph, and a bad id still stops the program instead of reading garbage."""
-    if not token_ids.numel():
-        return
-    if token_ids.device.type != "cpu":
-        torch._assert_async(((token_ids >= 0) & (token_ids < vocab)).all(), "token_ids must lie in [0, V)")
-        return
-    lo, hi = (int(t) for t in torch.aminmax(token_ids))
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in [{lo}, {hi}]")
 
 
 # ---- forward ----------------------------------------------------------------------------------------
@@ -113,9 +99,9 @@ def logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy, 
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
-    check_token_range(token_ids, weight.shape[0])
     if backend.resolve(hidden.device, op) == "cpu":
-        return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, return_entropy)
+        return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, return_entropy)  # checks the ids
+    check_index_range("token_ids", token_ids, weight.shape[0], "V")
     return _forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
 
 

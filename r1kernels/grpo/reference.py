@@ -85,6 +85,8 @@ def grpo_loss(
     entropy_coef: float = 0.0,
 ):
     """Returns (loss, metrics) in float64; differentiable w.r.t. hidden / weight / bias if they require grad."""
+    if importance_sampling_level not in ("token", "sequence", "sequence_token"):
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     c = log_ratio_clamp
     B, T = token_ids.shape
@@ -136,7 +138,7 @@ def grpo_loss(
     elif loss_type == "dapo":  # the global token count (across micro-batches and ranks when given)
         loss = total / (n_tok if num_items_in_batch is None else num_items_in_batch / num_processes)
     else:
-        raise ValueError(loss_type)
+        raise ValueError(f"unknown loss_type {loss_type!r}")
     metrics = {
         "kl": kl_sum / n_tok,
         "clip_ratio_low": low / n_tok,

@@ -1,0 +1,126 @@
+// Decode-sized LM-head log-probs on the CPU (see lm_head_small.h): straight loops, fp32 accumulation.
+#include "grpo/lm_head_small.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/host_device.h"
+
+namespace r1k {
+namespace {
+
+// Row i of a [rows, h] matrix of `dtype` converted to fp32.
+void load_row(const void* base, DType dtype, int64_t stride, int64_t i, int64_t h, float* out) {
+  if (dtype == DType::kFloat32) {
+    const float* p = static_cast<const float*>(base) + i * stride;
+    std::copy(p, p + h, out);
+    return;
+  }
+  const uint16_t* p = static_cast<const uint16_t*>(base) + i * stride;
+  for (int64_t k = 0; k < h; ++k) out[k] = dtype == DType::kBFloat16 ? bf16_to_float(p[k]) : fp16_to_float(p[k]);
+}
+
+float load_one(const void* base, DType dtype, int64_t i) {
+  if (dtype == DType::kFloat32) return static_cast<const float*>(base)[i];
+  const uint16_t v = static_cast<const uint16_t*>(base)[i];
+  return dtype == DType::kBFloat16 ? bf16_to_float(v) : fp16_to_float(v);
+}
+
+// The weight (and bias) as fp32: the caller's memory for fp32 inputs, else converted once per call.
+struct Fp32Operands {
+  std::vector<float> w_copy, b_copy;
+  const float* w;
+  int64_t w_stride;
+  const float* b;
+  explicit Fp32Operands(const LmHeadProblem& p) {
+    if (p.dtype == DType::kFloat32) {
+      w = static_cast<const float*>(p.weight);
+      w_stride = p.stride_w;
+    } else {
+      w_copy.resize(static_cast<size_t>(p.v * p.h));
+      for (int64_t j = 0; j < p.v; ++j) load_row(p.weight, p.dtype, p.stride_w, j, p.h, w_copy.data() + j * p.h);
+      w = w_copy.data();
+      w_stride = p.h;
+    }
+    if (p.bias != nullptr && p.dtype == DType::kFloat32) {
+      b = static_cast<const float*>(p.bias);
+    } else if (p.bias != nullptr) {
+      b_copy.resize(static_cast<size_t>(p.v));
+      for (int64_t j = 0; j < p.v; ++j) b_copy[j] = load_one(p.bias, p.dtype, j);
+      b = b_copy.data();
+    } else {
+      b = nullptr;
+    }
+  }
+  const float* row(int64_t j) const { return w + j * w_stride; }
+};
+
+// z[v] of row i, and its max.
+float logits_row(const LmHeadProblem& p, const Fp32Operands& ops, const float* hrow, float* z) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < p.v; ++j) {
+    const float* wrow = ops.row(j);
+    float acc = 0.0f;
+    for (int64_t k = 0; k < p.h; ++k) acc += hrow[k] * wrow[k];
+    z[j] = (acc + (ops.b != nullptr ? ops.b[j] : 0.0f)) * p.inv_t;
+    m = std::max(m, z[j]);
+  }
+  return m;
+}
+
+}  // namespace
+
+bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse,
+                                float* entropy) {
+  for (int64_t i = 0; i < p.n; ++i)
+    if (p.ids[i] < 0 || p.ids[i] >= p.v) return false;
+  const Fp32Operands ops(p);
+  std::vector<float> hrow(static_cast<size_t>(p.h)), z(static_cast<size_t>(p.v));
+  for (int64_t i = 0; i < p.n; ++i) {
+    load_row(p.hidden, p.dtype, p.stride_h, i, p.h, hrow.data());
+    const float m = logits_row(p, ops, hrow.data(), z.data());
+    float s = 0.0f, t = 0.0f;  // sum exp(z - m), sum exp(z - m) (z - m): relative to the max, no cancellation
+    for (int64_t j = 0; j < p.v; ++j) {
+      const float e = std::exp(z[j] - m);
+      s += e;
+      t += e * (z[j] - m);
+    }
+    lse[i] = m + std::log(s);
+    logp[i] = z[p.ids[i]] - lse[i];
+    if (with_entropy) entropy[i] = std::log(s) - t / s;
+  }
+  return true;
+}
+
+void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
+                                         const float* entropy, float* d_hidden, float* d_weight, float* d_bias) {
+  const Fp32Operands ops(p);
+  std::fill(d_weight, d_weight + p.v * p.h, 0.0f);
+  if (d_bias != nullptr) std::fill(d_bias, d_bias + p.v, 0.0f);
+  std::vector<float> hrow(static_cast<size_t>(p.h)), z(static_cast<size_t>(p.v));
+  for (int64_t i = 0; i < p.n; ++i) {
+    load_row(p.hidden, p.dtype, p.stride_h, i, p.h, hrow.data());
+    logits_row(p, ops, hrow.data(), z.data());
+    float* dh = d_hidden + i * p.h;
+    std::fill(dh, dh + p.h, 0.0f);
+    for (int64_t j = 0; j < p.v; ++j) {
+      const float x = z[j] - lse[i];  // log p
+      const float pj = std::exp(x);
+      // d logp / d z = onehot - p (1 - p at the target as -expm1: exact when p -> 1); d entropy / d z =
+      // -p (log p + entropy); then the temperature's 1 / T
+      float gz = j == p.ids[i] ? -std::expm1(x) * g[i] : -pj * g[i];
+      if (ge != nullptr) gz -= ge[i] * pj * (x + entropy[i]);
+      gz *= p.inv_t;
+      const float* wrow = ops.row(j);
+      float* dwrow = d_weight + j * p.h;
+      for (int64_t k = 0; k < p.h; ++k) {
+        dh[k] += gz * wrow[k];
+        dwrow[k] += gz * hrow[k];
+      }
+      if (d_bias != nullptr) d_bias[j] += gz;
+    }
+  }
+}
+
+}  // namespace r1k
