@@ -167,6 +167,23 @@ def test_ref_hidden_equals_ref_logps():
     assert float(a) == pytest.approx(float(b), rel=1e-5) and float(am["kl"]) == pytest.approx(float(bm["kl"]), rel=1e-4)
 
 
+def test_ref_hidden_keeps_the_lm_head_bias():
+    """The reference policy shares the LM head, bias included, unless another one is given."""
+    hidden, weight, ids, mask, adv, old, _ = _batch()
+    bias = torch.randn(V)
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    with_bias, _ = ref.token_logprobs(ref_hidden, weight, ids, bias)
+    common = dict(bias=bias, old_logps=old, beta=0.1)
+    _, am = grpo_loss(hidden, weight, ids, mask, adv, ref_hidden=ref_hidden, **common)
+    _, bm = grpo_loss(hidden, weight, ids, mask, adv, ref_logps=with_bias.float(), **common)
+    assert float(am["kl"]) == pytest.approx(float(bm["kl"]), rel=1e-4)
+    other = torch.randn(V)
+    _, cm = grpo_loss(hidden, weight, ids, mask, adv, ref_hidden=ref_hidden, ref_bias=other, **common)
+    r_other, _ = ref.token_logprobs(ref_hidden, weight, ids, other)
+    _, dm = grpo_loss(hidden, weight, ids, mask, adv, ref_logps=r_other.float(), **common)
+    assert float(cm["kl"]) == pytest.approx(float(dm["kl"]), rel=1e-4)
+
+
 def test_torch_compile_fullgraph():
     hidden, weight, ids, mask, adv, old, refp = _batch()
 

@@ -100,6 +100,7 @@ def grpo_loss(
     ref_logps: torch.Tensor | None = None,
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
@@ -134,9 +135,9 @@ def grpo_loss(
 
     Args:
         old_logps: the sampling policy's log-probs; None = on-policy (ratio 1, gradient still flows).
-        ref_logps / (ref_hidden, ref_weight): the reference policy for the KL term (needed when beta > 0);
-            ``ref_hidden`` (same layout as ``hidden``) runs through the fused kernel without gradients and
-            ``ref_weight`` defaults to ``weight``.
+        ref_logps / (ref_hidden, ref_weight, ref_bias): the reference policy for the KL term (needed when
+            beta > 0); ``ref_hidden`` (same layout as ``hidden``) runs through the fused kernel without
+            gradients; ``ref_weight`` defaults to ``weight`` and then ``ref_bias`` to ``bias`` (the same LM head).
         loss_type: ``grpo`` (mean over each sequence's tokens, then over sequences), ``bnpo`` (mean over all
             completion tokens), ``dr_grpo`` (sum / (B * max_completion_length); default T for padded input,
             required for packed), ``dapo`` (sum / (num_items_in_batch / num_processes)). For ``dapo`` under
@@ -197,7 +198,10 @@ def grpo_loss(
             raise ValueError(
                 f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}"
             )
-        ref = token_logprobs(ref_hidden.reshape(-1, H), weight if ref_weight is None else ref_weight, ids, temperature)
+        ref_w, ref_b = (
+            (weight, bias if ref_bias is None else ref_bias) if ref_weight is None else (ref_weight, ref_bias)
+        )
+        ref = token_logprobs(ref_hidden.reshape(-1, H), ref_w, ids, temperature, bias=ref_b)
 
     n_tok = mask.sum().clamp(min=1.0)
     seq_count = seg.to_tokens(seg.seq_sum(mask))
