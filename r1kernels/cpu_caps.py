@@ -3,13 +3,13 @@
 bf16 GEMMs (``fast_bf16_gemm``). PyTorch multiplies bf16 matrices on the CPU fast only through oneDNN on a CPU
 with native bf16 dot products: x86 AVX512-BF16 or AMX-BF16, Arm's BF16 extension. Anywhere else it falls back
 to a generic kernel that converts element by element, 30-60x slower than an fp32 GEMM (seen: the GRPO CPU
-backward at N=512, H=1024, V=32000 took 47 s with bf16 GEMMs on an AVX2-only EPYC and 1.5 s with fp32 ones;
+forward + backward at N=512, H=1024, V=32000 took 47 s with bf16 GEMMs on an AVX2-only EPYC and 1.5 s with fp32 ones;
 on an AVX512-BF16 EPYC one 512x2048x1024 bf16 GEMM takes 16 ms through oneDNN and 3.2 s with oneDNN switched
-off). Where the bf16 GEMM is native it is 1.1-3x faster than fp32, so the choice matters little there and
-everything elsewhere: the rule is "bf16 only when native", in three parts:
+off). Where bf16 is native it is the faster one, but by less (that GEMM: 3x; the whole GRPO forward +
+backward above, whose logits GEMMs are fp32 either way: 1.1-1.3x), so the rule is "bf16 only when native":
 
-- the CPU has native bf16 dot products: ``torch.cpu.get_capabilities()`` (the cpuinfo library that PyTorch
-  and oneDNN dispatch on; any OS) where this torch has it, else the flags of ``/proc/cpuinfo``, else none;
+- the CPU has native bf16 dot products: ``torch.cpu.get_capabilities()`` (the cpuinfo library PyTorch
+  dispatches on; any OS) where this torch has it, else the flags of ``/proc/cpuinfo``, else none;
 - this torch sends bf16 GEMMs to oneDNN on this CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: built
   with oneDNN, and the CPU passes PyTorch's own check);
 - oneDNN is switched on now (``torch.backends.mkldnn.enabled``, which a user may turn off at run time).

@@ -9,8 +9,9 @@ tokens can be finished once its log-sum-exp over the whole vocabulary is known.
 
 - GPU (Triton), 6NHV FLOPs instead of 8NHV: per block of ``rows`` tokens the forward kernel writes the fp32
   logits to a ``[rows, V]`` scratch beside its statistics; ``d loss / d logp`` of the block comes from the
-  written-out derivative of ``token_loss`` (``block_gradients``); the d-logits kernel reads the kept logits (no recompute) and the two matmuls
-  give the block's d hidden (complete: the block spans the vocabulary) and add its share of d weight (fp32).
+  written-out derivative of ``token_loss`` (``block_gradients``); the d-logits kernel reads the kept logits
+  (no recompute) and the two matmuls give the block's d hidden (complete: the block spans the vocabulary)
+  and add its share of d weight (fp32).
   ``rows`` is at least MIN_ACCUMULATE_K so that the fp32 d-weight update stays compute-bound, which puts the
   scratch at ``rows * V * (4 + itemsize)`` bytes (1.9 GB at V = 152064 in bf16): the price of the saved
   recompute. GSPO's sequence-level ratio couples a sequence's tokens, so it keeps the two-pass path.

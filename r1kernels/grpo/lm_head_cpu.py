@@ -10,8 +10,8 @@ follows the CPU the code runs on (``r1kernels.cpu_caps.fast_bf16_gemm``; ``R1K_C
   ``d logits``, as the GPU kernels do, each block's product added into the fp32 sums;
 - otherwise fp32 GEMMs on the fp32 ``d logits`` and the fp32 copies of the weight tile and the hidden chunk
   that the logits recompute already holds, so no memory beyond the bf16 form's. There bf16 GEMMs would be
-  emulated, 30-60x slower (an AVX2-only EPYC at N=512, H=1024, V=32000: 47 s against 1.5 s). This form skips
-  both bf16 roundings and is the more accurate one.
+  emulated, 30-60x slower (forward + backward at N=512, H=1024, V=32000 on an AVX2-only EPYC: 47 s, against
+  1.5 s in fp32). This form skips both bf16 roundings and is the more accurate one.
 The one-shot form for small problems runs its GEMMs in fp32 for every CPU.
 """
 
