@@ -46,3 +46,9 @@ def test_cli_prints_table(capsys):
     assert compile_report.main(["--arch", "90", "--filter", "per_block"]) == 0
     out = capsys.readouterr().out
     assert "fp8.quantize_per_block" in out and "sm_90a" in out
+
+
+def test_tma_variants_issue_bulk_tensor_copies(rows):
+    tma_rows = [r for r in rows if ",tma" in r.name]
+    assert tma_rows and all(r.arch == 90 for r in tma_rows)
+    assert all(r.tma > 0 for r in tma_rows), [r.name for r in tma_rows if r.tma == 0]
