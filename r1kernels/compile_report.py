@@ -70,7 +70,7 @@ def compile_variant(v: KernelVariant, arch: int):
 
 
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-_MMA = re.compile(r"\b(HGMMA|QGMMA|IGMMA|HMMA|IMMA|DMMA)\b")
+_MMA = re.compile(r"\b(HGMMA|QGMMA|IGMMA|HMMA|QMMA|IMMA|DMMA)\b")
 
 
 def analyse(v: KernelVariant, arch: int) -> CompileRow:

@@ -1,7 +1,15 @@
-"""FP8 (E4M3) quantization on the DeepSeek-V3 recipe: 1 x 128 activation groups, 128 x 128 weight blocks."""
+"""FP8 (E4M3) on the DeepSeek-V3 recipe: quantization in 1 x 128 activation groups and 128 x 128 weight blocks,
+and the block-scaled GEMM over them."""
 
 from r1kernels.fp8.dequantize import dequantize_per_block, dequantize_per_token_group
+from r1kernels.fp8.gemm_nt import gemm_nt
 from r1kernels.fp8.quantize_per_block import quantize_per_block
 from r1kernels.fp8.quantize_per_token_group import quantize_per_token_group
 
-__all__ = ["dequantize_per_block", "dequantize_per_token_group", "quantize_per_block", "quantize_per_token_group"]
+__all__ = [
+    "dequantize_per_block",
+    "dequantize_per_token_group",
+    "gemm_nt",
+    "quantize_per_block",
+    "quantize_per_token_group",
+]

@@ -53,3 +53,16 @@ def dequantize_tiles(q: torch.Tensor, scales: torch.Tensor, tile_m: int, tile_k:
     M, K = q.shape
     full = scales.float().repeat_interleave(tile_m, 0)[:M].repeat_interleave(tile_k, 1)[:, :K]
     return q.float() * full
+
+
+def gemm_nt(a, a_scales, b, b_scales, c=None) -> torch.Tensor:
+    """D = dequant(a) @ dequant(b).T (+ c) in float64: a [M, K] e4m3 with [M, ceil(K/128)] scales, b [N, K]
+    e4m3 with [ceil(N/128), ceil(K/128)] scales."""
+    d = dequantize_tiles(a, a_scales, 1, 128).double() @ dequantize_tiles(b, b_scales, 128, 128).double().T
+    return d if c is None else d + c.double()
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's accuracy metric, 1 - 2<x, y> / (<x, x> + <y, y>): 0 for equal tensors."""
+    x, y = x.double(), y.double()
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())

@@ -80,14 +80,3 @@ def expm1(x):
     """exp(x) - 1 without cancellation near 0 (a cubic Taylor term below |x| = 1e-2, relative error < 1e-8)."""
     small = x * (1.0 + x * (0.5 + x * (1.0 / 6.0)))
     return tl.where(tl.abs(x) < 1e-2, small, tl.exp(x) - 1.0)
-
-
-@triton.jit
-def grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
-    """(row, col) of program ``pid`` in a grouped order: consecutive programs sweep GROUP row blocks, then the
-    next column, so the programs resident at once share GROUP row operands and ~waves/GROUP column operands
-    in L2 instead of each streaming its own (the GROUP_M swizzle of a tiled matmul)."""
-    width = GROUP * n_cols
-    first = (pid // width) * GROUP
-    size = tl.minimum(n_rows - first, GROUP)
-    return first + (pid % width) % size, (pid % width) // size

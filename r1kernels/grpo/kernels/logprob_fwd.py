@@ -15,7 +15,8 @@ import triton.language as tl
 from r1kernels._checks import cdiv
 from r1kernels._launch import KernelConfig
 from r1kernels.compile_registry import register, variant
-from r1kernels.grpo.kernels.logits_tile import DTYPE_CASES, case_tag, grouped_tile, logits_tile, operand_sources
+from r1kernels.grpo.kernels.logits_tile import DTYPE_CASES, case_tag, logits_tile, operand_sources
+from r1kernels.shared.kernels.program_order import grouped_tile
 
 MAX_V_CHUNK = 8192  # vocab columns per program at most: ~19 chunks at V = 151936
 MIN_V_CHUNK = 1024  # at least: below that, the partials and their combine stop being negligible

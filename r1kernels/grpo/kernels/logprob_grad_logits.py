@@ -11,7 +11,8 @@ import triton.language as tl
 
 from r1kernels._launch import KernelConfig
 from r1kernels.compile_registry import register, variant
-from r1kernels.grpo.kernels.logits_tile import DTYPE_CASES, case_tag, expm1, grouped_tile, logits_tile, operand_sources
+from r1kernels.grpo.kernels.logits_tile import DTYPE_CASES, case_tag, expm1, logits_tile, operand_sources
+from r1kernels.shared.kernels.program_order import grouped_tile
 
 
 @triton.jit

@@ -1,0 +1,131 @@
+"""Block-scaled FP8 GEMM (gemm_nt) against the float64 dequantized reference and, by DeepGEMM's metric,
+against an fp32 matmul of the unquantized inputs; every backend, the sm_80 decode path, odd shapes, K not a
+multiple of 128, c accumulation, M-major scales, bad input."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import HAS_GPU, backends_for
+
+import r1kernels
+from r1kernels.fp8 import reference as ref
+
+gemm_module = importlib.import_module("r1kernels.fp8.gemm_nt")  # the package re-exports the function's name
+
+
+def _operands(M, N, K, device, spread=True):
+    x = torch.randn(M, K) * (torch.logspace(-2, 2, M)[:, None] if spread else 1.0)
+    w = torch.randn(N, K) * K**-0.5
+    a, sa = r1kernels.fp8.quantize_per_token_group(x.to(device))
+    b, sb = r1kernels.fp8.quantize_per_block(w.to(device))
+    return x, w, a, sa, b, sb
+
+
+def _rel(d, r) -> float:
+    assert not torch.isnan(d).any(), "NaN in output"
+    return float((d.double().cpu() - r).norm() / r.norm())
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("M,N,K", [(1, 130, 128), (5, 300, 336), (70, 257, 80), (130, 128, 256)], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_reference(backend, device, M, N, K, out_dtype):
+    x, w, a, sa, b, sb = _operands(M, N, K, device)
+    with r1kernels.use_backend(backend):
+        d = r1kernels.fp8.gemm_nt(a, sa, b, sb, out_dtype=out_dtype)
+    r = ref.gemm_nt(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())
+    assert d.shape == (M, N) and d.dtype == out_dtype
+    assert _rel(d, r) < (1e-6 if out_dtype == torch.float32 else 4e-3)
+    if K >= 256:  # DeepGEMM's bar against the unquantized product (at tiny K the e4m3 error does not average)
+        assert ref.calc_diff(d.cpu(), x @ w.T) < 1e-3
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("N,K", [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)],
+                         ids=str)  # fmt: skip
+def test_deepseek_v3_shapes(backend, device, N, K):
+    """DeepSeek-V3's projection shapes at a decode-sized M. The interpreter runs the first N rows of each
+    (every K block, so the whole promotion chain); the CPU path the whole weight."""
+    if backend == "triton" and not HAS_GPU:
+        N = 256
+    x, w, a, sa, b, sb = _operands(2, N, K, device, spread=False)
+    with r1kernels.use_backend(backend):
+        d = r1kernels.fp8.gemm_nt(a, sa, b, sb, out_dtype=torch.float32)
+    assert ref.calc_diff(d.cpu(), x @ w.T) < 1e-3
+    assert _rel(d, ref.gemm_nt(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())) < 1e-5  # fp32 sums over up to 128 blocks
+
+
+def test_sm80_decode_path_matches_reference(kernel_device, monkeypatch):
+    """sm_80 has no FP8 MMA: the kernel turns the codes into fp16 (value * 2^-8, exact) and multiplies in fp16."""
+    monkeypatch.setattr(gemm_module, "hw_fp8_convert", lambda arch: False)
+    _, _, a, sa, b, sb = _operands(70, 257, 208, kernel_device)
+    with r1kernels.use_backend("triton"):
+        d = r1kernels.fp8.gemm_nt(a, sa, b, sb, out_dtype=torch.float32)
+    assert _rel(d, ref.gemm_nt(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())) < 1e-6
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_c_is_added_and_left_alone(backend, device, out_dtype):
+    _, _, a, sa, b, sb = _operands(9, 140, 144, device)
+    c = torch.randn(9, 140, device=device).to(out_dtype)
+    c0 = c.clone()
+    with r1kernels.use_backend(backend):
+        d = r1kernels.fp8.gemm_nt(a, sa, b, sb, out_dtype=out_dtype, c=c)
+    assert torch.equal(c, c0)
+    r = ref.gemm_nt(a.cpu(), sa.cpu(), b.cpu(), sb.cpu(), c.cpu())
+    assert _rel(d, r) < (1e-6 if out_dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+def test_m_major_activation_scales(backend, device):
+    x = torch.randn(37, 304)
+    a, sa = r1kernels.fp8.quantize_per_token_group(x.to(device), scale_layout="m_major")
+    b, sb = r1kernels.fp8.quantize_per_block(torch.randn(130, 304).to(device))
+    assert sa.stride(0) == 1
+    with r1kernels.use_backend(backend):
+        d = r1kernels.fp8.gemm_nt(a, sa, b, sb, out_dtype=torch.float32)
+    assert _rel(d, ref.gemm_nt(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())) < 1e-6
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+def test_nan_group_poisons_its_row_only_and_zero_rows_stay_finite(backend, device):
+    x = torch.randn(4, 256)
+    x[1, 5] = float("nan")
+    x[2] = 0.0  # all-zero groups: scale 1e-4 / 448, never 0 / 0
+    a, sa = r1kernels.fp8.quantize_per_token_group(x.to(device))
+    b, sb = r1kernels.fp8.quantize_per_block(torch.randn(130, 256).to(device))
+    with r1kernels.use_backend(backend):
+        d = r1kernels.fp8.gemm_nt(a, sa, b, sb, out_dtype=torch.float32).cpu()
+    assert torch.isnan(d[1]).all() and torch.isfinite(d[[0, 2, 3]]).all() and torch.equal(d[2], torch.zeros(130))
+
+
+def test_empty_m():
+    _, _, a, sa, b, sb = _operands(0, 130, 128, "cpu")
+    assert r1kernels.fp8.gemm_nt(a, sa, b, sb).shape == (0, 130)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda t: {**t, "a": t["a"].float()}, "a must have dtype"),
+        (lambda t: {**t, "a": t["a"][:, :120], "a_scales": t["a_scales"]}, "b must be"),
+        (lambda t: {**t, "b_scales": t["b_scales"][:1]}, r"b_scales must be \[ceil\(N/128\), ceil\(K/128\)\]"),
+        (lambda t: {**t, "a_scales": t["a_scales"][:, :1]}, r"a_scales must be \[M, ceil\(K/128\)\]"),
+        (lambda t: {**t, "out_dtype": torch.float16}, "out_dtype must be"),
+        (lambda t: {**t, "c": torch.zeros(3, 3)}, "c must be"),
+    ],
+)
+def test_bad_input(change, match):
+    _, _, a, sa, b, sb = _operands(5, 130, 256, "cpu")
+    args = change({"a": a, "a_scales": sa, "b": b, "b_scales": sb, "out_dtype": torch.bfloat16, "c": None})
+    with pytest.raises((TypeError, ValueError), match=match):
+        r1kernels.fp8.gemm_nt(args.pop("a"), args.pop("a_scales"), args.pop("b"), args.pop("b_scales"), **args)
+
+
+def test_k_must_be_a_multiple_of_16():
+    a = torch.zeros(2, 40).to(torch.float8_e4m3fn)
+    b = torch.zeros(3, 40).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="K must be a multiple of 16"):
+        r1kernels.fp8.gemm_nt(a, torch.ones(2, 1), b, torch.ones(1, 1))

@@ -1,0 +1,142 @@
+"""Block-scaled FP8 GEMM in DeepGEMM's NT layout (``fp8_gemm_nt``): D = (a * a_scales) @ (b * b_scales).T."""
+
+from __future__ import annotations
+
+import torch
+
+from r1kernels import _alloc, backend
+from r1kernels._checks import cdiv, check_tensor
+from r1kernels._launch import launch
+from r1kernels._ops import Sample, define_op
+from r1kernels.fp8.kernels import gemm_nt as kernel
+from r1kernels.fp8.kernels.e4m3 import hw_fp8_convert
+from r1kernels.fp8.tiles import dequantize_tiles
+
+OUT_DTYPES = (torch.bfloat16, torch.float32)
+BLOCK = kernel.SCALE_BLOCK
+CPU_CHUNK_ROWS = 1024  # rows of a and b dequantized at a time on the CPU: bounded fp32 copies
+
+
+def validate(a, a_scales, b, b_scales, out_dtype, c) -> None:
+    check_tensor("a", a, dtypes=(torch.float8_e4m3fn,), ndim=2)
+    check_tensor("b", b, dtypes=(torch.float8_e4m3fn,), ndim=2)
+    check_tensor("a_scales", a_scales, dtypes=(torch.float32,), ndim=2)
+    check_tensor("b_scales", b_scales, dtypes=(torch.float32,), ndim=2)
+    (M, K), N = a.shape, b.shape[0]
+    if b.shape[1] != K:
+        raise ValueError(f"b must be [N, K] with K = a.shape[1] = {K}, got {tuple(b.shape)}")
+    if K % 16:
+        raise ValueError(f"K must be a multiple of 16 (16-byte rows of e4m3), got K = {K}")
+    for name, t in (("a", a), ("b", b)):
+        if t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) % 16):
+            raise ValueError(f"{name} must be row-major with a row stride that is a multiple of 16 elements, got "
+                             f"strides {t.stride()}; call .contiguous() first")  # fmt: skip
+    if tuple(a_scales.shape) != (M, cdiv(K, BLOCK)):
+        raise ValueError(f"a_scales must be [M, ceil(K/128)] = {(M, cdiv(K, BLOCK))} (1 x 128 groups), "
+                         f"got {tuple(a_scales.shape)}")  # fmt: skip
+    if tuple(b_scales.shape) != (cdiv(N, BLOCK), cdiv(K, BLOCK)):
+        raise ValueError(f"b_scales must be [ceil(N/128), ceil(K/128)] = {(cdiv(N, BLOCK), cdiv(K, BLOCK))} "
+                         f"(128 x 128 blocks), got {tuple(b_scales.shape)}")  # fmt: skip
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
+    tensors = {"a_scales": a_scales, "b": b, "b_scales": b_scales}
+    if c is not None:
+        check_tensor("c", c, dtypes=OUT_DTYPES, ndim=2)
+        if tuple(c.shape) != (M, N) or c.stride(1) != 1:
+            raise ValueError(f"c must be [M, N] = {(M, N)} with unit column stride, got {tuple(c.shape)}")
+        tensors["c"] = c
+    for name, t in tensors.items():
+        if t.device != a.device:
+            raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
+
+
+def _cpu(a, a_scales, b, b_scales, out, c) -> None:
+    """Tile-wise dequantize (the C++ kernel) + fp32 matmul, CPU_CHUNK_ROWS rows of each operand at a time."""
+    M, N = out.shape
+    for n0 in range(0, N, CPU_CHUNK_ROWS):  # a multiple of 128: whole weight-scale blocks
+        n1 = min(N, n0 + CPU_CHUNK_ROWS)
+        b32 = dequantize_tiles(b[n0:n1], b_scales[n0 // BLOCK : cdiv(n1, BLOCK)], BLOCK, BLOCK, torch.float32,
+                               op="gemm_nt")  # fmt: skip
+        for m0 in range(0, M, CPU_CHUNK_ROWS):
+            m1 = min(M, m0 + CPU_CHUNK_ROWS)
+            a32 = dequantize_tiles(a[m0:m1], a_scales[m0:m1], 1, BLOCK, torch.float32, op="gemm_nt")
+            d = a32 @ b32.T
+            if c is not None:
+                d += c[m0:m1, n0:n1]
+            out[m0:m1, n0:n1] = d
+
+
+def _triton(a, a_scales, b, b_scales, out, c) -> None:
+    (M, K), N = a.shape, b.shape[0]
+    arch = backend.device_arch(a.device)
+    cfg = kernel.config(M, arch)
+    fp8 = hw_fp8_convert(arch)
+    codes = (a, b) if fp8 else (a.view(torch.uint8), b.view(torch.uint8))
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    c_arg = out if c is None else c
+    args = (*codes, a_scales, b_scales, c_arg, out, M, N, K, a.stride(0) if M > 1 else K, b.stride(0) if N > 1 else K,
+            a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1), c_arg.stride(0),
+            out.stride(0))  # fmt: skip
+    launch(kernel.gemm_nt_kernel, grid, args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8)
+
+
+def _fake(a, a_scales, b, b_scales, out_dtype, c):
+    validate(a, a_scales, b, b_scales, out_dtype, c)
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+def _samples(device: str):
+    from r1kernels.fp8.quantize_per_block import quantize_per_block
+    from r1kernels.fp8.quantize_per_token_group import quantize_per_token_group
+
+    a, sa = quantize_per_token_group(torch.randn(5, 208, device=device))
+    b, sb = quantize_per_block(torch.randn(130, 208, device=device))
+    yield Sample((a, sa, b, sb, torch.bfloat16, None), ("test_faketensor", "test_aot_dispatch_dynamic"))
+    yield Sample((a, sa, b, sb, torch.float32, torch.randn(5, 130, device=device)),
+                 ("test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
+
+
+@define_op("fp8_gemm_nt", fake=_fake, samples=_samples)
+def _gemm_nt_op(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    out_dtype: torch.dtype,
+    c: torch.Tensor | None,
+) -> torch.Tensor:
+    validate(a, a_scales, b, b_scales, out_dtype, c)
+    out = _alloc.empty((a.shape[0], b.shape[0]), out_dtype, a.device)
+    if out.numel() == 0 or a.shape[1] == 0:
+        return out.zero_() if c is None else out.copy_(c)
+    (_cpu if backend.resolve(a.device, "fp8_gemm_nt") == "cpu" else _triton)(a, a_scales, b, b_scales, out, c)
+    return out
+
+
+def gemm_nt(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    c: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``D [M, N] = (a * a_scales) @ (b * b_scales).T (+ c)``, DeepGEMM's ``fp8_gemm_nt`` layout.
+
+    Args:
+        a: ``[M, K] float8_e4m3fn`` row-major (activations), K a multiple of 16, any M.
+        a_scales: ``[M, ceil(K/128)] float32``, one per 1 x 128 group, row-major or M-major (any strides), as
+            ``quantize_per_token_group`` produces them.
+        b: ``[N, K] float8_e4m3fn`` row-major (a weight, ``out_features x in_features``), any N.
+        b_scales: ``[ceil(N/128), ceil(K/128)] float32``, one per 128 x 128 block, as ``quantize_per_block``
+            produces them; DeepSeek-V3's checkpoints store exactly this as ``weight_scale_inv`` (a multiplier
+            despite its name), so their weights load as they are.
+        out_dtype: bfloat16 or float32.
+        c: optional ``[M, N]`` bfloat16 / float32 added to the product (D = a @ b.T + c; ``c`` is not modified).
+
+    Each 128-wide K block's product is formed in fp32 and scaled into an fp32 sum (DeepSeek-V3's promotion).
+    GPU: FP8 tensor cores on sm_89 / sm_90a, fp16 MMA on the exact decoded codes on sm_80. CPU: tile-wise
+    dequantize + fp32 matmul, CPU_CHUNK_ROWS rows of each operand at a time.
+    """
+    return _gemm_nt_op(a, a_scales, b, b_scales, out_dtype, c)

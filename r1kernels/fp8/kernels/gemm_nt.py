@@ -1,0 +1,103 @@
+"""Block-scaled FP8 GEMM, DeepGEMM's NT layout: D[M, N] = (A * sa) @ (B * sb).T (+ C).
+
+A [M, K] e4m3 with one fp32 scale per 1 x 128 group, B [N, K] e4m3 with one per 128 x 128 block. Each 128-wide
+K block's MMA result lands in a fresh fp32 accumulator and is scaled (sa of the row x sb of the block) into
+the running fp32 sum: DeepSeek-V3's promotion, which also sidesteps Hopper's reduced-precision FP8 MMA
+accumulation over long K. sm_89 / sm_90a multiply e4m3 on the tensor cores (QGMMA on sm_90a); sm_80 has no
+FP8 MMA (nor an fp8 type in Triton), so it turns the codes into fp16 with two integer ops (exact, scaled by
+2^-8) and runs fp16 MMA: the same API and memory savings, 16-bit math.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from r1kernels._launch import KernelConfig
+from r1kernels.compile_registry import register, variant
+from r1kernels.fp8.kernels.e4m3 import hw_fp8_convert
+from r1kernels.shared.kernels.program_order import grouped_tile
+
+SCALE_BLOCK = 128  # K per scale (both operands) and N rows per weight scale: the tile edges below
+
+
+@triton.jit
+def e4m3_as_fp16(q):
+    """e4m3 codes (uint8) -> fp16 of value * 2^-8, exactly: shifting the 7 magnitude bits up by 7 turns e4m3's
+    4-bit exponent (bias 7) and 3-bit mantissa into fp16's fields (bias 15), subnormals included. Two integer
+    ops per element, where a full decode to fp32 and back blows the sm_80 register file."""
+    c = q.to(tl.int16)
+    return (((c & 0x7F) << 7) | ((c & 0x80) << 8)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def gemm_nt_kernel(
+    a_ptr,  # [M, K] e4m3 (uint8 view without FP8_MMA), row stride stride_a
+    b_ptr,  # [N, K] e4m3 (uint8 view without FP8_MMA), row stride stride_b
+    sa_ptr,  # [M, ceil(K/128)] fp32, strides (stride_sam, stride_sak): row-major or M-major
+    sb_ptr,  # [ceil(N/128), ceil(K/128)] fp32, strides (stride_sbn, stride_sbk)
+    c_ptr,  # [M, N] added to the product (read only when HAS_C), row stride stride_cm
+    d_ptr,  # [M, N] out (bf16 / fp32), row stride stride_dm
+    M, N, K, stride_a, stride_b, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_cm, stride_dm,
+    HAS_C: tl.constexpr, FP8_MMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_a + rk[None, :]
+    b_ptrs = b_ptr + rn[:, None] * stride_b + rk[None, :]
+    # scales advance by one K block per step (pointer adds: no 32-bit K-block index x stride product)
+    sa_ptrs = sa_ptr + rm * stride_sam
+    sb_ptrs = sb_ptr + pid_n.to(tl.int64) * stride_sbn  # BLOCK_N == 128: one weight scale per K block
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0.0)
+        b = tl.load(b_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < K - k0), other=0.0)
+        if FP8_MMA:
+            part = tl.dot(a, tl.trans(b))  # a fresh fp32 accumulator per K block: the promotion
+        else:
+            part = tl.dot(e4m3_as_fp16(a), tl.trans(e4m3_as_fp16(b))) * 65536.0  # undo the two 2^-8
+        sa = tl.load(sa_ptrs, mask=rm < M, other=0.0)
+        sb = tl.load(sb_ptrs)
+        acc += part * (sa[:, None] * sb)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        sa_ptrs += stride_sak
+        sb_ptrs += stride_sbk
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if HAS_C:
+        acc += tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(d_ptr + rm[:, None] * stride_dm + rn[None, :], acc.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def config(M: int, arch: int | None) -> KernelConfig:
+    """N and K tiles are the 128-wide scale blocks. sm_90a: 128 rows over two warpgroups (64 for decode-sized
+    M), four 32 KB fp8 stages (227 KB shared). sm_80 / sm_89 keep the MMA result and the scaled running sum
+    in registers side by side: 64 rows over 8 warps stay under 255 registers with no stack (128 rows spill),
+    four stages fit sm_89's 99 KB."""
+    if arch is not None and arch >= 90:
+        block_m, warps = (64, 4) if M <= 64 else (128, 8)
+    else:
+        block_m, warps = 64, 8
+    return KernelConfig({"BLOCK_M": block_m, "BLOCK_N": SCALE_BLOCK, "BLOCK_K": SCALE_BLOCK, "GROUP_M": 8},
+                        num_warps=warps, num_stages=4)  # fmt: skip
+
+
+@register
+def variants(arch: int):
+    fp8 = hw_fp8_convert(arch)
+    codes = "*fp8e4nv" if fp8 else "*u8"
+    out = []
+    shapes = ((4096, "bf16", False), (4096, "fp32", True)) + (((64, "bf16", False),) if arch >= 90 else ())
+    for M, out_type, has_c in shapes:
+        out.append(variant(
+            f"fp8.gemm_nt[{'small-M' if M <= 64 else 'M'}->{out_type}{',+c' if has_c else ''}]", gemm_nt_kernel,
+            config(M, arch), kind="matrix",
+            types={"a_ptr": codes, "b_ptr": codes, "sa_ptr": "*fp32", "sb_ptr": "*fp32", "c_ptr": f"*{out_type}",
+                   "d_ptr": f"*{out_type}"},
+            switches={"HAS_C": has_c, "FP8_MMA": fp8},
+            aligned=("a_ptr", "b_ptr", "c_ptr", "d_ptr", "K", "stride_a", "stride_b", "stride_cm", "stride_dm"),
+        ))  # fmt: skip
+    return out

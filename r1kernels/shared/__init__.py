@@ -1,0 +1,1 @@
+"""Pieces every op family's kernels share."""

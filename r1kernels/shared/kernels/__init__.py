@@ -1,0 +1,1 @@
+"""Triton helpers shared across families (no kernels of their own)."""
