@@ -65,6 +65,18 @@ def test_sm80_decode_path_matches_reference(kernel_device, monkeypatch):
     assert _rel(d, ref.gemm_nt(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())) < 1e-6
 
 
+@pytest.mark.skipif(HAS_GPU, reason="forces the sm_90a descriptor path on CPU tensors; on a GPU the arch decides")
+def test_tma_operand_path_in_the_interpreter(monkeypatch):
+    """sm_90a's tensor-descriptor loads (edges zero-filled by TMA instead of masks), run by the interpreter."""
+    kernels = importlib.import_module("r1kernels.fp8.kernels.gemm_nt")
+    monkeypatch.setattr(kernels, "use_tma", lambda arch, fp8_mma, *operands: True)
+    _, _, a, sa, b, sb = _operands(70, 257, 208, "cpu")
+    c = torch.randn(70, 257)
+    with r1kernels.use_backend("triton"):
+        d = r1kernels.fp8.gemm_nt(a, sa, b, sb, out_dtype=torch.float32, c=c)
+    assert _rel(d, ref.gemm_nt(a, sa, b, sb, c)) < 1e-6
+
+
 @pytest.mark.parametrize("backend,device", backends_for())
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_c_is_added_and_left_alone(backend, device, out_dtype):

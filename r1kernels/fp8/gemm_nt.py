@@ -77,7 +77,8 @@ def _triton(a, a_scales, b, b_scales, out, c) -> None:
     args = (*codes, a_scales, b_scales, c_arg, out, M, N, K, a.stride(0) if M > 1 else K, b.stride(0) if N > 1 else K,
             a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1), c_arg.stride(0),
             out.stride(0))  # fmt: skip
-    launch(kernel.gemm_nt_kernel, grid, args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8)
+    tma = kernel.use_tma(arch, fp8, a, b)
+    launch(kernel.gemm_nt_kernel, grid, args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8, USE_TMA=tma)
 
 
 def _fake(a, a_scales, b, b_scales, out_dtype, c):

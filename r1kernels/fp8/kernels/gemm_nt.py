@@ -10,6 +10,8 @@ FP8 MMA (nor an fp8 type in Triton), so it turns the codes into fp16 with two in
 
 from __future__ import annotations
 
+import itertools
+
 import triton
 import triton.language as tl
 
@@ -39,7 +41,7 @@ def gemm_nt_kernel(
     c_ptr,  # [M, N] added to the product (read only when HAS_C), row stride stride_cm
     d_ptr,  # [M, N] out (bf16 / fp32), row stride stride_dm
     M, N, K, stride_a, stride_b, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_cm, stride_dm,
-    HAS_C: tl.constexpr, FP8_MMA: tl.constexpr,
+    HAS_C: tl.constexpr, FP8_MMA: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -51,10 +53,17 @@ def gemm_nt_kernel(
     # scales advance by one K block per step (pointer adds: no 32-bit K-block index x stride product)
     sa_ptrs = sa_ptr + rm * stride_sam
     sb_ptrs = sb_ptr + pid_n.to(tl.int64) * stride_sbn  # BLOCK_N == 128: one weight scale per K block
+    if USE_TMA:  # sm_90a: bulk tensor copies into shared memory, edges zero-filled by the hardware
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0.0)
-        b = tl.load(b_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < K - k0), other=0.0)
+        if USE_TMA:
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([pid_n * BLOCK_N, k0])
+        else:
+            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0.0)
+            b = tl.load(b_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < K - k0), other=0.0)
         if FP8_MMA:
             part = tl.dot(a, tl.trans(b))  # a fresh fp32 accumulator per K block: the promotion
         else:
@@ -70,6 +79,12 @@ def gemm_nt_kernel(
     if HAS_C:
         acc += tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(d_ptr + rm[:, None] * stride_dm + rn[None, :], acc.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def use_tma(arch: int | None, fp8_mma: bool, *operands) -> bool:
+    """Operands through tensor descriptors on sm_90a (FP8 codes; base addresses 16-byte aligned, row strides
+    are by validation); cp.async pointer loads elsewhere."""
+    return arch is not None and arch >= 90 and fp8_mma and all(t.data_ptr() % 16 == 0 for t in operands)
 
 
 def config(M: int, arch: int | None) -> KernelConfig:
@@ -91,13 +106,13 @@ def variants(arch: int):
     codes = "*fp8e4nv" if fp8 else "*u8"
     out = []
     shapes = ((4096, "bf16", False), (4096, "fp32", True)) + (((64, "bf16", False),) if arch >= 90 else ())
-    for M, out_type, has_c in shapes:
+    for (M, out_type, has_c), tma in itertools.product(shapes, (False, True) if arch >= 90 else (False,)):
         out.append(variant(
-            f"fp8.gemm_nt[{'small-M' if M <= 64 else 'M'}->{out_type}{',+c' if has_c else ''}]", gemm_nt_kernel,
-            config(M, arch), kind="matrix",
+            f"fp8.gemm_nt[{'small-M' if M <= 64 else 'M'}->{out_type}{',+c' if has_c else ''}{',tma' if tma else ''}]",
+            gemm_nt_kernel, config(M, arch), kind="matrix",
             types={"a_ptr": codes, "b_ptr": codes, "sa_ptr": "*fp32", "sb_ptr": "*fp32", "c_ptr": f"*{out_type}",
                    "d_ptr": f"*{out_type}"},
-            switches={"HAS_C": has_c, "FP8_MMA": fp8},
+            switches={"HAS_C": has_c, "FP8_MMA": fp8, "USE_TMA": tma},
             aligned=("a_ptr", "b_ptr", "c_ptr", "d_ptr", "K", "stride_a", "stride_b", "stride_cm", "stride_dm"),
         ))  # fmt: skip
     return out
