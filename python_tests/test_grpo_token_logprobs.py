@@ -257,9 +257,9 @@ def test_fp32_dot_precision_follows_torch(monkeypatch):
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
-        assert tlp._precision(hidden) == "tf32"
+        assert tlp.precision_for(hidden) == "tf32"
         torch.set_float32_matmul_precision("highest")
-        assert tlp._precision(hidden) == "ieee"
+        assert tlp.precision_for(hidden) == "ieee"
     finally:
         torch.set_float32_matmul_precision(previous)
 

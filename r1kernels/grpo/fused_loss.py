@@ -45,7 +45,7 @@ def fused_rows(N: int, V: int, elt: int, block_n: int) -> int:
 def _single_pass_triton(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with_entropy: bool):
     N, H = hidden.shape
     V, dev, elt = weight.shape[0], hidden.device, hidden.element_size()
-    arch, precision = backend.device_arch(dev), lm._precision(hidden)
+    arch, precision = backend.device_arch(dev), lm.precision_for(hidden)
     cfg = logprob_grad_logits.config(elt, arch, precision)
     mm = matmul.config(elt, arch, precision)
     rows = fused_rows(N, V, elt, cfg["BLOCK_N"])
@@ -60,11 +60,11 @@ def _single_pass_triton(hidden, weight, bias, ids, t: TokenTerms, temperature: f
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h, z, g_z = hidden[r0:r1], logits[: r1 - r0], gz[: r1 - r0]
-        lp, lse, ent = lm._forward_triton(h, weight, bias, ids[r0:r1], temperature, with_entropy, logits=z)
+        lp, lse, ent = lm.forward_triton(h, weight, bias, ids[r0:r1], temperature, with_entropy, logits=z)
         part, g, ge = block_gradients(lp, ent, t.rows(r0, r1))
         lm.grad_logits(h, weight, bias, ids[r0:r1], lse, g, ge, ent, g_z, 0, temperature, cfg, precision, z)
-        lm._matmul(g_z, weight, d_hidden[r0:r1], False, mm, precision)  # d hidden = G @ W
-        lm._matmul(g_z.T, h, d_weight, rows < N, mm, precision)  # d weight (+)= G^T @ H
+        lm.launch_matmul(g_z, weight, d_hidden[r0:r1], False, mm, precision)  # d hidden = G @ W
+        lm.launch_matmul(g_z.T, h, d_weight, rows < N, mm, precision)  # d weight (+)= G^T @ H
         if d_bias32 is not None:
             d_bias32 += torch.sum(g_z, dim=0, dtype=torch.float32)
         logp[r0:r1], entropy[r0:r1] = lp, ent

@@ -60,16 +60,16 @@ def validate(hidden, weight, bias, token_ids, temperature) -> None:
 # ---- forward ----------------------------------------------------------------------------------------
 
 
-def _precision(t: torch.Tensor) -> str:
+def precision_for(t: torch.Tensor) -> str:
     return dot_precision(t.element_size(), torch.get_float32_matmul_precision() != "highest")
 
 
-def _forward_triton(hidden, weight, bias, token_ids, temperature, return_entropy, logits=None):
+def forward_triton(hidden, weight, bias, token_ids, temperature, return_entropy, logits=None):
     """(logp, lse, entropy) of every row; with ``logits`` (an fp32 [N, V] buffer, unit column stride) the
     kernel also writes the logits there, for the single-pass training path."""
     N, H = hidden.shape
     V = weight.shape[0]
-    arch, precision = backend.device_arch(hidden.device), _precision(hidden)
+    arch, precision = backend.device_arch(hidden.device), precision_for(hidden)
     cfg = logprob_fwd.config(hidden.element_size(), arch, precision, store=logits is not None)
     v_chunk = logprob_fwd.vocab_chunk(N, V, backend.sm_count(hidden.device), cfg)
     n_chunks = cdiv(V, v_chunk)
@@ -102,7 +102,7 @@ def logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy, 
     if backend.resolve(hidden.device, op) == "cpu":
         return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, return_entropy)  # checks the ids
     check_index_range("token_ids", token_ids, weight.shape[0], "V")
-    return _forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
+    return forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
 
 
 # ---- backward ---------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def grad_blocks(N: int, V: int, elt: int, block_n: int, block_v: int) -> tuple[i
     return min(cdiv(rows, block_n) * block_n, cdiv(N, block_n) * block_n), V
 
 
-def _matmul(a, b, c, accumulate: bool, cfg, precision: str) -> None:
+def launch_matmul(a, b, c, accumulate: bool, cfg, precision: str) -> None:
     M, K = a.shape
     Nc = b.shape[1]
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(Nc, cfg["BLOCK_N"]),)
@@ -149,7 +149,7 @@ def grad_logits(h, w, bias, ids, lse, g, ge, ent, out, col0, temperature, cfg, p
 def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
     N, H = hidden.shape
     V = weight.shape[0]
-    arch, precision = backend.device_arch(hidden.device), _precision(hidden)
+    arch, precision = backend.device_arch(hidden.device), precision_for(hidden)
     cfg = logprob_grad_logits.config(hidden.element_size(), arch, precision)
     mm = matmul.config(hidden.element_size(), arch, precision)
     rows, cols = grad_blocks(N, V, hidden.element_size(), cfg["BLOCK_N"], cfg["BLOCK_V"])
@@ -174,8 +174,8 @@ def _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids, l
             grad_logits(h, w, bias[v0:v1] if bias is not None else None, token_ids[r0:r1], lse[r0:r1],
                         grad_logp[r0:r1], ge[r0:r1] if with_eg else None, ent[r0:r1], g, v0, temperature, cfg,
                         precision)  # fmt: skip
-            _matmul(g, w, d_hidden[r0:r1], hidden_accumulates, mm, precision)  # d hidden (+)= G @ W
-            _matmul(g.T, h, d_weight[v0:v1], rows < N, mm, precision)  # d weight (+)= G^T @ H
+            launch_matmul(g, w, d_hidden[r0:r1], hidden_accumulates, mm, precision)  # d hidden (+)= G @ W
+            launch_matmul(g.T, h, d_weight[v0:v1], rows < N, mm, precision)  # d weight (+)= G^T @ H
             if d_bias32 is not None:
                 d_bias32[v0:v1] += torch.sum(g, dim=0, dtype=torch.float32)  # fp32 sum, no fp32 copy of g
     d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
