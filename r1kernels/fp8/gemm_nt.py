@@ -66,19 +66,23 @@ def _cpu(a, a_scales, b, b_scales, out, c) -> None:
             out[m0:m1, n0:n1] = d
 
 
-def _triton(a, a_scales, b, b_scales, out, c) -> None:
-    (M, K), N = a.shape, b.shape[0]
+def launch_gemm(a, a_scales, b, b_scales, out, c, m_indices=None) -> None:
+    """``b`` [N, K] (or [G, N, K] with ``m_indices``: DeepGEMM's contiguous grouped layout)."""
+    (M, K), N = a.shape, b.shape[-2]
     arch = backend.device_arch(a.device)
     cfg = kernel.config(M, arch)
     fp8 = hw_fp8_convert(arch)
     codes = (a, b) if fp8 else (a.view(torch.uint8), b.view(torch.uint8))
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     c_arg = out if c is None else c
-    args = (*codes, a_scales, b_scales, c_arg, out, M, N, K, a.stride(0) if M > 1 else K, b.stride(0) if N > 1 else K,
-            a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1), c_arg.stride(0),
-            out.stride(0))  # fmt: skip
+    grouped = m_indices is not None
+    ids, sg, bg = (m_indices, b_scales.stride(0), b.stride(0)) if grouped else (out, 0, 0)
+    args = (*codes, a_scales, b_scales, c_arg, out, ids, M, N, K, a.stride(0) if M > 1 else K,
+            b.stride(-2) if N > 1 else K, a_scales.stride(0), a_scales.stride(1), b_scales.stride(-2),
+            b_scales.stride(-1), c_arg.stride(0), out.stride(0), bg, sg)  # fmt: skip
     tma = kernel.use_tma(arch, fp8, a, b)
-    launch(kernel.gemm_nt_kernel, grid, args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8, USE_TMA=tma)
+    launch(kernel.gemm_nt_kernel, grid, args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8, USE_TMA=tma,
+           GROUPED=grouped)  # fmt: skip
 
 
 def _fake(a, a_scales, b, b_scales, out_dtype, c):
@@ -110,7 +114,7 @@ def _gemm_nt_op(
     out = _alloc.empty((a.shape[0], b.shape[0]), out_dtype, a.device)
     if out.numel() == 0 or a.shape[1] == 0:
         return out.zero_() if c is None else out.copy_(c)
-    (_cpu if backend.resolve(a.device, "fp8_gemm_nt") == "cpu" else _triton)(a, a_scales, b, b_scales, out, c)
+    (_cpu if backend.resolve(a.device, "fp8_gemm_nt") == "cpu" else launch_gemm)(a, a_scales, b, b_scales, out, c)
     return out
 
 

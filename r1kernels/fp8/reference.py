@@ -66,3 +66,13 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's accuracy metric, 1 - 2<x, y> / (<x, x> + <y, y>): 0 for equal tensors."""
     x, y = x.double(), y.double()
     return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+
+def grouped_gemm_nt_contiguous(a, a_scales, b, b_scales, m_indices) -> torch.Tensor:
+    """Row r of the output is dequant(a[r]) @ dequant(b[m_indices[r]]).T in float64; zeros where m_indices is -1."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64)
+    a64 = dequantize_tiles(a, a_scales, 1, 128).double()
+    for r, e in enumerate(m_indices.tolist()):
+        if e >= 0:
+            out[r] = a64[r] @ dequantize_tiles(b[e], b_scales[e], 128, 128).double().T
+    return out

@@ -40,12 +40,21 @@ def gemm_nt_kernel(
     sb_ptr,  # [ceil(N/128), ceil(K/128)] fp32, strides (stride_sbn, stride_sbk)
     c_ptr,  # [M, N] added to the product (read only when HAS_C), row stride stride_cm
     d_ptr,  # [M, N] out (bf16 / fp32), row stride stride_dm
+    ids_ptr,  # GROUPED: [M] int32 expert of each row, -1 on padding; 128-row segments share one expert
     M, N, K, stride_a, stride_b, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_cm, stride_dm,
-    HAS_C: tl.constexpr, FP8_MMA: tl.constexpr, USE_TMA: tl.constexpr,
+    stride_bg, stride_sbg,  # GROUPED: elements from one expert's b / b_scales to the next
+    HAS_C: tl.constexpr, FP8_MMA: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_end = K
+    if GROUPED:  # DeepGEMM's contiguous layout: a tile's rows are one expert's or padding (-1, output 0)
+        row_ids = tl.load(ids_ptr + rm, mask=rm < M, other=-1)
+        expert = tl.max(row_ids, axis=0)
+        k_end = tl.where(expert >= 0, K, 0)  # an all-padding tile skips its K loop
+        b_ptr += tl.maximum(expert, 0).to(tl.int64) * stride_bg
+        sb_ptr += tl.maximum(expert, 0).to(tl.int64) * stride_sbg
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_a + rk[None, :]
@@ -57,7 +66,7 @@ def gemm_nt_kernel(
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1], block_shape=[BLOCK_M, BLOCK_K])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
+    for k0 in tl.range(0, k_end, BLOCK_K):
         if USE_TMA:
             a = a_desc.load([pid_m * BLOCK_M, k0])
             b = b_desc.load([pid_n * BLOCK_N, k0])
@@ -76,6 +85,8 @@ def gemm_nt_kernel(
         sa_ptrs += stride_sak
         sb_ptrs += stride_sbk
     mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if GROUPED:
+        acc = tl.where(row_ids[:, None] >= 0, acc, 0.0)
     if HAS_C:
         acc += tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(d_ptr + rm[:, None] * stride_dm + rn[None, :], acc.to(d_ptr.dtype.element_ty), mask=mask)
@@ -105,14 +116,16 @@ def variants(arch: int):
     fp8 = hw_fp8_convert(arch)
     codes = "*fp8e4nv" if fp8 else "*u8"
     out = []
-    shapes = ((4096, "bf16", False), (4096, "fp32", True)) + (((64, "bf16", False),) if arch >= 90 else ())
-    for (M, out_type, has_c), tma in itertools.product(shapes, (False, True) if arch >= 90 else (False,)):
+    shapes = ((4096, "bf16", False, False), (4096, "fp32", True, False), (4096, "bf16", False, True))
+    shapes += ((64, "bf16", False, False),) if arch >= 90 else ()
+    for (M, out_type, has_c, grouped), tma in itertools.product(shapes, (False, True) if arch >= 90 else (False,)):
+        tag = f"{'small-M' if M <= 64 else 'M'}->{out_type}{',+c' if has_c else ''}{',grouped' if grouped else ''}"
         out.append(variant(
-            f"fp8.gemm_nt[{'small-M' if M <= 64 else 'M'}->{out_type}{',+c' if has_c else ''}{',tma' if tma else ''}]",
-            gemm_nt_kernel, config(M, arch), kind="matrix",
+            f"fp8.gemm_nt[{tag}{',tma' if tma else ''}]", gemm_nt_kernel, config(M, arch), kind="matrix",
             types={"a_ptr": codes, "b_ptr": codes, "sa_ptr": "*fp32", "sb_ptr": "*fp32", "c_ptr": f"*{out_type}",
-                   "d_ptr": f"*{out_type}"},
-            switches={"HAS_C": has_c, "FP8_MMA": fp8, "USE_TMA": tma},
-            aligned=("a_ptr", "b_ptr", "c_ptr", "d_ptr", "K", "stride_a", "stride_b", "stride_cm", "stride_dm"),
+                   "d_ptr": f"*{out_type}", "ids_ptr": "*i32"},
+            switches={"HAS_C": has_c, "FP8_MMA": fp8, "USE_TMA": tma, "GROUPED": grouped},
+            aligned=("a_ptr", "b_ptr", "c_ptr", "d_ptr", "K", "stride_a", "stride_b", "stride_cm", "stride_dm",
+                     "stride_bg"),
         ))  # fmt: skip
     return out

@@ -1,0 +1,78 @@
+"""Grouped FP8 GEMM over expert segments (DeepGEMM's contiguous layout) against the float64 reference: every
+backend, padding rows and padding-only tiles, empty experts, the sm_80 decode and sm_90a TMA paths, bad ids."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import HAS_GPU, backends_for
+
+import r1kernels
+from r1kernels.fp8 import reference as ref
+
+gemm_kernels = importlib.import_module("r1kernels.fp8.kernels.gemm_nt")
+gemm_module = importlib.import_module("r1kernels.fp8.gemm_nt")
+
+
+def _experts(G, N, K, device):
+    pairs = [r1kernels.fp8.quantize_per_block(torch.randn(N, K, device=device) * K**-0.5) for _ in range(G)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def _rows(segments, K, device):
+    """segments: (expert, rows) in order; each padded with -1 rows to a multiple of 128."""
+    ids = []
+    for e, n in segments:
+        ids += [e] * n + [-1] * (-n % 128)
+    m_indices = torch.tensor(ids, dtype=torch.int32, device=device)
+    a, sa = r1kernels.fp8.quantize_per_token_group(torch.randn(len(ids), K, device=device))
+    return a, sa, m_indices
+
+
+def _check(backend, device, G, N, K, segments, out_dtype=torch.float32):
+    b, sb = _experts(G, N, K, device)
+    a, sa, ids = _rows(segments, K, device)
+    with r1kernels.use_backend(backend):
+        d = r1kernels.fp8.grouped_gemm_nt_contiguous(a, sa, b, sb, ids, out_dtype=out_dtype)
+    r = ref.grouped_gemm_nt_contiguous(a.cpu(), sa.cpu(), b.cpu(), sb.cpu(), ids.cpu())
+    assert d.shape == (a.shape[0], N) and not torch.isnan(d).any()
+    assert float((d.double().cpu() - r).norm() / r.norm()) < (1e-6 if out_dtype == torch.float32 else 4e-3)
+    assert torch.equal(d.cpu()[ids.cpu() < 0], torch.zeros_like(d.cpu()[ids.cpu() < 0]))
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_segments_with_padding_and_an_empty_expert(backend, device, out_dtype):
+    # expert 1 has no rows; expert 3's 5 rows leave a 64-row tile that is all padding
+    _check(backend, device, 4, 257, 208, [(2, 90), (0, 128), (3, 5)], out_dtype)
+
+
+def test_sm80_decode_and_tma_paths(kernel_device, monkeypatch):
+    monkeypatch.setattr(gemm_module, "hw_fp8_convert", lambda arch: False)
+    _check("triton", kernel_device, 3, 130, 144, [(1, 70), (0, 200)])
+    monkeypatch.undo()
+    if not HAS_GPU:  # the descriptor path, forced in the interpreter
+        monkeypatch.setattr(gemm_kernels, "use_tma", lambda arch, fp8_mma, *operands: True)
+        _check("triton", "cpu", 3, 130, 144, [(1, 70), (0, 200)])
+
+
+@pytest.mark.parametrize(
+    "ids,match",
+    [
+        ([0] * 100 + [3] * 28, r"m_indices must lie in \[-1, G\)"),
+        ([0] * 64 + [1] * 64, "one expert"),
+        ([-2] * 128, r"m_indices must lie in \[-1, G\)"),
+    ],
+)
+def test_bad_ids(ids, match):
+    b, sb = _experts(3, 130, 144, "cpu")
+    a, sa = r1kernels.fp8.quantize_per_token_group(torch.randn(128, 144))
+    with pytest.raises(ValueError, match=match):
+        r1kernels.fp8.grouped_gemm_nt_contiguous(a, sa, b, sb, torch.tensor(ids, dtype=torch.int32))
+
+
+def test_rows_must_come_in_segments_of_128():
+    b, sb = _experts(2, 130, 144, "cpu")
+    a, sa = r1kernels.fp8.quantize_per_token_group(torch.randn(100, 144))
+    with pytest.raises(ValueError, match="multiple of 128 rows"):
+        r1kernels.fp8.grouped_gemm_nt_contiguous(a, sa, b, sb, torch.zeros(100, dtype=torch.int32))

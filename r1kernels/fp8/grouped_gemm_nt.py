@@ -1,0 +1,125 @@
+"""Grouped block-scaled FP8 GEMM over MoE expert segments, DeepGEMM's contiguous layout
+(``m_grouped_fp8_gemm_nt_contiguous``): the rows of ``a`` come sorted by expert in 128-row-aligned segments and
+each row is multiplied by its own expert's weight."""
+
+from __future__ import annotations
+
+import torch
+
+from r1kernels import _alloc, backend
+from r1kernels._checks import cdiv, check_tensor
+from r1kernels._ops import Sample, define_op
+from r1kernels.fp8.gemm_nt import launch_gemm
+from r1kernels.fp8.gemm_nt import validate as validate_dense
+from r1kernels.fp8.tiles import dequantize_tiles
+
+SEGMENT = 128  # expert segments start on multiples of this many rows (the GEMM's row tile)
+
+
+def validate(a, a_scales, b, b_scales, m_indices, out_dtype) -> None:
+    check_tensor("b", b, dtypes=(torch.float8_e4m3fn,), ndim=3)
+    check_tensor("b_scales", b_scales, dtypes=(torch.float32,), ndim=3)
+    check_tensor("m_indices", m_indices, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    G, _, K = b.shape
+    if b_scales.shape[0] != G:
+        raise ValueError(f"b_scales must have one [ceil(N/128), ceil(K/128)] block grid per expert ({G}), "
+                         f"got shape {tuple(b_scales.shape)}")  # fmt: skip
+    # one expert's operands satisfy the dense GEMM's rules (this also checks a, a_scales, K and out_dtype)
+    validate_dense(a, a_scales, b[0] if G else b.new_empty((0, K)), b_scales[0] if G else b_scales.new_empty(
+        (0, cdiv(K, 128))), out_dtype, None)  # fmt: skip
+    if a.shape[0] % SEGMENT:
+        raise ValueError(f"a must have a multiple of {SEGMENT} rows (expert segments padded to {SEGMENT}), "
+                         f"got {a.shape[0]}")  # fmt: skip
+    if m_indices.shape[0] != a.shape[0] or m_indices.device != a.device:
+        raise ValueError(f"m_indices must hold one expert id per row of a ({a.shape[0]}) on {a.device}, got "
+                         f"{tuple(m_indices.shape)} on {m_indices.device}")  # fmt: skip
+    if b.stride(2) != 1 or b.stride(0) % 16:
+        raise ValueError(f"b must be [G, N, K] with unit K stride and 16-element-aligned expert stride, got strides "
+                         f"{b.stride()}")  # fmt: skip
+
+
+def _check_ids(m_indices: torch.Tensor, G: int) -> None:
+    """Every id in [-1, G) and each 128-row segment one expert (or padding): on the host for CPU tensors, on the
+    device (no synchronisation) for CUDA ones."""
+    tiles = m_indices.view(-1, SEGMENT)
+    ok = ((m_indices >= -1) & (m_indices < G)).all() & ((tiles == tiles[:, :1]) | (tiles == -1)).all()
+    if m_indices.device.type != "cpu":
+        torch._assert_async(ok, "m_indices must lie in [-1, G) with one expert per 128-row segment")
+    elif not bool(ok):
+        raise ValueError(f"m_indices must lie in [-1, G) = [-1, {G}) with one expert (or -1) per {SEGMENT}-row "
+                         "segment")  # fmt: skip
+
+
+def _cpu(a, a_scales, b, b_scales, m_indices, out) -> None:
+    out.zero_()
+    for e in torch.unique(m_indices).tolist():
+        if e < 0:
+            continue
+        rows = torch.nonzero(m_indices == e).squeeze(1)
+        a32 = dequantize_tiles(a[rows].contiguous(), a_scales[rows], 1, 128, torch.float32, op="grouped_gemm")
+        b32 = dequantize_tiles(b[e], b_scales[e], 128, 128, torch.float32, op="grouped_gemm")
+        out[rows] = (a32 @ b32.T).to(out.dtype)
+
+
+def _fake(a, a_scales, b, b_scales, m_indices, out_dtype):
+    validate(a, a_scales, b, b_scales, m_indices, out_dtype)
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+def _samples(device: str):
+    from r1kernels.fp8.quantize_per_block import quantize_per_block
+    from r1kernels.fp8.quantize_per_token_group import quantize_per_token_group
+
+    a, sa = quantize_per_token_group(torch.randn(256, 144, device=device))
+    pairs = [quantize_per_block(torch.randn(130, 144, device=device)) for _ in range(3)]
+    b, sb = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    ids = torch.tensor([2] * 100 + [-1] * 28 + [0] * 128, dtype=torch.int32, device=device)
+    yield Sample((a, sa, b, sb, ids, torch.bfloat16), ("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@define_op("fp8_grouped_gemm_nt_contiguous", fake=_fake, samples=_samples)
+def _grouped_op(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    m_indices: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    validate(a, a_scales, b, b_scales, m_indices, out_dtype)
+    out = _alloc.empty((a.shape[0], b.shape[1]), out_dtype, a.device)
+    if out.numel() == 0:
+        return out
+    _check_ids(m_indices, b.shape[0])
+    if backend.resolve(a.device, "fp8_grouped_gemm_nt_contiguous") == "cpu":
+        _cpu(a, a_scales, b, b_scales, m_indices, out)
+    else:
+        launch_gemm(a, a_scales, b, b_scales, out, None, m_indices)
+    return out
+
+
+def grouped_gemm_nt_contiguous(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    m_indices: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``D[r] = (a[r] * a_scales[r]) @ (b[e] * b_scales[e]).T`` with ``e = m_indices[r]``; zeros where e = -1.
+
+    DeepGEMM's ``m_grouped_fp8_gemm_nt_contiguous`` layout, what the MoE permutation produces:
+
+    Args:
+        a: ``[M, K] float8_e4m3fn`` rows sorted by expert, each expert's segment starting on a multiple of 128
+            rows (M a multiple of 128, padding rows between segments); a_scales ``[M, ceil(K/128)] float32``.
+        b: ``[G, N, K] float8_e4m3fn`` expert weights; b_scales ``[G, ceil(N/128), ceil(K/128)] float32``.
+        m_indices: ``[M] int32`` expert of each row, -1 on padding rows; one expert (or -1) per 128-row segment
+            (checked on the device for CUDA tensors: no host synchronisation).
+        out_dtype: bfloat16 or float32.
+
+    One launch over (128-row tile, N tile) programs; each tile reads its expert id and skips its K loop on
+    padding. K a multiple of 16.
+    """
+    return _grouped_op(a, a_scales, b, b_scales, m_indices, out_dtype)
