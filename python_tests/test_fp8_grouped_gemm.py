@@ -76,3 +76,44 @@ def test_rows_must_come_in_segments_of_128():
     a, sa = r1kernels.fp8.quantize_per_token_group(torch.randn(100, 144))
     with pytest.raises(ValueError, match="multiple of 128 rows"):
         r1kernels.fp8.grouped_gemm_nt_contiguous(a, sa, b, sb, torch.zeros(100, dtype=torch.int32))
+
+
+def _masked_operands(G, M, N, K, device):
+    groups = [r1kernels.fp8.quantize_per_token_group(torch.randn(M, K, device=device)) for _ in range(G)]
+    a, sa = torch.stack([x for x, _ in groups]), torch.stack([s for _, s in groups])
+    b, sb = _experts(G, N, K, device)
+    return a, sa, b, sb
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_layout(backend, device, out_dtype):
+    """Full, empty and partial groups; rows past masked_m come back 0."""
+    a, sa, b, sb = _masked_operands(3, 80, 257, 208, device)
+    masked_m = torch.tensor([80, 0, 33], dtype=torch.int32, device=device)
+    with r1kernels.use_backend(backend):
+        d = r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b, sb, masked_m, out_dtype=out_dtype)
+    r = ref.grouped_gemm_nt_masked(a.cpu(), sa.cpu(), b.cpu(), sb.cpu(), masked_m.cpu())
+    assert d.shape == (3, 80, 257) and not torch.isnan(d).any()
+    assert float((d.double().cpu() - r).norm() / r.norm()) < (1e-6 if out_dtype == torch.float32 else 4e-3)
+    assert torch.equal(d[1].cpu(), torch.zeros(80, 257, dtype=out_dtype))
+    assert torch.equal(d[2, 33:].cpu(), torch.zeros(47, 257, dtype=out_dtype))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="forces the sm_90a descriptor path on CPU tensors; on a GPU the arch decides")
+def test_masked_layout_tma_path_in_the_interpreter(monkeypatch):
+    monkeypatch.setattr(gemm_kernels, "use_tma", lambda arch, fp8_mma, *operands: True)
+    a, sa, b, sb = _masked_operands(2, 70, 130, 144, "cpu")
+    masked_m = torch.tensor([5, 70], dtype=torch.int32)
+    with r1kernels.use_backend("triton"):
+        d = r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b, sb, masked_m, out_dtype=torch.float32)
+    r = ref.grouped_gemm_nt_masked(a, sa, b, sb, masked_m)
+    assert float((d.double() - r).norm() / r.norm()) < 1e-6 and torch.equal(d[0, 5:], torch.zeros(65, 130))
+
+
+def test_masked_counts_are_checked():
+    a, sa, b, sb = _masked_operands(2, 16, 130, 144, "cpu")
+    with pytest.raises(ValueError, match=r"masked_m must lie in \[0, M\]"):
+        r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b, sb, torch.tensor([3, 17], dtype=torch.int32))
+    with pytest.raises(ValueError, match="one entry per group"):
+        r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b[:1], sb[:1], torch.tensor([3, 4], dtype=torch.int32))

@@ -4,6 +4,7 @@ and the block-scaled GEMM over them."""
 from r1kernels.fp8.dequantize import dequantize_per_block, dequantize_per_token_group
 from r1kernels.fp8.gemm_nt import gemm_nt
 from r1kernels.fp8.grouped_gemm_nt import grouped_gemm_nt_contiguous
+from r1kernels.fp8.masked_grouped_gemm_nt import grouped_gemm_nt_masked
 from r1kernels.fp8.quantize_per_block import quantize_per_block
 from r1kernels.fp8.quantize_per_token_group import quantize_per_token_group
 
@@ -12,6 +13,7 @@ __all__ = [
     "dequantize_per_token_group",
     "gemm_nt",
     "grouped_gemm_nt_contiguous",
+    "grouped_gemm_nt_masked",
     "quantize_per_block",
     "quantize_per_token_group",
 ]

@@ -66,23 +66,28 @@ def _cpu(a, a_scales, b, b_scales, out, c) -> None:
             out[m0:m1, n0:n1] = d
 
 
-def launch_gemm(a, a_scales, b, b_scales, out, c, m_indices=None) -> None:
-    """``b`` [N, K] (or [G, N, K] with ``m_indices``: DeepGEMM's contiguous grouped layout)."""
-    (M, K), N = a.shape, b.shape[-2]
+def launch_gemm(a, a_scales, b, b_scales, out, c, m_indices=None, masked_m=None) -> None:
+    """``b`` [N, K]; or [G, N, K] with ``m_indices`` (DeepGEMM's contiguous grouped layout: a [M, K], one
+    expert id per row) or with ``masked_m`` (the masked layout: a [G, M, K], out [G, M, N])."""
+    K, N = a.shape[-1], b.shape[-2]
+    M = a.shape[-2]
+    G = a.shape[0] if masked_m is not None else 1
     arch = backend.device_arch(a.device)
     cfg = kernel.config(M, arch)
     fp8 = hw_fp8_convert(arch)
     codes = (a, b) if fp8 else (a.view(torch.uint8), b.view(torch.uint8))
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    grid = (G * cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     c_arg = out if c is None else c
-    grouped = m_indices is not None
-    ids, sg, bg = (m_indices, b_scales.stride(0), b.stride(0)) if grouped else (out, 0, 0)
-    args = (*codes, a_scales, b_scales, c_arg, out, ids, M, N, K, a.stride(0) if M > 1 else K,
-            b.stride(-2) if N > 1 else K, a_scales.stride(0), a_scales.stride(1), b_scales.stride(-2),
-            b_scales.stride(-1), c_arg.stride(0), out.stride(0), bg, sg)  # fmt: skip
+    grouped, masked = m_indices is not None, masked_m is not None
+    ids = m_indices if grouped else masked_m if masked else out
+    per_expert = (b.stride(0), b_scales.stride(0)) if grouped or masked else (0, 0)
+    per_group = (a.stride(0), a_scales.stride(0), out.stride(0)) if masked else (0, 0, 0)
+    args = (*codes, a_scales, b_scales, c_arg, out, ids, M, N, K, a.stride(-2) if M > 1 else K,
+            b.stride(-2) if N > 1 else K, a_scales.stride(-2), a_scales.stride(-1), b_scales.stride(-2),
+            b_scales.stride(-1), c_arg.stride(-2), out.stride(-2), *per_expert, *per_group)  # fmt: skip
     tma = kernel.use_tma(arch, fp8, a, b)
     launch(kernel.gemm_nt_kernel, grid, args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8, USE_TMA=tma,
-           GROUPED=grouped)  # fmt: skip
+           GROUPED=grouped, MASKED=masked)  # fmt: skip
 
 
 def _fake(a, a_scales, b, b_scales, out_dtype, c):

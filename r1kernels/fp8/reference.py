@@ -76,3 +76,12 @@ def grouped_gemm_nt_contiguous(a, a_scales, b, b_scales, m_indices) -> torch.Ten
         if e >= 0:
             out[r] = a64[r] @ dequantize_tiles(b[e], b_scales[e], 128, 128).double().T
     return out
+
+
+def grouped_gemm_nt_masked(a, a_scales, b, b_scales, masked_m) -> torch.Tensor:
+    """out[g, :masked_m[g]] = dequant(a[g]) @ dequant(b[g]).T in float64 for those rows; the rest 0."""
+    G, M, _ = a.shape
+    out = torch.zeros(G, M, b.shape[1], dtype=torch.float64)
+    for g, m in enumerate(masked_m.tolist()):
+        out[g, :m] = gemm_nt(a[g, :m], a_scales[g, :m], b[g], b_scales[g])
+    return out

@@ -40,15 +40,31 @@ def gemm_nt_kernel(
     sb_ptr,  # [ceil(N/128), ceil(K/128)] fp32, strides (stride_sbn, stride_sbk)
     c_ptr,  # [M, N] added to the product (read only when HAS_C), row stride stride_cm
     d_ptr,  # [M, N] out (bf16 / fp32), row stride stride_dm
-    ids_ptr,  # GROUPED: [M] int32 expert of each row, -1 on padding; 128-row segments share one expert
+    ids_ptr,  # GROUPED: [M] int32 expert of each row, -1 on padding; MASKED: [G] int32 valid rows per group
     M, N, K, stride_a, stride_b, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_cm, stride_dm,
-    stride_bg, stride_sbg,  # GROUPED: elements from one expert's b / b_scales to the next
+    stride_bg, stride_sbg,  # GROUPED / MASKED: elements from one expert's b / b_scales to the next
+    stride_ag, stride_sag, stride_dg,  # MASKED: the same for a, a_scales and d (M is then rows per group)
     HAS_C: tl.constexpr, FP8_MMA: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
+    MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
     k_end = K
+    rows = M  # rows that hold data (a group's masked_m in the masked layout)
+    if MASKED:  # DeepGEMM's masked layout: group g's first masked_m[g] of M rows; the rest are written as 0
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        group = (pid // tiles).to(tl.int64)
+        pid = pid % tiles
+        rows = tl.minimum(tl.load(ids_ptr + group), M)
+        a_ptr += group * stride_ag
+        sa_ptr += group * stride_sag
+        d_ptr += group * stride_dg
+        b_ptr += group * stride_bg
+        sb_ptr += group * stride_sbg
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if MASKED:
+        k_end = tl.where(pid_m * BLOCK_M < rows, K, 0)  # a tile past the group's rows skips its K loop
     if GROUPED:  # DeepGEMM's contiguous layout: a tile's rows are one expert's or padding (-1, output 0)
         row_ids = tl.load(ids_ptr + rm, mask=rm < M, other=-1)
         expert = tl.max(row_ids, axis=0)
@@ -63,7 +79,8 @@ def gemm_nt_kernel(
     sa_ptrs = sa_ptr + rm * stride_sam
     sb_ptrs = sb_ptr + pid_n.to(tl.int64) * stride_sbn  # BLOCK_N == 128: one weight scale per K block
     if USE_TMA:  # sm_90a: bulk tensor copies into shared memory, edges zero-filled by the hardware
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1], block_shape=[BLOCK_M, BLOCK_K])
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[tl.maximum(rows, 1), K], strides=[stride_a, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])  # fmt: skip
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, k_end, BLOCK_K):
@@ -71,13 +88,13 @@ def gemm_nt_kernel(
             a = a_desc.load([pid_m * BLOCK_M, k0])
             b = b_desc.load([pid_n * BLOCK_N, k0])
         else:
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0.0)
+            a = tl.load(a_ptrs, mask=(rm[:, None] < rows) & (rk[None, :] < K - k0), other=0.0)
             b = tl.load(b_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < K - k0), other=0.0)
         if FP8_MMA:
             part = tl.dot(a, tl.trans(b))  # a fresh fp32 accumulator per K block: the promotion
         else:
             part = tl.dot(e4m3_as_fp16(a), tl.trans(e4m3_as_fp16(b))) * 65536.0  # undo the two 2^-8
-        sa = tl.load(sa_ptrs, mask=rm < M, other=0.0)
+        sa = tl.load(sa_ptrs, mask=rm < rows, other=0.0)
         sb = tl.load(sb_ptrs)
         acc += part * (sa[:, None] * sb)
         a_ptrs += BLOCK_K
@@ -87,6 +104,8 @@ def gemm_nt_kernel(
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if GROUPED:
         acc = tl.where(row_ids[:, None] >= 0, acc, 0.0)
+    if MASKED:  # rows past masked_m: 0 (the TMA path loaded whatever they hold)
+        acc = tl.where(rm[:, None] < rows, acc, 0.0)
     if HAS_C:
         acc += tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(d_ptr + rm[:, None] * stride_dm + rn[None, :], acc.to(d_ptr.dtype.element_ty), mask=mask)
@@ -116,16 +135,18 @@ def variants(arch: int):
     fp8 = hw_fp8_convert(arch)
     codes = "*fp8e4nv" if fp8 else "*u8"
     out = []
-    shapes = ((4096, "bf16", False, False), (4096, "fp32", True, False), (4096, "bf16", False, True))
-    shapes += ((64, "bf16", False, False),) if arch >= 90 else ()
-    for (M, out_type, has_c, grouped), tma in itertools.product(shapes, (False, True) if arch >= 90 else (False,)):
-        tag = f"{'small-M' if M <= 64 else 'M'}->{out_type}{',+c' if has_c else ''}{',grouped' if grouped else ''}"
+    # (M, out dtype, + c, layout): dense, + c, contiguous-grouped, masked-grouped; decode-sized M on sm_90a
+    shapes = [(4096, "bf16", False, ""), (4096, "fp32", True, ""), (4096, "bf16", False, "grouped"),
+              (4096, "bf16", False, "masked")] + ([(64, "bf16", False, "")] if arch >= 90 else [])  # fmt: skip
+    for (M, out_type, has_c, layout), tma in itertools.product(shapes, (False, True) if arch >= 90 else (False,)):
+        tag = f"{'small-M' if M <= 64 else 'M'}->{out_type}{',+c' if has_c else ''}{',' + layout if layout else ''}"
         out.append(variant(
             f"fp8.gemm_nt[{tag}{',tma' if tma else ''}]", gemm_nt_kernel, config(M, arch), kind="matrix",
             types={"a_ptr": codes, "b_ptr": codes, "sa_ptr": "*fp32", "sb_ptr": "*fp32", "c_ptr": f"*{out_type}",
                    "d_ptr": f"*{out_type}", "ids_ptr": "*i32"},
-            switches={"HAS_C": has_c, "FP8_MMA": fp8, "USE_TMA": tma, "GROUPED": grouped},
+            switches={"HAS_C": has_c, "FP8_MMA": fp8, "USE_TMA": tma, "GROUPED": layout == "grouped",
+                      "MASKED": layout == "masked"},
             aligned=("a_ptr", "b_ptr", "c_ptr", "d_ptr", "K", "stride_a", "stride_b", "stride_cm", "stride_dm",
-                     "stride_bg"),
+                     "stride_bg", "stride_ag"),
         ))  # fmt: skip
     return out

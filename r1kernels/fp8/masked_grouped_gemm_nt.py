@@ -1,0 +1,112 @@
+"""Grouped block-scaled FP8 GEMM, DeepGEMM's masked layout (``m_grouped_fp8_gemm_nt_masked``): each expert
+has a fixed-size slab of rows of which the first ``masked_m[g]`` hold tokens (the decode / CUDA-graph layout:
+shapes fixed, counts on the device)."""
+
+from __future__ import annotations
+
+import torch
+
+from r1kernels import _alloc, backend
+from r1kernels._checks import check_tensor
+from r1kernels._ops import Sample, define_op
+from r1kernels.fp8.gemm_nt import launch_gemm
+from r1kernels.fp8.gemm_nt import validate as validate_dense
+from r1kernels.fp8.tiles import dequantize_tiles
+
+
+def validate(a, a_scales, b, b_scales, masked_m, out_dtype) -> None:
+    check_tensor("a", a, dtypes=(torch.float8_e4m3fn,), ndim=3)
+    check_tensor("a_scales", a_scales, dtypes=(torch.float32,), ndim=3)
+    check_tensor("b", b, dtypes=(torch.float8_e4m3fn,), ndim=3)
+    check_tensor("b_scales", b_scales, dtypes=(torch.float32,), ndim=3)
+    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    G = a.shape[0]
+    for name, t in (("a_scales", a_scales), ("b", b), ("b_scales", b_scales), ("masked_m", masked_m)):
+        if t.shape[0] != G:
+            raise ValueError(f"{name} must have one entry per group (G = a.shape[0] = {G}), got {tuple(t.shape)}")
+        if t.device != a.device:
+            raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
+    if G:  # one group's operands follow the dense GEMM's rules (shapes, K % 16, strides, out_dtype)
+        validate_dense(a[0], a_scales[0], b[0], b_scales[0], out_dtype, None)
+    for name, t in (("a", a), ("b", b)):
+        if t.stride(0) % 16:
+            raise ValueError(f"{name}'s group stride must be a multiple of 16 elements, got strides {t.stride()}")
+
+
+def _check_counts(masked_m: torch.Tensor, M: int) -> None:
+    ok = ((masked_m >= 0) & (masked_m <= M)).all()
+    if masked_m.device.type != "cpu":
+        torch._assert_async(ok, "masked_m must lie in [0, M]")
+    elif not bool(ok):
+        raise ValueError(f"masked_m must lie in [0, M] = [0, {M}], got {masked_m.tolist()[:8]}")
+
+
+def _cpu(a, a_scales, b, b_scales, masked_m, out) -> None:
+    out.zero_()
+    for g, m in enumerate(masked_m.tolist()):
+        if m:
+            a32 = dequantize_tiles(a[g, :m], a_scales[g, :m], 1, 128, torch.float32, op="grouped_gemm_masked")
+            b32 = dequantize_tiles(b[g], b_scales[g], 128, 128, torch.float32, op="grouped_gemm_masked")
+            out[g, :m] = (a32 @ b32.T).to(out.dtype)
+
+
+def _fake(a, a_scales, b, b_scales, masked_m, out_dtype):
+    validate(a, a_scales, b, b_scales, masked_m, out_dtype)
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=out_dtype)
+
+
+def _samples(device: str):
+    from r1kernels.fp8.quantize_per_block import quantize_per_block
+    from r1kernels.fp8.quantize_per_token_group import quantize_per_token_group
+
+    groups = [quantize_per_token_group(torch.randn(80, 144, device=device)) for _ in range(3)]
+    weights = [quantize_per_block(torch.randn(130, 144, device=device)) for _ in range(3)]
+    a, sa = torch.stack([x for x, _ in groups]), torch.stack([s for _, s in groups])
+    b, sb = torch.stack([w for w, _ in weights]), torch.stack([s for _, s in weights])
+    masked_m = torch.tensor([80, 0, 33], dtype=torch.int32, device=device)
+    yield Sample((a, sa, b, sb, masked_m, torch.bfloat16), ("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@define_op("fp8_grouped_gemm_nt_masked", fake=_fake, samples=_samples)
+def _masked_op(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    masked_m: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    validate(a, a_scales, b, b_scales, masked_m, out_dtype)
+    G, M, _ = a.shape
+    out = _alloc.empty((G, M, b.shape[1]), out_dtype, a.device)
+    if out.numel() == 0:
+        return out
+    _check_counts(masked_m, M)
+    if backend.resolve(a.device, "fp8_grouped_gemm_nt_masked") == "cpu":
+        _cpu(a, a_scales, b, b_scales, masked_m, out)
+    else:
+        launch_gemm(a, a_scales, b, b_scales, out, None, masked_m=masked_m)
+    return out
+
+
+def grouped_gemm_nt_masked(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    masked_m: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``out[g, r] = (a[g, r] * a_scales[g, r]) @ (b[g] * b_scales[g]).T`` for ``r < masked_m[g]``, else 0.
+
+    Args:
+        a: ``[G, M, K] float8_e4m3fn`` (M rows reserved per group), a_scales ``[G, M, ceil(K/128)] float32``.
+        b: ``[G, N, K] float8_e4m3fn``, b_scales ``[G, ceil(N/128), ceil(K/128)] float32``.
+        masked_m: ``[G] int32`` rows in use per group, each in ``[0, M]`` (checked on the device for CUDA
+            tensors: no host synchronisation, so the call can be captured in a CUDA graph).
+        out_dtype: bfloat16 or float32.
+
+    Returns ``[G, M, N]``. One launch over (group, row tile, N tile); tiles past a group's rows skip their K loop.
+    """
+    return _masked_op(a, a_scales, b, b_scales, masked_m, out_dtype)
