@@ -1,8 +1,9 @@
 """Plain PyTorch GRPO in float64 on full logits: the truth the fused kernels are tested against.
 
 Written from the formulas, independently of ``loss.py`` so that a formula wrong in one is caught by the other:
-one sequence at a time, the log-softmax written out, the clipped surrogate in PPO's case form (by the sign of
-the advantage), the k3 KL as ``rho - log(rho) - 1``, and every aggregation spelled out per loss type
+on padded [B, T] tensors and the full logits, the log-softmax written out, the clipped surrogate in PPO's case
+form (by the sign of the advantage), the k3 KL as ``rho - log(rho) - 1``, and every aggregation spelled out per
+loss type
 (DeepSeekMath eq. 3; TRL's GRPOTrainer for the loss types and clip metrics; GSPO for the sequence ratio).
 """
 
@@ -11,30 +12,17 @@ from __future__ import annotations
 import torch
 
 
-def _row_logprobs(h, weight, ids, bias, temperature):
-    """float64 (logp [T], entropy [T]) of one sequence's rows ``h [T, H]``."""
-    z = h.double() @ weight.double().T
+def token_logprobs(hidden, weight, token_ids, bias=None, temperature: float = 1.0):
+    """(logp, entropy) of ``token_ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``, float64,
+    on the full logits, the log-softmax written out. ``hidden [..., H]``, ``token_ids [...]``."""
+    z = hidden.double() @ weight.double().T
     if bias is not None:
         z = z + bias.double()
     z = z / temperature
     m = z.max(dim=-1, keepdim=True).values.detach()
-    lse = m + torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))
-    log_p = z - lse
-    logp = log_p[torch.arange(z.shape[0]), ids.long()]
-    entropy = -(torch.exp(log_p) * log_p).sum(dim=-1)
-    return logp, entropy
-
-
-def token_logprobs(hidden, weight, token_ids, bias=None, temperature: float = 1.0):
-    """(logp, entropy) of ``token_ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``, float64.
-    ``hidden [B, T, H]`` is computed one sequence at a time; ``hidden [..., H]`` of any other rank at once."""
-    if hidden.dim() == 3:
-        pairs = [_row_logprobs(hidden[b], weight, token_ids[b], bias, temperature) for b in range(hidden.shape[0])]
-        return torch.stack([logp for logp, _ in pairs]), torch.stack([ent for _, ent in pairs])
-    lead = hidden.shape[:-1]
-    logp, entropy = _row_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, token_ids.reshape(-1), bias,
-                                  temperature)  # fmt: skip
-    return logp.view(lead), entropy.view(lead)
+    log_p = z - (m + torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True)))
+    logp = log_p.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    return logp, -(torch.exp(log_p) * log_p).sum(dim=-1)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
@@ -94,43 +82,35 @@ def grpo_loss(
     logp, entropy = token_logprobs(hidden, weight, token_ids, bias, temperature)
     with_kl = ref_logps is not None and beta != 0.0
 
-    seq_sums, seq_counts = [], []  # per sequence: sum of masked per-token losses, completion tokens
-    kl_sum = low = high = entropy_sum = torch.zeros((), dtype=torch.float64)
-    for b in range(B):
-        m, lp = mask[b], logp[b]
-        adv = advantages[b].double() if advantages.dim() == 2 else advantages[b].double().expand(T)
-        n = m.sum()
-        if old_logps is None:
-            log_ratio = torch.clamp(lp - lp.detach(), -c, c)  # on-policy: ratio 1, gradient of logp
-        else:
-            log_ratio = torch.clamp(lp - old_logps[b].double(), -c, c)
-        if importance_sampling_level != "token":
-            seq_log_ratio = (log_ratio * m).sum() / torch.clamp(n, min=1.0)  # GSPO: the length-normalised ratio
-            if importance_sampling_level == "sequence":
-                log_ratio = seq_log_ratio.expand(T)
-            else:  # GSPO-token: the sequence ratio's value, each token's own gradient
-                log_ratio = seq_log_ratio.detach() + lp - lp.detach()
-        ratio = torch.exp(log_ratio)
-        capped = ratio if delta is None else torch.clamp(ratio, max=delta)
-        per_token = -_surrogate(ratio, capped, adv, epsilon_low, epsilon_high)
-        if rollout_is_ratio is not None:
-            per_token = per_token * rollout_is_ratio[b].double()
-        per_token = per_token - entropy_coef * entropy[b]
-        if with_kl:
-            rho = torch.exp(torch.clamp(ref_logps[b].double() - lp, -c, c))
-            k3 = rho - torch.log(rho) - 1
-            per_token = per_token + beta * k3
-            kl_sum = kl_sum + (k3 * m).sum()
-        seq_sums.append((per_token * m).sum())
-        seq_counts.append(n)
-        low = low + (((ratio < 1 - epsilon_low) & (adv < 0)).double() * m).sum()
-        high = high + (((ratio > 1 + epsilon_high) & (adv > 0)).double() * m).sum()
-        entropy_sum = entropy_sum + (entropy[b] * m).sum()
+    adv = advantages.double() if advantages.dim() == 2 else advantages.double()[:, None].expand(B, T)
+    n = mask.sum(dim=-1)  # completion tokens per sequence [B]
+    if old_logps is None:
+        log_ratio = torch.clamp(logp - logp.detach(), -c, c)  # on-policy: ratio 1, gradient of logp
+    else:
+        log_ratio = torch.clamp(logp - old_logps.double(), -c, c)
+    if importance_sampling_level != "token":
+        seq_log_ratio = (log_ratio * mask).sum(dim=-1) / torch.clamp(n, min=1.0)  # GSPO: length-normalised
+        if importance_sampling_level == "sequence":
+            log_ratio = seq_log_ratio[:, None].expand(B, T)
+        else:  # GSPO-token: the sequence ratio's value, each token's own gradient
+            log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()
+    ratio = torch.exp(log_ratio)
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token = -_surrogate(ratio, capped, adv, epsilon_low, epsilon_high)
+    if rollout_is_ratio is not None:
+        per_token = per_token * rollout_is_ratio.double()
+    per_token = per_token - entropy_coef * entropy
+    k3 = torch.zeros_like(per_token)
+    if with_kl:
+        rho = torch.exp(torch.clamp(ref_logps.double() - logp, -c, c))
+        k3 = rho - torch.log(rho) - 1
+        per_token = per_token + beta * k3
+    seq_sums = (per_token * mask).sum(dim=-1)  # [B]
 
-    total = sum(seq_sums)
-    n_tok = torch.clamp(sum(seq_counts), min=1.0)
+    total = seq_sums.sum()
+    n_tok = torch.clamp(n.sum(), min=1.0)
     if loss_type == "grpo":  # each sequence's token mean, then the mean over sequences
-        loss = sum(s / torch.clamp(n, min=1.0) for s, n in zip(seq_sums, seq_counts, strict=True)) / B
+        loss = (seq_sums / torch.clamp(n, min=1.0)).sum() / B
     elif loss_type == "bnpo":  # the token mean over the batch
         loss = total / n_tok
     elif loss_type == "dr_grpo":  # a constant normaliser: batch x the longest allowed completion
@@ -139,11 +119,13 @@ def grpo_loss(
         loss = total / (n_tok if num_items_in_batch is None else num_items_in_batch / num_processes)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
+    low = (((ratio < 1 - epsilon_low) & (adv < 0)).double() * mask).sum()
+    high = (((ratio > 1 + epsilon_high) & (adv > 0)).double() * mask).sum()
     metrics = {
-        "kl": kl_sum / n_tok,
+        "kl": (k3 * mask).sum() / n_tok,
         "clip_ratio_low": low / n_tok,
         "clip_ratio_high": high / n_tok,
         "clip_ratio": (low + high) / n_tok,
-        "entropy": entropy_sum / n_tok,
+        "entropy": (entropy * mask).sum() / n_tok,
     }
     return loss, metrics
