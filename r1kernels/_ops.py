@@ -35,7 +35,7 @@ class Op:
         self.name, self.impl, self.op, self.autograd, self.samples = name, impl, op, autograd, samples
 
     def __call__(self, *args: Any) -> Any:
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        if _tracing():
             return self.op(*args)
         needs_grad = False
         for a in args:  # one pass: plain tensors only (subclasses trace), and whether any wants a gradient
@@ -51,12 +51,14 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
+def _tracing() -> bool:
+    """torch.compile, or a dispatch mode (make_fx, fake tensors, functionalization, opcheck's AOT tracing)."""
+    return torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack())
+
+
 def plain_eager(args: tuple) -> bool:
-    """True when nothing traces this call: not torch.compile, no dispatch mode (make_fx, fake tensors,
-    functionalization, opcheck's AOT tracing) and only plain tensors."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return False
-    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+    """True when nothing traces this call: no tracing and only plain tensors."""
+    return not _tracing() and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

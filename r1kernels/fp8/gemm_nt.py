@@ -50,16 +50,17 @@ def validate(a, a_scales, b, b_scales, out_dtype, c) -> None:
             raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
 
 
-def _cpu(a, a_scales, b, b_scales, out, c) -> None:
-    """Tile-wise dequantize (the C++ kernel) + fp32 matmul, CPU_CHUNK_ROWS rows of each operand at a time."""
+def cpu_gemm(a, a_scales, b, b_scales, out, c=None) -> None:
+    """out = a @ b.T (+ c) on the CPU: tile-wise dequantize (the C++ kernel) + fp32 matmul, CPU_CHUNK_ROWS rows
+    of each operand at a time (the grouped GEMMs' CPU paths run it per expert)."""
     M, N = out.shape
     for n0 in range(0, N, CPU_CHUNK_ROWS):  # a multiple of 128: whole weight-scale blocks
         n1 = min(N, n0 + CPU_CHUNK_ROWS)
-        b32 = dequantize_tiles(b[n0:n1], b_scales[n0 // BLOCK : cdiv(n1, BLOCK)], BLOCK, BLOCK, torch.float32,
-                               op="gemm_nt")  # fmt: skip
+        sb = b_scales[n0 // BLOCK : cdiv(n1, BLOCK)]
+        b32 = dequantize_tiles(b[n0:n1].contiguous(), sb, BLOCK, BLOCK, torch.float32, op="gemm_nt")
         for m0 in range(0, M, CPU_CHUNK_ROWS):
             m1 = min(M, m0 + CPU_CHUNK_ROWS)
-            a32 = dequantize_tiles(a[m0:m1], a_scales[m0:m1], 1, BLOCK, torch.float32, op="gemm_nt")
+            a32 = dequantize_tiles(a[m0:m1].contiguous(), a_scales[m0:m1], 1, BLOCK, torch.float32, op="gemm_nt")
             d = a32 @ b32.T
             if c is not None:
                 d += c[m0:m1, n0:n1]
@@ -119,7 +120,7 @@ def _gemm_nt_op(
     out = _alloc.empty((a.shape[0], b.shape[0]), out_dtype, a.device)
     if out.numel() == 0 or a.shape[1] == 0:
         return out.zero_() if c is None else out.copy_(c)
-    (_cpu if backend.resolve(a.device, "fp8_gemm_nt") == "cpu" else launch_gemm)(a, a_scales, b, b_scales, out, c)
+    (cpu_gemm if backend.resolve(a.device, "fp8_gemm_nt") == "cpu" else launch_gemm)(a, a_scales, b, b_scales, out, c)
     return out
 
 

@@ -9,9 +9,8 @@ import torch
 from r1kernels import _alloc, backend
 from r1kernels._checks import check_tensor
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import launch_gemm
+from r1kernels.fp8.gemm_nt import cpu_gemm, launch_gemm
 from r1kernels.fp8.gemm_nt import validate as validate_dense
-from r1kernels.fp8.tiles import dequantize_tiles
 
 
 def validate(a, a_scales, b, b_scales, masked_m, out_dtype) -> None:
@@ -44,10 +43,7 @@ def _check_counts(masked_m: torch.Tensor, M: int) -> None:
 def _cpu(a, a_scales, b, b_scales, masked_m, out) -> None:
     out.zero_()
     for g, m in enumerate(masked_m.tolist()):
-        if m:
-            a32 = dequantize_tiles(a[g, :m], a_scales[g, :m], 1, 128, torch.float32, op="grouped_gemm_masked")
-            b32 = dequantize_tiles(b[g], b_scales[g], 128, 128, torch.float32, op="grouped_gemm_masked")
-            out[g, :m] = (a32 @ b32.T).to(out.dtype)
+        cpu_gemm(a[g, :m], a_scales[g, :m], b[g], b_scales[g], out[g, :m])
 
 
 def _fake(a, a_scales, b, b_scales, masked_m, out_dtype):

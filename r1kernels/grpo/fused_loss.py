@@ -89,10 +89,6 @@ def _validate_terms(N: int, per_token: dict[str, torch.Tensor | None]) -> None:
                 raise ValueError(f"{name} must have one value per token ({N}), got shape {tuple(v.shape)}")
 
 
-def _terms(weights, adv, old, ref, is_ratio, beta, epsilon_low, epsilon_high, delta, clamp, entropy_coef):
-    return TokenTerms(weights, adv, old, ref, is_ratio, beta, epsilon_low, epsilon_high, delta, clamp, entropy_coef)
-
-
 def _fake(hidden, weight, bias, token_ids, weights, adv, old, ref, is_ratio, temperature, beta, epsilon_low,
           epsilon_high, delta, clamp, entropy_coef, with_entropy):  # fmt: skip
     lm.validate(hidden, weight, bias, token_ids, temperature)
@@ -161,7 +157,7 @@ def _fused_op(
     lm.validate(hidden, weight, bias, token_ids, temperature)
     N = hidden.shape[0]
     _validate_terms(N, {"weights": weights, "adv": adv, "old": old, "ref": ref, "is_ratio": is_ratio})
-    t = _terms(weights, adv, old, ref, is_ratio, beta, epsilon_low, epsilon_high, delta, clamp, entropy_coef)
+    t = TokenTerms(weights, adv, old, ref, is_ratio, beta, epsilon_low, epsilon_high, delta, clamp, entropy_coef)
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         d_bias = hidden.new_empty((0,)) if bias is None else torch.zeros_like(bias)
