@@ -17,7 +17,8 @@ BLOCK = kernel.SCALE_BLOCK
 CPU_CHUNK_ROWS = 1024  # rows of a and b dequantized at a time on the CPU: bounded fp32 copies
 
 
-def validate(a, a_scales, b, b_scales, out_dtype, c) -> None:
+def validate(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows=BLOCK) -> None:
+    """``b_tile_rows``: 128 for weight blocks (b_scales [ceil(N/128), ceil(K/128)]), 1 for row scales like a's."""
     check_tensor("a", a, dtypes=(torch.float8_e4m3fn,), ndim=2)
     check_tensor("b", b, dtypes=(torch.float8_e4m3fn,), ndim=2)
     check_tensor("a_scales", a_scales, dtypes=(torch.float32,), ndim=2)
@@ -34,9 +35,11 @@ def validate(a, a_scales, b, b_scales, out_dtype, c) -> None:
     if tuple(a_scales.shape) != (M, cdiv(K, BLOCK)):
         raise ValueError(f"a_scales must be [M, ceil(K/128)] = {(M, cdiv(K, BLOCK))} (1 x 128 groups), "
                          f"got {tuple(a_scales.shape)}")  # fmt: skip
-    if tuple(b_scales.shape) != (cdiv(N, BLOCK), cdiv(K, BLOCK)):
-        raise ValueError(f"b_scales must be [ceil(N/128), ceil(K/128)] = {(cdiv(N, BLOCK), cdiv(K, BLOCK))} "
-                         f"(128 x 128 blocks), got {tuple(b_scales.shape)}")  # fmt: skip
+    if tuple(b_scales.shape) != (cdiv(N, b_tile_rows), cdiv(K, BLOCK)):
+        what = "[ceil(N/128), ceil(K/128)]", "128 x 128 blocks"
+        what = ("[N, ceil(K/128)]", "1 x 128 groups") if b_tile_rows == 1 else what
+        raise ValueError(f"b_scales must be {what[0]} = {(cdiv(N, b_tile_rows), cdiv(K, BLOCK))} ({what[1]}), "
+                         f"got {tuple(b_scales.shape)}")  # fmt: skip
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
     tensors = {"a_scales": a_scales, "b": b, "b_scales": b_scales}
@@ -50,14 +53,15 @@ def validate(a, a_scales, b, b_scales, out_dtype, c) -> None:
             raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
 
 
-def cpu_gemm(a, a_scales, b, b_scales, out, c=None) -> None:
+def cpu_gemm(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK) -> None:
     """out = a @ b.T (+ c) on the CPU: tile-wise dequantize (the C++ kernel) + fp32 matmul, CPU_CHUNK_ROWS rows
-    of each operand at a time (the grouped GEMMs' CPU paths run it per expert)."""
+    of each operand at a time (the grouped GEMMs' CPU paths run it per expert). ``b_tile_rows``: rows per b
+    scale, 128 for weight blocks, 1 for the weight gradient's row scales."""
     M, N = out.shape
     for n0 in range(0, N, CPU_CHUNK_ROWS):  # a multiple of 128: whole weight-scale blocks
         n1 = min(N, n0 + CPU_CHUNK_ROWS)
-        sb = b_scales[n0 // BLOCK : cdiv(n1, BLOCK)]
-        b32 = dequantize_tiles(b[n0:n1].contiguous(), sb, BLOCK, BLOCK, torch.float32, op="gemm_nt")
+        sb = b_scales[n0 // b_tile_rows : cdiv(n1, b_tile_rows)]
+        b32 = dequantize_tiles(b[n0:n1].contiguous(), sb, b_tile_rows, BLOCK, torch.float32, op="gemm_nt")
         for m0 in range(0, M, CPU_CHUNK_ROWS):
             m1 = min(M, m0 + CPU_CHUNK_ROWS)
             a32 = dequantize_tiles(a[m0:m1].contiguous(), a_scales[m0:m1], 1, BLOCK, torch.float32, op="gemm_nt")
@@ -67,28 +71,33 @@ def cpu_gemm(a, a_scales, b, b_scales, out, c=None) -> None:
             out[m0:m1, n0:n1] = d
 
 
-def launch_gemm(a, a_scales, b, b_scales, out, c, m_indices=None, masked_m=None) -> None:
+def launch_gemm(
+    a, a_scales, b, b_scales, out, c, m_indices=None, masked_m=None, k_ranges=None, b_row_scales=False
+) -> None:
     """``b`` [N, K]; or [G, N, K] with ``m_indices`` (DeepGEMM's contiguous grouped layout: a [M, K], one
-    expert id per row) or with ``masked_m`` (the masked layout: a [G, M, K], out [G, M, N])."""
+    expert id per row) or with ``masked_m`` (the masked layout: a [G, M, K], out [G, M, N]). ``k_ranges``
+    [G, 2] (the weight gradient's K-grouped layout: out [G, M, N], group g sums over K in its range).
+    ``b_row_scales``: b has 1 x 128 scales [N, ceil(K/128)] like a, instead of 128 x 128 blocks."""
     K, N = a.shape[-1], b.shape[-2]
     M = a.shape[-2]
-    G = a.shape[0] if masked_m is not None else 1
+    grouped, masked, k_grouped = m_indices is not None, masked_m is not None, k_ranges is not None
+    G = a.shape[0] if masked else k_ranges.shape[0] if k_grouped else 1
     arch = backend.device_arch(a.device)
-    cfg = kernel.config(M, arch)
+    cfg = kernel.config(M, arch, b_row_scales)
     fp8 = hw_fp8_convert(arch)
     codes = (a, b) if fp8 else (a.view(torch.uint8), b.view(torch.uint8))
     grid = (G * cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     c_arg = out if c is None else c
-    grouped, masked = m_indices is not None, masked_m is not None
-    ids = m_indices if grouped else masked_m if masked else out
+    ids = m_indices if grouped else masked_m if masked else k_ranges if k_grouped else out
     per_expert = (b.stride(0), b_scales.stride(0)) if grouped or masked else (0, 0)
-    per_group = (a.stride(0), a_scales.stride(0), out.stride(0)) if masked else (0, 0, 0)
+    per_group = (a.stride(0) if masked else 0, a_scales.stride(0) if masked else 0,
+                 out.stride(0) if masked or k_grouped else 0)  # fmt: skip
     args = (*codes, a_scales, b_scales, c_arg, out, ids, M, N, K, a.stride(-2) if M > 1 else K,
             b.stride(-2) if N > 1 else K, a_scales.stride(-2), a_scales.stride(-1), b_scales.stride(-2),
             b_scales.stride(-1), c_arg.stride(-2), out.stride(-2), *per_expert, *per_group)  # fmt: skip
     tma = kernel.use_tma(arch, fp8, a, b)
     launch(kernel.gemm_nt_kernel, grid, args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8, USE_TMA=tma,
-           GROUPED=grouped, MASKED=masked)  # fmt: skip
+           GROUPED=grouped, MASKED=masked, K_GROUPED=k_grouped, B_ROW_SCALES=b_row_scales)  # fmt: skip
 
 
 def _fake(a, a_scales, b, b_scales, out_dtype, c):

@@ -37,7 +37,7 @@ def validate(a, a_scales, b, b_scales, m_indices, out_dtype) -> None:
                          f"{b.stride()}")  # fmt: skip
 
 
-def _check_ids(m_indices: torch.Tensor, G: int) -> None:
+def check_segment_ids(m_indices: torch.Tensor, G: int) -> None:
     """Every id in [-1, G) and each 128-row segment one expert (or padding): on the host for CPU tensors, on the
     device (no synchronisation) for CUDA ones."""
     tiles = m_indices.view(-1, SEGMENT)
@@ -88,7 +88,7 @@ def _grouped_op(
     out = _alloc.empty((a.shape[0], b.shape[1]), out_dtype, a.device)
     if out.numel() == 0:
         return out
-    _check_ids(m_indices, b.shape[0])
+    check_segment_ids(m_indices, b.shape[0])
     if backend.resolve(a.device, "fp8_grouped_gemm_nt_contiguous") == "cpu":
         _cpu(a, a_scales, b, b_scales, m_indices, out)
     else:

@@ -64,7 +64,7 @@ def gemm_nt(a, a_scales, b, b_scales, c=None) -> torch.Tensor:
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's accuracy metric, 1 - 2<x, y> / (<x, x> + <y, y>): 0 for equal tensors."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
 
@@ -85,3 +85,17 @@ def grouped_gemm_nt_masked(a, a_scales, b, b_scales, masked_m) -> torch.Tensor:
     for g, m in enumerate(masked_m.tolist()):
         out[g, :m] = gemm_nt(a[g, :m], a_scales[g, :m], b[g], b_scales[g])
     return out
+
+
+def quantize_transposed(x: torch.Tensor, m_indices: torch.Tensor | None = None):
+    """x [T, C] -> (x.T codes [C, T_pad], scales [C, ceil(T/128)]): 1 x 128 groups along tokens of x.T with its
+    rows zero-padded to T_pad = T rounded up to 16; rows of x with a negative id count as zeros."""
+    if m_indices is not None:
+        x = torch.where((m_indices >= 0)[:, None], x.float(), 0.0)
+    T = x.shape[0]
+    return quantize_per_token_group(F.pad(x.float().T, (0, -T % 16)))
+
+
+def wgrad_gemm(a, a_scales, b, b_scales) -> torch.Tensor:
+    """dW = dequant(a) @ dequant(b).T in float64, both operands with 1 x 128 scales (along tokens)."""
+    return dequantize_tiles(a, a_scales, 1, 128).double() @ dequantize_tiles(b, b_scales, 1, 128).double().T

@@ -37,20 +37,33 @@ def gemm_nt_kernel(
     a_ptr,  # [M, K] e4m3 (uint8 view without FP8_MMA), row stride stride_a
     b_ptr,  # [N, K] e4m3 (uint8 view without FP8_MMA), row stride stride_b
     sa_ptr,  # [M, ceil(K/128)] fp32, strides (stride_sam, stride_sak): row-major or M-major
-    sb_ptr,  # [ceil(N/128), ceil(K/128)] fp32, strides (stride_sbn, stride_sbk)
+    sb_ptr,  # [ceil(N/128), ceil(K/128)] fp32, strides (stride_sbn, stride_sbk); B_ROW_SCALES: [N, ceil(K/128)]
     c_ptr,  # [M, N] added to the product (read only when HAS_C), row stride stride_cm
     d_ptr,  # [M, N] out (bf16 / fp32), row stride stride_dm
-    ids_ptr,  # GROUPED: [M] int32 expert of each row, -1 on padding; MASKED: [G] int32 valid rows per group
+    ids_ptr,  # GROUPED: [M] int32 expert of each row, -1 on padding; MASKED: [G] int32 valid rows per group;
+    # K_GROUPED: [G, 2] int32 K range (start, end) of each group, multiples of 128 (the last may end at K)
     M, N, K, stride_a, stride_b, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_cm, stride_dm,
     stride_bg, stride_sbg,  # GROUPED / MASKED: elements from one expert's b / b_scales to the next
-    stride_ag, stride_sag, stride_dg,  # MASKED: the same for a, a_scales and d (M is then rows per group)
+    stride_ag, stride_sag, stride_dg,  # MASKED: the same for a, a_scales and d (M is then rows per group);
+    # K_GROUPED: stride_dg is the output's (and c's) group stride
     HAS_C: tl.constexpr, FP8_MMA: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, K_GROUPED: tl.constexpr, B_ROW_SCALES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    k_begin = 0
+    first_block = 0  # k_begin // 128, int64: the scale pointers' starting offset
     k_end = K
     rows = M  # rows that hold data (a group's masked_m in the masked layout)
+    if K_GROUPED:  # the weight-gradient layout: group g sums over its own token range, into its own output
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        group = (pid // tiles).to(tl.int64)
+        pid = pid % tiles
+        k_begin = tl.multiple_of(tl.load(ids_ptr + 2 * group), BLOCK_K)  # keeps the loads 16-byte vectors
+        k_end = tl.multiple_of(tl.load(ids_ptr + 2 * group + 1), 16)  # the masks stay constant per vector
+        first_block = k_begin.to(tl.int64) // BLOCK_K
+        d_ptr += group * stride_dg
+        c_ptr += group * stride_dg
     if MASKED:  # DeepGEMM's masked layout: group g's first masked_m[g] of M rows; the rest are written as 0
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         group = (pid // tiles).to(tl.int64)
@@ -73,30 +86,36 @@ def gemm_nt_kernel(
         sb_ptr += tl.maximum(expert, 0).to(tl.int64) * stride_sbg
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_a + rk[None, :]
-    b_ptrs = b_ptr + rn[:, None] * stride_b + rk[None, :]
+    a_ptrs = a_ptr + rm[:, None] * stride_a + (k_begin + rk)[None, :]
+    b_ptrs = b_ptr + rn[:, None] * stride_b + (k_begin + rk)[None, :]
     # scales advance by one K block per step (pointer adds: no 32-bit K-block index x stride product)
-    sa_ptrs = sa_ptr + rm * stride_sam
-    sb_ptrs = sb_ptr + pid_n.to(tl.int64) * stride_sbn  # BLOCK_N == 128: one weight scale per K block
+    sa_ptrs = sa_ptr + rm * stride_sam + first_block * stride_sak
+    if B_ROW_SCALES:  # 1 x 128 scales on both operands (the weight gradient's 128 x 1 token tiles)
+        sb_ptrs = sb_ptr + rn * stride_sbn + first_block * stride_sbk
+    else:  # BLOCK_N == 128: one weight scale per K block
+        sb_ptrs = sb_ptr + pid_n.to(tl.int64) * stride_sbn + first_block * stride_sbk
     if USE_TMA:  # sm_90a: bulk tensor copies into shared memory, edges zero-filled by the hardware
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[tl.maximum(rows, 1), K], strides=[stride_a, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])  # fmt: skip
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, k_end, BLOCK_K):
+    for k0 in tl.range(k_begin, k_end, BLOCK_K):
         if USE_TMA:
             a = a_desc.load([pid_m * BLOCK_M, k0])
             b = b_desc.load([pid_n * BLOCK_N, k0])
         else:
-            a = tl.load(a_ptrs, mask=(rm[:, None] < rows) & (rk[None, :] < K - k0), other=0.0)
-            b = tl.load(b_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < K - k0), other=0.0)
+            a = tl.load(a_ptrs, mask=(rm[:, None] < rows) & (rk[None, :] < k_end - k0), other=0.0)
+            b = tl.load(b_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < k_end - k0), other=0.0)
         if FP8_MMA:
             part = tl.dot(a, tl.trans(b))  # a fresh fp32 accumulator per K block: the promotion
         else:
             part = tl.dot(e4m3_as_fp16(a), tl.trans(e4m3_as_fp16(b))) * 65536.0  # undo the two 2^-8
         sa = tl.load(sa_ptrs, mask=rm < rows, other=0.0)
-        sb = tl.load(sb_ptrs)
-        acc += part * (sa[:, None] * sb)
+        if B_ROW_SCALES:
+            sb = tl.load(sb_ptrs, mask=rn < N, other=0.0)
+            acc += (part * sa[:, None]) * sb[None, :]
+        else:
+            acc += part * (sa[:, None] * tl.load(sb_ptrs))
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
         sa_ptrs += stride_sak
@@ -117,16 +136,19 @@ def use_tma(arch: int | None, fp8_mma: bool, *operands) -> bool:
     return arch is not None and arch >= 90 and fp8_mma and all(t.data_ptr() % 16 == 0 for t in operands)
 
 
-def config(M: int, arch: int | None) -> KernelConfig:
+def config(M: int, arch: int | None, b_row_scales: bool = False) -> KernelConfig:
     """N and K tiles are the 128-wide scale blocks. sm_90a: 128 rows over two warpgroups (64 for decode-sized
     M), four 32 KB fp8 stages (227 KB shared). sm_80 / sm_89 keep the MMA result and the scaled running sum
     in registers side by side: 64 rows over 8 warps stay under 255 registers with no stack (128 rows spill),
-    four stages fit sm_89's 99 KB."""
+    four stages fit sm_89's 99 KB. With b's 1 x 128 row scales (the weight gradient) each thread also holds a
+    scale per column of its tile: on sm_90a the N tile halves to 64 (128 x 128 spills 32-200 bytes)."""
+    block_n = SCALE_BLOCK
     if arch is not None and arch >= 90:
         block_m, warps = (64, 4) if M <= 64 else (128, 8)
+        block_n = 64 if b_row_scales and M > 64 else block_n
     else:
         block_m, warps = 64, 8
-    return KernelConfig({"BLOCK_M": block_m, "BLOCK_N": SCALE_BLOCK, "BLOCK_K": SCALE_BLOCK, "GROUP_M": 8},
+    return KernelConfig({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": SCALE_BLOCK, "GROUP_M": 8},
                         num_warps=warps, num_stages=4)  # fmt: skip
 
 
@@ -135,17 +157,28 @@ def variants(arch: int):
     fp8 = hw_fp8_convert(arch)
     codes = "*fp8e4nv" if fp8 else "*u8"
     out = []
-    # (M, out dtype, + c, layout): dense, + c, contiguous-grouped, masked-grouped; decode-sized M on sm_90a
-    shapes = [(4096, "bf16", False, ""), (4096, "fp32", True, ""), (4096, "bf16", False, "grouped"),
-              (4096, "bf16", False, "masked")] + ([(64, "bf16", False, "")] if arch >= 90 else [])  # fmt: skip
+    # (M, out dtype, + c, layout): dense, + c, contiguous-grouped, masked-grouped, the weight gradient (fp32 out,
+    # 1 x 128 scales on both operands; + c for gradient accumulation) and its per-expert k-grouped form;
+    # decode-sized M on sm_90a
+    shapes = [
+        (4096, "bf16", False, ""),
+        (4096, "fp32", True, ""),
+        (4096, "bf16", False, "grouped"),
+        (4096, "bf16", False, "masked"),
+        (4096, "fp32", True, "wgrad"),
+        (4096, "fp32", False, "k_grouped"),
+    ]
+    shapes += [(64, "bf16", False, ""), (64, "fp32", False, "wgrad")] if arch >= 90 else []
     for (M, out_type, has_c, layout), tma in itertools.product(shapes, (False, True) if arch >= 90 else (False,)):
         tag = f"{'small-M' if M <= 64 else 'M'}->{out_type}{',+c' if has_c else ''}{',' + layout if layout else ''}"
         out.append(variant(
-            f"fp8.gemm_nt[{tag}{',tma' if tma else ''}]", gemm_nt_kernel, config(M, arch), kind="matrix",
+            f"fp8.gemm_nt[{tag}{',tma' if tma else ''}]", gemm_nt_kernel,
+            config(M, arch, b_row_scales=layout in ("wgrad", "k_grouped")), kind="matrix",
             types={"a_ptr": codes, "b_ptr": codes, "sa_ptr": "*fp32", "sb_ptr": "*fp32", "c_ptr": f"*{out_type}",
                    "d_ptr": f"*{out_type}", "ids_ptr": "*i32"},
             switches={"HAS_C": has_c, "FP8_MMA": fp8, "USE_TMA": tma, "GROUPED": layout == "grouped",
-                      "MASKED": layout == "masked"},
+                      "MASKED": layout == "masked", "K_GROUPED": layout == "k_grouped",
+                      "B_ROW_SCALES": layout in ("wgrad", "k_grouped")},
             aligned=("a_ptr", "b_ptr", "c_ptr", "d_ptr", "K", "stride_a", "stride_b", "stride_cm", "stride_dm",
                      "stride_bg", "stride_ag"),
         ))  # fmt: skip

@@ -1,0 +1,132 @@
+"""Grouped FP8 weight-gradient GEMM over MoE expert segments (DeepGEMM's "k-grouped" wgrad):
+dW[g] [N, K] = dY_g.T @ X_g over the tokens of expert g, where the tokens come in the contiguous layout
+(sorted by expert, 128-token-aligned segments, ``m_indices`` -1 on padding rows)."""
+
+from __future__ import annotations
+
+import torch
+
+from r1kernels import _alloc, backend
+from r1kernels._checks import check_tensor
+from r1kernels._ops import Sample, define_op
+from r1kernels.fp8.gemm_nt import BLOCK, cpu_gemm, launch_gemm, validate
+from r1kernels.fp8.grouped_gemm_nt import SEGMENT, check_segment_ids
+
+_OP = "fp8_grouped_wgrad_gemm"
+
+
+def validate_grouped(a, a_scales, b, b_scales, m_indices, num_groups, c) -> None:
+    validate(a, a_scales, b, b_scales, torch.float32, None, b_tile_rows=1)
+    check_tensor("m_indices", m_indices, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    T = a.shape[1]
+    if m_indices.shape[0] != T or m_indices.device != a.device or T % SEGMENT:
+        raise ValueError(f"m_indices must hold one expert id per token (a.shape[1] = {T}, a multiple of {SEGMENT}) "
+                         f"on {a.device}, got {tuple(m_indices.shape)} on {m_indices.device}")  # fmt: skip
+    if not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups must be a non-negative int, got {num_groups!r}")
+    if c is not None:
+        check_tensor("c", c, dtypes=(torch.float32,), ndim=3, contiguous=True)
+        expected = (num_groups, a.shape[0], b.shape[0])
+        if tuple(c.shape) != expected or c.device != a.device:
+            raise ValueError(f"c must be [G, N, K] = {expected} on {a.device}, got {tuple(c.shape)} on {c.device}")
+
+
+def token_ranges(m_indices: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[G, 2] int32 (first token, end token) of each expert's segment, computed on the device (no host
+    synchronisation); (0, 0) for an expert with no tokens. The segments must be contiguous: checked on the
+    device for CUDA tensors, on the host for CPU ones."""
+    block_ids = m_indices.view(-1, SEGMENT).amax(1)  # one expert (or -1: all padding) per 128-token block
+    nblocks = block_ids.shape[0]
+    bins = torch.where(block_ids >= 0, block_ids, num_groups).long()  # padding blocks into a spare bin
+    index = torch.arange(nblocks, device=m_indices.device)
+    first = torch.full((num_groups + 1,), nblocks, device=m_indices.device).scatter_reduce(0, bins, index, "amin")
+    last = torch.full((num_groups + 1,), -1, device=m_indices.device).scatter_reduce(0, bins, index, "amax") + 1
+    count = torch.zeros(num_groups + 1, dtype=torch.long, device=m_indices.device).scatter_add(
+        0, bins, torch.ones_like(index)
+    )
+    present = count[:num_groups] > 0
+    ok = ((last - first)[:num_groups] == count[:num_groups]) | ~present
+    if m_indices.device.type != "cpu":
+        torch._assert_async(ok.all(), "each expert's tokens must form one contiguous segment in m_indices")
+    elif not bool(ok.all()):
+        raise ValueError("m_indices: each expert's tokens must form one contiguous run of 128-token blocks "
+                         "(the contiguous layout, sorted by expert)")  # fmt: skip
+    ranges = torch.stack([first[:num_groups], last[:num_groups]], 1) * SEGMENT
+    return torch.where(present[:, None], ranges, 0).to(torch.int32)
+
+
+def _cpu(a, a_scales, b, b_scales, ranges, out, c) -> None:
+    for g, (lo, hi) in enumerate(ranges.tolist()):
+        if hi > lo:
+            cols = slice(lo // BLOCK, hi // BLOCK)
+            cpu_gemm(a[:, lo:hi], a_scales[:, cols], b[:, lo:hi], b_scales[:, cols], out[g],
+                     None if c is None else c[g], b_tile_rows=1)  # fmt: skip
+        else:
+            out[g] = 0 if c is None else c[g]
+
+
+def _fake(a, a_scales, b, b_scales, m_indices, num_groups, c):
+    validate_grouped(a, a_scales, b, b_scales, m_indices, num_groups, c)
+    return a.new_empty((num_groups, a.shape[0], b.shape[0]), dtype=torch.float32)
+
+
+def _samples(device: str):
+    from r1kernels.fp8.quantize_transposed import quantize_transposed
+
+    ids = torch.tensor([1] * 100 + [-1] * 28 + [3] * 256, dtype=torch.int32, device=device)
+    a, sa = quantize_transposed(torch.randn(384, 70, device=device), m_indices=ids)
+    b, sb = quantize_transposed(torch.randn(384, 144, device=device), m_indices=ids)
+    checks = ("test_faketensor", "test_aot_dispatch_dynamic")
+    yield Sample((a, sa, b, sb, ids, 4, None), checks)
+    yield Sample((a, sa, b, sb, ids, 4, torch.randn(4, 70, 144, device=device)), checks)
+
+
+@define_op(_OP, fake=_fake, samples=_samples)
+def _grouped_wgrad_op(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    m_indices: torch.Tensor,
+    num_groups: int,
+    c: torch.Tensor | None,
+) -> torch.Tensor:
+    validate_grouped(a, a_scales, b, b_scales, m_indices, num_groups, c)
+    out = _alloc.empty((num_groups, a.shape[0], b.shape[0]), torch.float32, a.device)
+    if out.numel() == 0:
+        return out
+    check_segment_ids(m_indices, num_groups)
+    ranges = token_ranges(m_indices, num_groups)
+    if backend.resolve(a.device, _OP) == "cpu":
+        _cpu(a, a_scales, b, b_scales, ranges, out, c)
+    else:
+        launch_gemm(a, a_scales, b, b_scales, out, c, k_ranges=ranges, b_row_scales=True)
+    return out
+
+
+def grouped_wgrad_gemm(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    m_indices: torch.Tensor,
+    num_groups: int,
+    *,
+    c: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dW[g] = sum over tokens t of expert g of dY[t].T X[t]`` in fp32: MoE experts' weight gradients.
+
+    Args:
+        a: ``dY.T [N, T] float8_e4m3fn`` with ``a_scales [N, T/128] float32`` and b: ``X.T [K, T]`` with
+            ``b_scales [K, T/128]``, both from ``quantize_transposed(..., m_indices=m_indices)`` (which zeroes
+            the padding tokens: a padding token's values would otherwise enter its expert's sum).
+        m_indices: ``[T] int32`` expert of each token in the contiguous layout (T a multiple of 128, tokens
+            sorted by expert in 128-aligned segments, -1 on padding rows), as for
+            ``grouped_gemm_nt_contiguous``; checked on the device for CUDA tensors.
+        num_groups: G, the number of experts; an expert with no tokens gets a zero gradient.
+        c: optional ``[G, N, K] float32`` contiguous, added to the result (gradient accumulation).
+
+    Returns ``[G, N, K] float32``. One launch over (expert, N tile, K tile) programs, each summing over its
+    expert's token range (found on the device: no host synchronisation).
+    """
+    return _grouped_wgrad_op(a, a_scales, b, b_scales, m_indices, num_groups, c)
