@@ -117,3 +117,28 @@ def test_masked_counts_are_checked():
         r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b, sb, torch.tensor([3, 17], dtype=torch.int32))
     with pytest.raises(ValueError, match="one entry per group"):
         r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b[:1], sb[:1], torch.tensor([3, 4], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_persistent_grid_walks_every_work_item(kernel_device, monkeypatch, tma):
+    """The grouped layouts run a persistent grid of (SMs x resident programs) programs; with one SM a single
+    program walks every (group, tile) item, padding tiles and empty groups included, in both layouts."""
+    if tma and HAS_GPU:
+        pytest.skip("forces the sm_90a descriptor path on CPU tensors; on a GPU the arch decides")
+    if tma:
+        monkeypatch.setattr(gemm_kernels, "use_tma", lambda arch, fp8_mma, *operands: True)
+    launched = []
+    monkeypatch.setattr(r1kernels.backend, "sm_count", lambda device: 1)
+    monkeypatch.setattr(
+        gemm_module, "launch", lambda kernel, grid, *a, **k: (launched.append(grid), real(kernel, grid, *a, **k))
+    )
+    real = importlib.import_module("r1kernels._launch").launch
+    _check("triton", kernel_device, 4, 257, 144, [(2, 90), (0, 128), (3, 5)])
+    a, sa, b, sb = _masked_operands(3, 70, 130, 144, kernel_device)
+    masked_m = torch.tensor([70, 0, 33], dtype=torch.int32, device=kernel_device)
+    with r1kernels.use_backend("triton"):
+        d = r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b, sb, masked_m, out_dtype=torch.float32)
+    r = ref.grouped_gemm_nt_masked(a.cpu(), sa.cpu(), b.cpu(), sb.cpu(), masked_m.cpu())
+    assert float((d.double().cpu() - r).norm() / r.norm()) < 1e-6
+    assert torch.equal(d[2, 33:].cpu(), torch.zeros(37, 130))
+    assert launched == [(1,), (1,)]

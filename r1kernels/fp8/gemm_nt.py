@@ -83,21 +83,26 @@ def launch_gemm(
     grouped, masked, k_grouped = m_indices is not None, masked_m is not None, k_ranges is not None
     G = a.shape[0] if masked else k_ranges.shape[0] if k_grouped else 1
     arch = backend.device_arch(a.device)
-    cfg = kernel.config(M, arch, b_row_scales)
     fp8 = hw_fp8_convert(arch)
+    tma = kernel.use_tma(arch, fp8, a, b)
+    cfg = kernel.config(M, arch, tma, b_row_scales)
     codes = (a, b) if fp8 else (a.view(torch.uint8), b.view(torch.uint8))
-    grid = (G * cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    programs = G * cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])  # one per work item, unless persistent
+    persistent = grouped or masked
+    if persistent:
+        programs = min(programs, backend.sm_count(a.device) * kernel.resident_programs(cfg, arch))
     c_arg = out if c is None else c
     ids = m_indices if grouped else masked_m if masked else k_ranges if k_grouped else out
     per_expert = (b.stride(0), b_scales.stride(0)) if grouped or masked else (0, 0)
     per_group = (a.stride(0) if masked else 0, a_scales.stride(0) if masked else 0,
                  out.stride(0) if masked or k_grouped else 0)  # fmt: skip
-    args = (*codes, a_scales, b_scales, c_arg, out, ids, M, N, K, a.stride(-2) if M > 1 else K,
+    b_groups = b.shape[0] if b.dim() == 3 else 1
+    args = (*codes, a_scales, b_scales, c_arg, out, ids, G, b_groups, M, N, K, a.stride(-2) if M > 1 else K,
             b.stride(-2) if N > 1 else K, a_scales.stride(-2), a_scales.stride(-1), b_scales.stride(-2),
             b_scales.stride(-1), c_arg.stride(-2), out.stride(-2), *per_expert, *per_group)  # fmt: skip
-    tma = kernel.use_tma(arch, fp8, a, b)
-    launch(kernel.gemm_nt_kernel, grid, args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8, USE_TMA=tma,
-           GROUPED=grouped, MASKED=masked, K_GROUPED=k_grouped, B_ROW_SCALES=b_row_scales)  # fmt: skip
+    launch(kernel.gemm_nt_kernel, (programs,), args, cfg, a.device, HAS_C=c is not None, FP8_MMA=fp8, USE_TMA=tma,
+           GROUPED=grouped, MASKED=masked, K_GROUPED=k_grouped, B_ROW_SCALES=b_row_scales,
+           PERSISTENT=persistent)  # fmt: skip
 
 
 def _fake(a, a_scales, b, b_scales, out_dtype, c):

@@ -1,0 +1,7 @@
+"""DeepSeek-V3 mixture of experts: routing, the permutation to expert-sorted rows and back, grouped expert
+GEMMs, and the MoE layer."""
+
+from r1kernels.moe.balance import sequence_balance_loss, tokens_per_expert, update_correction_bias
+from r1kernels.moe.route import route
+
+__all__ = ["route", "sequence_balance_loss", "tokens_per_expert", "update_correction_bias"]
