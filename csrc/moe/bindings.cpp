@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/pybind_util.h"
+#include "moe/permutation.h"
 #include "moe/route.h"
 
 namespace py = pybind11;
@@ -37,7 +38,47 @@ void register_moe(py::module_& m) {
       py::kw_only(), py::arg("logits"), py::arg("dtype"), py::arg("bias"), py::arg("problem"), py::arg("weights"),
       py::arg("ids"), "DeepSeek-V3 routing on the CPU (OpenMP over tokens); bias 0: none.");
 
+  py::class_<PermutationProblem>(m, "PermutationProblem",
+                                 "slots (tokens x top_k) routed to experts; segments aligned to `align` rows; "
+                                 "row-indexed outputs have `rows` rows.")
+      .def(py::init([](int64_t slots, int64_t experts, int64_t align, int64_t rows) {
+             return PermutationProblem{slots, experts, align, rows};
+           }),
+           py::kw_only(), py::arg("slots"), py::arg("experts"), py::arg("align"), py::arg("rows"))
+      .def_readonly("slots", &PermutationProblem::slots)
+      .def_readonly("experts", &PermutationProblem::experts)
+      .def_readonly("align", &PermutationProblem::align)
+      .def_readonly("rows", &PermutationProblem::rows);
+
+  m.def(
+      "permutation_index_cpu",
+      [](uintptr_t expert_ids, const PermutationProblem& problem, uintptr_t counts, uintptr_t offsets,
+         uintptr_t row_of, uintptr_t source, uintptr_t row_expert) {
+        py::gil_scoped_release release;
+        permutation_index_cpu(ptr<const int32_t>(expert_ids), problem, ptr<int32_t>(counts), ptr<int64_t>(offsets),
+                              ptr<int32_t>(row_of), ptr<int32_t>(source), ptr<int32_t>(row_expert));
+      },
+      py::kw_only(), py::arg("expert_ids"), py::arg("problem"), py::arg("counts"), py::arg("offsets"),
+      py::arg("row_of"), py::arg("source"), py::arg("row_expert"),
+      "MoE permutation index on the CPU (stable counting sort, OpenMP).");
+
 #if defined(R1K_WITH_CUDA)
+  m.def("permutation_index_workspace_cuda", &permutation_index_workspace_cuda, py::kw_only(), py::arg("problem"),
+        "Scratch bytes permutation_index_cuda needs.");
+  m.def(
+      "permutation_index_cuda",
+      [](uintptr_t expert_ids, const PermutationProblem& problem, uintptr_t counts, uintptr_t offsets,
+         uintptr_t row_of, uintptr_t source, uintptr_t row_expert, uintptr_t workspace, int64_t workspace_bytes,
+         uintptr_t stream) {
+        const char* err = permutation_index_cuda(ptr<const int32_t>(expert_ids), problem, ptr<int32_t>(counts),
+                                                 ptr<int64_t>(offsets), ptr<int32_t>(row_of), ptr<int32_t>(source),
+                                                 ptr<int32_t>(row_expert), ptr<void>(workspace), workspace_bytes,
+                                                 ptr<void>(stream));
+        if (err != nullptr) throw std::runtime_error(std::string("permutation_index_cuda: ") + err);
+      },
+      py::kw_only(), py::arg("expert_ids"), py::arg("problem"), py::arg("counts"), py::arg("offsets"),
+      py::arg("row_of"), py::arg("source"), py::arg("row_expert"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("stream"), "MoE permutation index on the GPU (CUB radix sort; no host synchronisation).");
   m.def(
       "route_cuda",
       [](uintptr_t logits, DType dtype, uintptr_t bias, const RouteProblem& problem, uintptr_t weights,

@@ -2,6 +2,15 @@
 GEMMs, and the MoE layer."""
 
 from r1kernels.moe.balance import sequence_balance_loss, tokens_per_expert, update_correction_bias
+from r1kernels.moe.permutation import PermutationIndex, max_rows, permutation_index
 from r1kernels.moe.route import route
 
-__all__ = ["route", "sequence_balance_loss", "tokens_per_expert", "update_correction_bias"]
+__all__ = [
+    "PermutationIndex",
+    "max_rows",
+    "permutation_index",
+    "route",
+    "sequence_balance_loss",
+    "tokens_per_expert",
+    "update_correction_bias",
+]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -24,3 +26,27 @@ def route(logits, correction_bias=None, *, top_k, n_group=1, topk_group=1, route
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return weights * routed_scaling_factor, ids
+
+
+def permutation_index(expert_ids, num_experts, align=1):
+    """(counts, offsets, row_of, source, row_expert) by a plain loop over experts and slots in order."""
+    flat = expert_ids.reshape(-1).tolist()
+    counts = [0] * num_experts
+    for e in flat:
+        if e >= 0:
+            counts[e] += 1
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + -(-c // align) * align)
+    row_of = [-1] * len(flat)
+    source = [-1] * offsets[-1]
+    row_expert = [-1] * offsets[-1]
+    for e in range(num_experts):
+        r = offsets[e]
+        for slot, slot_expert in enumerate(flat):
+            if slot_expert == e:
+                row_of[slot], source[r], row_expert[r] = r, slot, e
+                r += 1
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int64)
+    return (as_tensor(counts), as_tensor(offsets), as_tensor(row_of).view(expert_ids.shape), as_tensor(source),
+            as_tensor(row_expert))  # fmt: skip
