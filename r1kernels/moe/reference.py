@@ -50,3 +50,23 @@ def permutation_index(expert_ids, num_experts, align=1):
     as_tensor = functools.partial(torch.tensor, dtype=torch.int64)
     return (as_tensor(counts), as_tensor(offsets), as_tensor(row_of).view(expert_ids.shape), as_tensor(source),
             as_tensor(row_expert))  # fmt: skip
+
+
+def permute(x, source, top_k):
+    """Row r = x[source[r] // k] in float64, zeros on padding (source -1)."""
+    out = torch.zeros(source.shape[0], x.shape[1], dtype=torch.float64)
+    for r, s in enumerate(source.tolist()):
+        if s >= 0:
+            out[r] = x[s // top_k].double()
+    return out
+
+
+def unpermute(rows, row_of, weights):
+    """Token t = sum_j weights[t, j] * rows[row_of[t, j]] in float64 over routed slots."""
+    out = torch.zeros(row_of.shape[0], rows.shape[1], dtype=torch.float64)
+    for t in range(row_of.shape[0]):
+        for j in range(row_of.shape[1]):
+            r = int(row_of[t, j])
+            if r >= 0:
+                out[t] += weights[t, j].double() * rows[r].double()
+    return out
