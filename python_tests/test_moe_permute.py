@@ -75,12 +75,12 @@ def test_fp8_rows_move_with_their_scales(backend, device):
 
 def test_bad_input():
     _, index = _index(10, 2, 4, "cpu")
-    with pytest.raises(ValueError, match="index.row_of must have one row per token"):
+    with pytest.raises(ValueError, match=r"index\.row_of must have one row per token"):
         r1kernels.moe.moe_permute(torch.randn(11, 32), index)
     with pytest.raises(TypeError, match="x must have dtype"):
         r1kernels.moe.moe_permute(torch.randn(10, 32).double(), index)
     rows = torch.randn(index.source.shape[0], 32)
     with pytest.raises(ValueError, match="weights must be"):
         r1kernels.moe.moe_unpermute(rows, index, torch.rand(10, 3))
-    with pytest.raises(ValueError, match="rows must have index.source's"):
+    with pytest.raises(ValueError, match=r"rows must have index\.source's"):
         r1kernels.moe.moe_unpermute(rows[:-1], index, torch.rand(10, 2))

@@ -29,10 +29,13 @@ class Sample(NamedTuple):
 
 class Op:
     """A registered op: call it like the op. ``op`` is the ``torch.ops`` overload, ``impl`` the implementation,
-    ``samples(device)`` yields the ``Sample``s that the opcheck test runs."""
+    ``samples(device)`` yields the ``Sample``s that the opcheck test runs. ``triton``: whether the GPU path is a
+    Triton kernel (False: CUDA C++ only, e.g. routing and the permutation index)."""
 
-    def __init__(self, name: str, impl: Callable, op: Any, autograd: type | None, samples: Callable | None):
+    def __init__(self, name: str, impl: Callable, op: Any, autograd: type | None, samples: Callable | None,
+                 triton: bool = True):  # fmt: skip
         self.name, self.impl, self.op, self.autograd, self.samples = name, impl, op, autograd, samples
+        self.triton = triton
 
     def __call__(self, *args: Any) -> Any:
         if _tracing():
@@ -72,9 +75,11 @@ def define_op(
     setup_context: Callable | None = None,
     mutates_args: tuple[str, ...] = (),
     samples: Callable[[str], Iterable[Sample]] | None = None,
+    triton: bool = True,
 ) -> Callable[[Callable], Op]:
     """Decorator: register ``fn`` as ``torch.ops.r1k.<name>`` with its fake (meta) kernel and, when given, its
     backward (``setup_context(ctx, inputs, output)`` / ``backward(ctx, *grads)``, torch.library's convention).
+    ``triton=False`` declares an op whose GPU path is CUDA C++ (the launch test then expects no Triton launch).
     The decorated function's type hints define the op's schema; it must validate its own inputs."""
 
     def wrap(fn: Callable) -> Op:
@@ -89,7 +94,7 @@ def define_op(
                 {"forward": staticmethod(fn), "setup_context": staticmethod(setup_context),
                  "backward": staticmethod(backward)},
             )  # fmt: skip
-        handle = Op(name, fn, op, autograd, samples)
+        handle = Op(name, fn, op, autograd, samples, triton)
         OPS[name] = handle
         return handle
 

@@ -112,7 +112,7 @@ def _samples(device: str):
     yield Sample((ids, 8, 16, max_rows(ids.numel(), 8, 16)))
 
 
-@define_op(_OP, fake=_fake, samples=_samples)
+@define_op(_OP, fake=_fake, samples=_samples, triton=False)
 def _permutation_index_op(
     expert_ids: torch.Tensor, num_experts: int, align: int, num_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def _samples(device: str):
     yield Sample((logits.bfloat16(), None, 2, 1, 1, 1.0, False, "softmax"))
 
 
-@define_op(_OP, fake=_fake, backward=_backward, setup_context=_setup_context, samples=_samples)
+@define_op(_OP, fake=_fake, backward=_backward, setup_context=_setup_context, samples=_samples, triton=False)
 def _route_op(
     logits: torch.Tensor,
     correction_bias: torch.Tensor | None,
