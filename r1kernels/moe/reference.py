@@ -70,3 +70,12 @@ def unpermute(rows, row_of, weights):
             if r >= 0:
                 out[t] += weights[t, j].double() * rows[r].double()
     return out
+
+
+def grouped_linear(x, weight, row_expert):
+    """Row r = x[r] @ weight[row_expert[r]].T in float64; zero rows where row_expert is -1."""
+    out = torch.zeros(x.shape[0], weight.shape[1], dtype=torch.float64)
+    for r, e in enumerate(row_expert.tolist()):
+        if e >= 0:
+            out[r] = x[r].double() @ weight[e].double().T
+    return out

@@ -1,0 +1,72 @@
+"""Grouped expert linear layers against float64: forward, input and weight gradients, every backend, 128-aligned
+segments with padding rows holding NaN (never read by the weight gradient), an expert with no rows, and the
+persistent grid with one program."""
+
+import pytest
+import torch
+from conftest import HAS_GPU, backends_for
+
+import r1kernels
+from r1kernels.moe import reference as ref
+
+
+def _case(T, k, E, N, K, device, dtype):
+    ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)]).to(torch.int32)  # expert E-1: no rows
+    index = r1kernels.moe.permutation_index(ids.to(device), E, align=128)
+    x = torch.randn(index.source.shape[0], K, device=device).to(dtype)
+    x[index.row_expert < 0] = float("nan")  # padding rows: whatever the permutation left there
+    weight = (torch.randn(E, N, K, device=device) * K**-0.5).to(dtype)
+    return index, x, weight
+
+
+def _run(backend, device, dtype, T=70, k=2, E=5, N=96, K=80):
+    index, x, weight = _case(T, k, E, N, K, device, dtype)
+    x.requires_grad_()
+    weight.requires_grad_()
+    with r1kernels.use_backend(backend):
+        out = r1kernels.moe.grouped_linear(x, weight, index)
+        grad = torch.randn_like(out)
+        grad[index.row_expert < 0] = 0.0  # what unpermute's backward hands back on padding rows
+        out.backward(grad)
+    valid = (index.row_expert >= 0).cpu()
+    x64 = torch.where(valid[:, None], x.detach().cpu().double(), 0.0).requires_grad_()
+    w64 = weight.detach().cpu().double().requires_grad_()
+    r = ref.grouped_linear(x64, w64, index.row_expert.cpu())
+    r.backward(grad.cpu().double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    o = out.detach().cpu().double()
+    assert torch.equal(o[~valid], torch.zeros_like(o[~valid]))
+    assert torch.allclose(o[valid], r[valid].detach(), rtol=tol, atol=tol)
+    assert torch.allclose(x.grad.cpu().double()[valid], x64.grad[valid], rtol=tol, atol=tol)
+    assert torch.allclose(weight.grad.cpu().double(), w64.grad, rtol=tol, atol=tol)
+    assert torch.equal(weight.grad[-1].cpu(), torch.zeros_like(weight.grad[-1].cpu()))
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_and_gradients(backend, device, dtype):
+    _run(backend, device, dtype)
+
+
+def test_persistent_grid_with_one_program(kernel_device, monkeypatch):
+    monkeypatch.setattr(r1kernels.backend, "sm_count", lambda device: 1)
+    _run("triton", kernel_device, torch.float32, T=150, k=2, E=4, N=200, K=48)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="the alignment check runs on the device")
+def test_gpu_needs_128_aligned_segments():
+    bad = r1kernels.moe.permutation_index(torch.randint(0, 4, (20, 2), dtype=torch.int32, device="cuda"), 4)
+    x = torch.randn(bad.source.shape[0], 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        r1kernels.moe.grouped_linear(x, torch.randn(4, 32, 32, device="cuda", dtype=torch.bfloat16), bad)
+        torch.cuda.synchronize()
+
+
+def test_bad_input():
+    index, x, weight = _case(20, 2, 4, 32, 32, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        r1kernels.moe.grouped_linear(x, weight[:, :, :16].contiguous(), index)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        r1kernels.moe.grouped_linear(x, weight.bfloat16(), index)
+    with pytest.raises(ValueError, match="index must describe"):
+        r1kernels.moe.grouped_linear(x[:-1].contiguous(), weight, index)
