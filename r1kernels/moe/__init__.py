@@ -3,12 +3,14 @@ GEMMs, and the MoE layer."""
 
 from r1kernels.moe.balance import sequence_balance_loss, tokens_per_expert, update_correction_bias
 from r1kernels.moe.grouped_linear import grouped_linear
+from r1kernels.moe.layer import MoE
 from r1kernels.moe.permutation import PermutationIndex, max_rows, permutation_index
 from r1kernels.moe.permute import moe_permute, moe_permute_fp8
 from r1kernels.moe.route import route
 from r1kernels.moe.unpermute import moe_unpermute
 
 __all__ = [
+    "MoE",
     "PermutationIndex",
     "grouped_linear",
     "max_rows",

@@ -33,6 +33,12 @@ def _validate(x, weight, row_expert, offsets, counts) -> None:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
+def segment_alignment(device: torch.device) -> int:
+    """The ``permutation_index`` alignment ``grouped_linear`` needs on ``device``: 128 where the Triton kernel runs
+    (a row tile never spans experts), 1 on the CPU path (no padding rows)."""
+    return kernel.SEGMENT if backend.resolve(device, _OP) != "cpu" else 1
+
+
 def _check_segments(offsets: torch.Tensor) -> None:
     """A GPU row tile must not span experts: segments start on multiples of 128 (checked on the device)."""
     torch._assert_async((offsets % kernel.SEGMENT == 0).all(),

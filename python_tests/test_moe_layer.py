@@ -1,0 +1,104 @@
+"""The MoE layer: HF transformers' DeepseekV3MoE state dict loads and the outputs and every gradient match it
+(when transformers is installed); the Triton path in the interpreter against the CPU path; edge cases (T = 0
+and 1, k = 1, one group, experts with no tokens); the balancing step; a few training steps learn."""
+
+import pytest
+import torch
+from conftest import backends_for
+
+import r1kernels
+
+KW = dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+          n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)  # fmt: skip
+
+
+def _layer(**over):
+    torch.manual_seed(1)
+    layer = r1kernels.moe.MoE(**{**KW, **over})
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias.normal_(std=0.05)
+    return layer
+
+
+def test_matches_hf_deepseek_v3_moe():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    hf = DeepseekV3MoE(transformers.DeepseekV3Config(**KW))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(std=0.1)
+        hf.gate.e_score_correction_bias.normal_(std=0.05)
+    ours = r1kernels.moe.MoE(**KW)
+    ours.load_state_dict(hf.state_dict())
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+    x = torch.randn(3, 10, 64)
+    x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_hf, y_ours = hf(x_hf), ours(x_ours)
+    assert torch.allclose(y_ours, y_hf, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y_hf)
+    y_hf.backward(grad)
+    y_ours.backward(grad)
+    assert torch.allclose(x_ours.grad, x_hf.grad, rtol=1e-5, atol=1e-5)
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, hf_params[name].grad, rtol=1e-5, atol=1e-5), name
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+def test_triton_path_matches_cpu_path(backend, device):
+    layer = _layer().to(device)
+    x = torch.randn(2, 9, 64, device=device, requires_grad=True)
+    with r1kernels.use_backend(backend):
+        y = layer(x)
+        y.square().sum().backward()
+    x_ref = x.detach().cpu().requires_grad_()
+    cpu_layer = _layer()
+    with r1kernels.use_backend("cpu"):
+        y_ref = cpu_layer(x_ref)
+        y_ref.square().sum().backward()
+    assert torch.allclose(y.detach().cpu(), y_ref.detach(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(x.grad.cpu(), x_ref.grad, rtol=1e-4, atol=1e-5)
+    grads = dict(layer.named_parameters())
+    for n, p in cpu_layer.named_parameters():
+        assert torch.allclose(grads[n].grad.cpu(), p.grad, rtol=1e-4, atol=1e-4), n
+
+
+@pytest.mark.parametrize("tokens", [0, 1])
+@pytest.mark.parametrize("over", [{}, dict(num_experts_per_tok=1, n_group=1, topk_group=1)], ids=["grouped", "k1"])
+def test_edge_cases(tokens, over):
+    layer = _layer(**over)
+    x = torch.randn(tokens, 64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (tokens, 64)
+    y.sum().backward()
+    assert x.grad.shape == (tokens, 64)
+    assert int(layer.last_tokens_per_expert.sum()) == tokens * layer.gate.top_k
+
+
+def test_bf16_and_balancing_step():
+    layer = _layer().to(torch.bfloat16)
+    layer.gate.float()  # the router stays fp32 (HF keeps gate.weight fp32)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    before = layer.gate.e_score_correction_bias.clone()
+    r1kernels.moe.update_correction_bias(layer.gate.e_score_correction_bias, layer.last_tokens_per_expert, 1e-3)
+    moved = layer.gate.e_score_correction_bias - before
+    load = layer.last_tokens_per_expert.float()
+    assert torch.equal(torch.sign(moved), torch.sign(load.mean() - load))
+
+
+def test_a_few_training_steps_learn():
+    layer = _layer()
+    target = torch.nn.Linear(64, 64)
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        x = torch.randn(64, 64)
+        loss = (layer(x) - target(x).detach()).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])

@@ -1,0 +1,105 @@
+"""The DeepSeek-V3 MoE layer: router, routed SwiGLU experts over the expert-sorted rows, shared expert.
+Parameter names and shapes are HF transformers' ``DeepseekV3MoE``'s, so its state dict loads as it is."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kernels.moe.grouped_linear import grouped_linear, segment_alignment
+from r1kernels.moe.permutation import permutation_index
+from r1kernels.moe.permute import moe_permute
+from r1kernels.moe.route import route
+from r1kernels.moe.unpermute import moe_unpermute
+
+
+class TopkRouter(nn.Module):
+    """``gate``: fp32 logits ``hidden @ weight.T``, then ``route``. ``e_score_correction_bias`` is a buffer,
+    moved by ``update_correction_bias`` (no gradient)."""
+
+    def __init__(self, hidden_size, n_routed_experts, top_k, n_group, topk_group, routed_scaling_factor,
+                 norm_topk_prob, device=None):  # fmt: skip
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(n_routed_experts, hidden_size, dtype=torch.float32, device=device))
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_routed_experts, device=device))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: torch.Tensor):
+        """x ``[T, H]`` -> (logits ``[T, E]`` fp32, weights ``[T, k]`` fp32, expert ids ``[T, k]`` int32)."""
+        logits = F.linear(x.float(), self.weight)
+        weights, ids = route(logits, self.e_score_correction_bias, top_k=self.top_k, n_group=self.n_group,
+                             topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
+                             norm_topk_prob=self.norm_topk_prob)  # fmt: skip
+        return logits, weights, ids
+
+
+class RoutedExperts(nn.Module):
+    """``experts``: ``gate_up_proj [E, 2I, H]`` (gate rows first, then up) and ``down_proj [E, H, I]``."""
+
+    def __init__(self, n_routed_experts, hidden_size, intermediate_size, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.gate_up_proj = nn.Parameter(torch.empty(n_routed_experts, 2 * intermediate_size, hidden_size, **kw))
+        self.down_proj = nn.Parameter(torch.empty(n_routed_experts, hidden_size, intermediate_size, **kw))
+        for w in (self.gate_up_proj, self.down_proj):
+            nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x ``[T, H]``, routing weights / ids ``[T, k]`` -> ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``."""
+        index = permutation_index(ids, self.gate_up_proj.shape[0], align=segment_alignment(x.device))
+        rows = moe_permute(x, index)
+        gate, up = grouped_linear(rows, self.gate_up_proj, index).chunk(2, dim=-1)
+        out = grouped_linear((F.silu(gate) * up).contiguous(), self.down_proj, index)
+        return moe_unpermute(out, index, weights)
+
+
+class SwiGLU(nn.Module):
+    """``shared_experts``: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, hidden_size, intermediate_size, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """DeepSeek-V3's MoE block (HF ``DeepseekV3MoE``): ``experts(x; route(gate(x))) + shared_experts(x)``.
+
+    Keywords are ``DeepseekV3Config``'s field names. Submodules and parameters: ``gate.weight [E, H]`` fp32,
+    ``gate.e_score_correction_bias [E]`` (buffer), ``experts.gate_up_proj [E, 2I, H]``,
+    ``experts.down_proj [E, H, I]``, ``shared_experts.{gate,up,down}_proj.weight`` (intermediate
+    ``I * n_shared_experts``), so ``load_state_dict(hf_moe.state_dict())`` works.
+
+    Forward: ``hidden [..., H]`` -> same shape and dtype. The router runs in fp32 (``route``, CUDA C++ / C++),
+    tokens move to expert-sorted rows (``permutation_index`` + ``moe_permute``), the experts are grouped GEMMs
+    (``grouped_linear``), and ``moe_unpermute`` sums each token's k outputs with its routing weights. Every
+    piece has its own backward: gradients reach the experts, the shared expert, the hidden states and, through
+    the routing weights, ``gate.weight``. ``last_tokens_per_expert`` holds the last forward's counts (on the
+    device) for ``update_correction_bias``.
+    """
+
+    def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int,
+                 n_shared_experts: int = 1, num_experts_per_tok: int = 8, n_group: int = 1, topk_group: int = 1,
+                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True, *, device=None,
+                 dtype=None):  # fmt: skip
+        super().__init__()
+        self.gate = TopkRouter(hidden_size, n_routed_experts, num_experts_per_tok, n_group, topk_group,
+                               routed_scaling_factor, norm_topk_prob, device=device)  # fmt: skip
+        self.experts = RoutedExperts(n_routed_experts, hidden_size, moe_intermediate_size, device=device, dtype=dtype)
+        self.shared_experts = SwiGLU(hidden_size, moe_intermediate_size * n_shared_experts, device=device, dtype=dtype)
+        self.last_tokens_per_expert: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.reshape(-1, hidden.shape[-1])
+        _, weights, ids = self.gate(x)
+        self.last_tokens_per_expert = torch.bincount(ids.view(-1), minlength=self.gate.weight.shape[0])
+        routed = self.experts(x.contiguous(), weights, ids)
+        return (routed + self.shared_experts(x)).view(hidden.shape)
