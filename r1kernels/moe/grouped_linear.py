@@ -63,11 +63,12 @@ def _forward(x, weight, row_expert, offsets, counts, transpose_weight=False):
     if x.shape[1] == 0:
         return out.zero_()
     if backend.resolve(x.device, _OP) == "cpu":
-        out.zero_()
-        for e, (lo, n) in enumerate(zip(offsets[:-1].tolist(), counts.tolist(), strict=True)):
+        starts, ns = offsets[:-1].tolist(), counts.tolist()
+        if sum(ns) != out.shape[0]:  # padding rows (an aligned layout): they stay 0
+            out.zero_()
+        for e, (lo, n) in enumerate(zip(starts, ns, strict=True)):
             if n:
-                w = weight[e] if transpose_weight else weight[e].T
-                out[lo : lo + n] = x[lo : lo + n] @ w
+                torch.mm(x[lo : lo + n], weight[e] if transpose_weight else weight[e].T, out=out[lo : lo + n])
         return out
     _check_segments(offsets)
     # B[n, k]: W[e, n, k] (forward) or W[e, k, n] (input gradient); strides (stride_bn, stride_bk)
@@ -85,7 +86,10 @@ def _weight_grad(grad_out, x, offsets, counts, E) -> torch.Tensor:
         return out
     if backend.resolve(x.device, _OP) == "cpu":
         for e, (lo, n) in enumerate(zip(offsets[:-1].tolist(), counts.tolist(), strict=True)):
-            out[e] = (grad_out[lo : lo + n].T @ x[lo : lo + n]).float() if n else 0.0
+            if n and x.dtype == torch.float32:
+                torch.mm(grad_out[lo : lo + n].T, x[lo : lo + n], out=out[e])
+            else:
+                out[e] = (grad_out[lo : lo + n].T @ x[lo : lo + n]).float() if n else 0.0
         return out
     # A[n, r] = grad_out[r, n], B[k, r] = x[r, k]; expert e reduces over r in [offsets[e], offsets[e] + counts[e])
     strides = (1, grad_out.stride(0), 1, x.stride(0), 0, K, N * K)
