@@ -102,3 +102,19 @@ def test_a_few_training_steps_learn():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_swiglu_forward_backward(backend, device, dtype):
+    h = (torch.randn(37, 2 * 300, device=device) * 3).to(dtype).requires_grad_()
+    with r1kernels.use_backend(backend):
+        act = r1kernels.moe.swiglu(h)
+        grad = torch.randn_like(act)
+        act.backward(grad)
+    h64 = h.detach().cpu().double().requires_grad_()
+    ref = torch.nn.functional.silu(h64[:, :300]) * h64[:, 300:]
+    ref.backward(grad.cpu().double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert act.dtype == dtype and torch.allclose(act.detach().cpu().double(), ref.detach(), rtol=tol, atol=tol)
+    assert torch.allclose(h.grad.cpu().double(), h64.grad, rtol=tol, atol=tol)

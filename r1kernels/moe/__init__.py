@@ -7,6 +7,7 @@ from r1kernels.moe.layer import MoE
 from r1kernels.moe.permutation import PermutationIndex, max_rows, permutation_index
 from r1kernels.moe.permute import moe_permute, moe_permute_fp8
 from r1kernels.moe.route import route
+from r1kernels.moe.swiglu import swiglu
 from r1kernels.moe.unpermute import moe_unpermute
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "permutation_index",
     "route",
     "sequence_balance_loss",
+    "swiglu",
     "tokens_per_expert",
     "update_correction_bias",
 ]

@@ -11,6 +11,7 @@ from r1kernels.moe.grouped_linear import grouped_linear, segment_alignment
 from r1kernels.moe.permutation import permutation_index
 from r1kernels.moe.permute import moe_permute
 from r1kernels.moe.route import route
+from r1kernels.moe.swiglu import swiglu
 from r1kernels.moe.unpermute import moe_unpermute
 
 
@@ -51,8 +52,8 @@ class RoutedExperts(nn.Module):
         """x ``[T, H]``, routing weights / ids ``[T, k]`` -> ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``."""
         index = permutation_index(ids, self.gate_up_proj.shape[0], align=segment_alignment(x.device))
         rows = moe_permute(x, index)
-        gate, up = grouped_linear(rows, self.gate_up_proj, index).chunk(2, dim=-1)
-        out = grouped_linear((F.silu(gate) * up).contiguous(), self.down_proj, index)
+        act = swiglu(grouped_linear(rows, self.gate_up_proj, index))
+        out = grouped_linear(act, self.down_proj, index)
         return moe_unpermute(out, index, weights)
 
 
