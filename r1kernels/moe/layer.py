@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1kernels.moe import expert_parallel
 from r1kernels.moe.grouped_linear import grouped_linear, segment_alignment
 from r1kernels.moe.permutation import permutation_index
 from r1kernels.moe.permute import moe_permute
@@ -79,6 +80,12 @@ class MoE(nn.Module):
     ``experts.down_proj [E, H, I]``, ``shared_experts.{gate,up,down}_proj.weight`` (intermediate
     ``I * n_shared_experts``), so ``load_state_dict(hf_moe.state_dict())`` works.
 
+    Expert parallelism: with ``ep_group`` (a ``torch.distributed`` group of W ranks) this rank holds experts
+    ``[rank * E / W, (rank + 1) * E / W)`` only (``experts.*`` have E / W rows; ``shard_state_dict`` cuts a full
+    state dict), and each forward dispatches its tokens to the experts' ranks and combines the results
+    (``expert_parallel``): outputs and gradients equal a single process's. The router and the shared expert
+    stay replicated (all-reduce their gradients as for data parallelism).
+
     Forward: ``hidden [..., H]`` -> same shape and dtype. The router runs in fp32 (``route``, CUDA C++ / C++),
     tokens move to expert-sorted rows (``permutation_index`` + ``moe_permute``), the experts are grouped GEMMs
     (``grouped_linear``), and ``moe_unpermute`` sums each token's k outputs with its routing weights. Every
@@ -89,18 +96,40 @@ class MoE(nn.Module):
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int,
                  n_shared_experts: int = 1, num_experts_per_tok: int = 8, n_group: int = 1, topk_group: int = 1,
-                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True, *, device=None,
+                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True, *, ep_group=None, device=None,
                  dtype=None):  # fmt: skip
         super().__init__()
+        self.ep_group = ep_group
+        self.n_routed_experts = n_routed_experts
+        local_experts = n_routed_experts
+        if ep_group is not None:
+            local_experts = expert_parallel.experts_per_rank(n_routed_experts, ep_group)
         self.gate = TopkRouter(hidden_size, n_routed_experts, num_experts_per_tok, n_group, topk_group,
                                routed_scaling_factor, norm_topk_prob, device=device)  # fmt: skip
-        self.experts = RoutedExperts(n_routed_experts, hidden_size, moe_intermediate_size, device=device, dtype=dtype)
+        self.experts = RoutedExperts(local_experts, hidden_size, moe_intermediate_size, device=device, dtype=dtype)
         self.shared_experts = SwiGLU(hidden_size, moe_intermediate_size * n_shared_experts, device=device, dtype=dtype)
         self.last_tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
         _, weights, ids = self.gate(x)
-        self.last_tokens_per_expert = torch.bincount(ids.view(-1), minlength=self.gate.weight.shape[0])
-        routed = self.experts(x.contiguous(), weights, ids)
+        self.last_tokens_per_expert = torch.bincount(ids.view(-1), minlength=self.n_routed_experts)
+        x = x.contiguous()
+        if self.ep_group is None:
+            routed = self.experts(x, weights, ids)
+        else:
+            rows, local_ids, dispatched = expert_parallel.dispatch(x, ids, self.n_routed_experts, self.ep_group)
+            ones = torch.ones(rows.shape[0], 1, device=rows.device)
+            out = self.experts(rows, ones, local_ids[:, None])
+            routed = expert_parallel.combine(out, dispatched, weights, self.ep_group)
         return (routed + self.shared_experts(x)).view(hidden.shape)
+
+    @staticmethod
+    def shard_state_dict(state_dict: dict, rank: int, world: int) -> dict:
+        """A full (single-process or HF) state dict cut to rank's experts for ``MoE(..., ep_group=...)``."""
+        out = dict(state_dict)
+        for name in ("experts.gate_up_proj", "experts.down_proj"):
+            full = state_dict[name]
+            per_rank = full.shape[0] // world
+            out[name] = full[rank * per_rank : (rank + 1) * per_rank].clone()
+        return out
