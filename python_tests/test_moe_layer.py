@@ -118,3 +118,22 @@ def test_swiglu_forward_backward(backend, device, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert act.dtype == dtype and torch.allclose(act.detach().cpu().double(), ref.detach(), rtol=tol, atol=tol)
     assert torch.allclose(h.grad.cpu().double(), h64.grad, rtol=tol, atol=tol)
+
+
+def test_fp8_experts_follow_the_fp32_layer():
+    from r1kernels.fp8.reference import calc_diff
+
+    kw = {**KW, "hidden_size": 128, "moe_intermediate_size": 128}
+    layer, fp8_layer = _layer(**kw), _layer(**kw, fp8=True)
+    fp8_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(50, 128)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = layer(xa), fp8_layer(xb)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    # two FP8 GEMMs in a row (the SwiGLU activations quantized in between): ~2x one linear's 6.5e-4 each way,
+    # so the bar is 5e-3 (a wrong scale or a dropped expert lands far above it)
+    assert calc_diff(yb.detach(), ya.detach()) < 5e-3
+    assert calc_diff(xb.grad, xa.grad) < 5e-3
+    assert calc_diff(fp8_layer.experts.gate_up_proj.grad, layer.experts.gate_up_proj.grad) < 5e-3

@@ -2,6 +2,7 @@
 GEMMs, and the MoE layer."""
 
 from r1kernels.moe.balance import sequence_balance_loss, tokens_per_expert, update_correction_bias
+from r1kernels.moe.fp8_grouped_linear import fp8_grouped_linear
 from r1kernels.moe.grouped_linear import grouped_linear
 from r1kernels.moe.layer import MoE
 from r1kernels.moe.permutation import PermutationIndex, max_rows, permutation_index
@@ -13,6 +14,7 @@ from r1kernels.moe.unpermute import moe_unpermute
 __all__ = [
     "MoE",
     "PermutationIndex",
+    "fp8_grouped_linear",
     "grouped_linear",
     "max_rows",
     "moe_permute",

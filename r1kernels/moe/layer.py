@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kernels.moe import expert_parallel
+from r1kernels.moe.fp8_grouped_linear import SEGMENT as FP8_SEGMENT
+from r1kernels.moe.fp8_grouped_linear import fp8_grouped_linear
 from r1kernels.moe.grouped_linear import grouped_linear, segment_alignment
 from r1kernels.moe.permutation import permutation_index
 from r1kernels.moe.permute import moe_permute
@@ -41,8 +43,9 @@ class TopkRouter(nn.Module):
 class RoutedExperts(nn.Module):
     """``experts``: ``gate_up_proj [E, 2I, H]`` (gate rows first, then up) and ``down_proj [E, H, I]``."""
 
-    def __init__(self, n_routed_experts, hidden_size, intermediate_size, device=None, dtype=None):
+    def __init__(self, n_routed_experts, hidden_size, intermediate_size, device=None, dtype=None, fp8=False):
         super().__init__()
+        self.fp8 = fp8
         kw = dict(device=device, dtype=dtype)
         self.gate_up_proj = nn.Parameter(torch.empty(n_routed_experts, 2 * intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(n_routed_experts, hidden_size, intermediate_size, **kw))
@@ -51,10 +54,11 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x ``[T, H]``, routing weights / ids ``[T, k]`` -> ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``."""
-        index = permutation_index(ids, self.gate_up_proj.shape[0], align=segment_alignment(x.device))
+        align = FP8_SEGMENT if self.fp8 else segment_alignment(x.device)
+        index = permutation_index(ids, self.gate_up_proj.shape[0], align=align)
         rows = moe_permute(x, index)
-        act = swiglu(grouped_linear(rows, self.gate_up_proj, index))
-        out = grouped_linear(act, self.down_proj, index)
+        linear = fp8_grouped_linear if self.fp8 else grouped_linear
+        out = linear(swiglu(linear(rows, self.gate_up_proj, index)), self.down_proj, index)
         return moe_unpermute(out, index, weights)
 
 
@@ -80,6 +84,10 @@ class MoE(nn.Module):
     ``experts.down_proj [E, H, I]``, ``shared_experts.{gate,up,down}_proj.weight`` (intermediate
     ``I * n_shared_experts``), so ``load_state_dict(hf_moe.state_dict())`` works.
 
+    ``fp8=True``: the routed experts' forward, input-gradient and weight-gradient GEMMs run in FP8
+    (``fp8_grouped_linear``: DeepSeek-V3's recipe, 1 x 128 activations, 128 x 128 weights, segments aligned
+    to 128 rows); the router, the SwiGLU and the shared expert stay in the layer's dtype.
+
     Expert parallelism: with ``ep_group`` (a ``torch.distributed`` group of W ranks) this rank holds experts
     ``[rank * E / W, (rank + 1) * E / W)`` only (``experts.*`` have E / W rows; ``shard_state_dict`` cuts a full
     state dict), and each forward dispatches its tokens to the experts' ranks and combines the results
@@ -96,8 +104,8 @@ class MoE(nn.Module):
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int,
                  n_shared_experts: int = 1, num_experts_per_tok: int = 8, n_group: int = 1, topk_group: int = 1,
-                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True, *, ep_group=None, device=None,
-                 dtype=None):  # fmt: skip
+                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True, *, fp8: bool = False,
+                 ep_group=None, device=None, dtype=None):  # fmt: skip
         super().__init__()
         self.ep_group = ep_group
         self.n_routed_experts = n_routed_experts
@@ -106,7 +114,8 @@ class MoE(nn.Module):
             local_experts = expert_parallel.experts_per_rank(n_routed_experts, ep_group)
         self.gate = TopkRouter(hidden_size, n_routed_experts, num_experts_per_tok, n_group, topk_group,
                                routed_scaling_factor, norm_topk_prob, device=device)  # fmt: skip
-        self.experts = RoutedExperts(local_experts, hidden_size, moe_intermediate_size, device=device, dtype=dtype)
+        self.experts = RoutedExperts(local_experts, hidden_size, moe_intermediate_size, device=device, dtype=dtype,
+                                     fp8=fp8)  # fmt: skip
         self.shared_experts = SwiGLU(hidden_size, moe_intermediate_size * n_shared_experts, device=device, dtype=dtype)
         self.last_tokens_per_expert: torch.Tensor | None = None
 
