@@ -41,12 +41,15 @@ def main() -> None:
     gemm = ["--m", "64", "--nk", "2112x7168"] if args.quick else ([] if device == "cuda" else ["--m", "64,1024"])
     _run([py, "bench_fp8_gemm.py", *gemm])
     _run([py, "bench_fp8_linear.py", *(["--shapes", "1024x512x512"] if args.quick else [])])
+    moe = ["--tokens", "512", "--route-tokens", "1024"] if args.quick else []
+    _run([py, "bench_moe.py", *moe])
     _run([py, "-m", "r1kernels.compile_report", "--cuda", "--markdown", str(RESULTS / "compile_report.md")])
     sections = [
         ("FP8 quantization", f"fp8_{device}.md"),
         ("GRPO loss (forward + backward)", f"grpo_{device}.md"),
         ("FP8 GEMM (gemm_nt)", f"fp8_gemm_{device}.md"),
         ("FP8 linear layer (fprop + dgrad + wgrad)", f"fp8_linear_{device}.md"),
+        ("MoE (routing, permute / unpermute, grouped GEMM, the layer)", f"moe_{device}.md"),
         ("Compile report (sm_80 / sm_89 / sm_90a)", "compile_report.md"),
     ]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
