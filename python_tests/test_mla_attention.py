@@ -1,0 +1,91 @@
+"""MLA training attention against the float64 reference: forward (out, lse) and the gradient of every input,
+on the Triton path (interpreter or GPU, 16-bit) and the blocked torch path (CPU, fp32 and bf16); causal and
+not, S not a multiple of the block, packed sequences of lengths 0, 1, 20 and 16, determinism, bad input."""
+
+import pytest
+import torch
+from conftest import backends_for
+
+import r1kernels
+from r1kernels.mla import reference as ref
+
+DN, DR, DV, H = 32, 16, 32, 3
+
+
+def _inputs(B, S, device, dtype):
+    return [(torch.randn(shape, device=device) * 0.7).to(dtype).requires_grad_()
+            for shape in ((B, S, H, DN + DR), (B, S, H, DN), (B, S, DR), (B, S, H, DV))]  # fmt: skip
+
+
+def _rel(a, b) -> float:
+    assert not torch.isnan(a).any()
+    return float((a.detach().cpu().double() - b).norm() / b.norm())
+
+
+def _check(backend, device, dtype, B, S, causal, cu_seqlens=None):
+    inputs = _inputs(B, S, device, dtype)
+    with r1kernels.use_backend(backend):
+        out, lse = r1kernels.mla.mla_attention(*inputs, causal=causal, cu_seqlens=cu_seqlens)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    ins64 = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    r_out, r_lse = ref.mla_attention(*ins64, causal=causal, cu_seqlens=None if cu_seqlens is None else cu_seqlens.cpu())
+    r_out.backward(grad.cpu().double())
+    tol = 1e-5 if dtype == torch.float32 else 2.5e-2
+    assert out.shape == (B, S, H, DV) and out.dtype == dtype and lse.shape == (B, H, S)
+    assert _rel(out, r_out.detach()) < tol and _rel(lse, r_lse.detach()) < 1e-5
+    for name, t, r in zip(("q", "k_nope", "k_pe", "v"), inputs, ins64, strict=True):
+        assert _rel(t.grad, r.grad) < tol, name
+
+
+def _paths():
+    """(backend, device, dtype): the Triton kernels on 16-bit inputs; the torch path on fp32 and bf16."""
+    out = []
+    for p in backends_for():
+        backend, device = p.values
+        dtypes = (torch.bfloat16, torch.float16) if backend == "triton" else (torch.float32, torch.bfloat16)
+        out += [pytest.param(backend, device, dt, id=f"{backend}-{str(dt)[6:]}") for dt in dtypes]
+    return out
+
+
+@pytest.mark.parametrize("backend,device,dtype", _paths())
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_matches_reference(backend, device, dtype, causal):
+    _check(backend, device, dtype, 2, 37, causal)
+
+
+@pytest.mark.parametrize("backend,device,dtype", _paths())
+def test_packed_sequences(backend, device, dtype):
+    cu = torch.tensor([0, 0, 1, 21, 37], dtype=torch.int32, device=device)  # lengths 0, 1, 20, 16
+    _check(backend, device, dtype, 1, 37, True, cu)
+
+
+@pytest.mark.parametrize("backend,device,dtype", _paths())
+def test_backward_is_deterministic(backend, device, dtype):
+    inputs = _inputs(1, 40, device, dtype)
+    grads = []
+    for _ in range(2):
+        with r1kernels.use_backend(backend):
+            out, _ = r1kernels.mla.mla_attention(*inputs)
+            out.backward(torch.ones_like(out))
+        grads.append([t.grad.clone() for t in inputs])
+        for t in inputs:
+            t.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda a: {**a, "k_pe": torch.randn(1, 8, H, DR)}, "k_pe must be"),
+        (lambda a: {**a, "q": torch.randn(1, 8, H, DN + DR + 1)}, "must be k_nope's"),
+        (lambda a: {**a, "v": torch.randn(1, 8, H, DV).double()}, "v must have dtype"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 5, 3, 8], dtype=torch.int32)}, "cu_seqlens must rise"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 8])}, "cu_seqlens must have dtype"),
+    ],
+)
+def test_bad_input(change, match):
+    q, kn, kp, v = (t.detach() for t in _inputs(1, 8, "cpu", torch.float32))
+    args = change({"q": q, "k_nope": kn, "k_pe": kp, "v": v, "cu_seqlens": None})
+    with pytest.raises((TypeError, ValueError), match=match):
+        r1kernels.mla.mla_attention(args["q"], args["k_nope"], args["k_pe"], args["v"], cu_seqlens=args["cu_seqlens"])

@@ -1,0 +1,207 @@
+"""MLA attention for training: one rope key per position shared by all heads (never broadcast in memory),
+V tiles sized for Dv, causal or not, packed variable-length sequences; forward and backward."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from r1kernels import _alloc, backend
+from r1kernels._checks import cdiv, check_tensor
+from r1kernels._launch import launch
+from r1kernels._ops import Sample, define_op
+from r1kernels.mla import attention_torch
+from r1kernels.mla.kernels import attention_bwd, attention_fwd
+
+_OP = "mla_attention"
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def validate(q, k_nope, k_pe, v, cu_seqlens) -> None:
+    check_tensor("q", q, dtypes=DTYPES, ndim=4)
+    for name, t, nd in (("k_nope", k_nope, 4), ("k_pe", k_pe, 3), ("v", v, 4)):
+        check_tensor(name, t, dtypes=(q.dtype,), ndim=nd)
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    B, S, H, D = q.shape
+    dn = k_nope.shape[-1]
+    if tuple(k_nope.shape[:3]) != (B, S, H) or tuple(v.shape[:3]) != (B, S, H):
+        raise ValueError(f"k_nope and v must be [B, S, H, *] = {(B, S, H)}, got {tuple(k_nope.shape)} and "
+                         f"{tuple(v.shape)}")  # fmt: skip
+    if tuple(k_pe.shape[:2]) != (B, S):
+        raise ValueError(f"k_pe must be [B, S, Dr] = {(B, S)} + (Dr,): one rope key shared by all heads, got "
+                         f"{tuple(k_pe.shape)}")  # fmt: skip
+    if dn + k_pe.shape[-1] != D:
+        raise ValueError(f"q's head dim ({D}) must be k_nope's ({dn}) + k_pe's ({k_pe.shape[-1]})")
+    for name, t in (("q", q), ("k_nope", k_nope), ("k_pe", k_pe), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+    if cu_seqlens is not None:
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, contiguous=True)
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the sequences are packed along S and the batch dim must be 1, got {B}")
+        if cu_seqlens.device != q.device or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be [num_seqs + 1] on {q.device}, got {tuple(cu_seqlens.shape)}")
+
+
+def _check_cu_seqlens(cu: torch.Tensor, S: int) -> list[int]:
+    bounds = cu.tolist()  # the launch grid needs the longest sequence: one host sync
+    if bounds[0] != 0 or bounds[-1] != S or any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
+        raise ValueError(f"cu_seqlens must rise from 0 to S = {S} without decreasing, got {bounds[:8]}...")
+    return bounds
+
+
+def _uses_triton(q, k_nope, k_pe, v) -> bool:
+    if q.dtype == torch.float32 or backend.resolve(q.device, _OP) == "cpu":
+        return False
+    return all(_pow2(d) for d in (k_nope.shape[-1], k_pe.shape[-1], v.shape[-1]))
+
+
+def _kernel_args(q, k_nope, k_pe, v, o, lse):
+    return (q.stride(0), q.stride(1), q.stride(2), k_nope.stride(0), k_nope.stride(1), k_nope.stride(2),
+            k_pe.stride(0), k_pe.stride(1), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
+            o.stride(2), lse.stride(0), lse.stride(1))  # fmt: skip
+
+
+def _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, block, bounds):
+    B, S, H, _ = q.shape
+    varlen = cu_seqlens is not None
+    longest = max(b - a for a, b in itertools.pairwise(bounds)) if varlen else S
+    seqs = len(bounds) - 1 if varlen else B
+    switches = dict(DN=k_nope.shape[-1], DR=k_pe.shape[-1], DV=v.shape[-1], CAUSAL=causal, VARLEN=varlen,
+                    PRECISION=attention_fwd.PRECISION)  # fmt: skip
+    return (max(1, cdiv(longest, block)), seqs * H), switches
+
+
+def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
+    B, S, H, _ = q.shape
+    out = _alloc.empty((B, S, H, v.shape[-1]), q.dtype, q.device)
+    lse = _alloc.empty((B, H, S), torch.float32, q.device)
+    if out.numel() == 0 or S == 0:
+        return out, lse
+    bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else list(range(0, (B + 1) * S, S))
+    if not _uses_triton(q, k_nope, k_pe, v):
+        for b in range(B):
+            for lo, hi in itertools.pairwise(bounds) if cu_seqlens is not None else [(0, S)]:
+                o, l_ = attention_torch.forward_sequence(q[b, lo:hi], k_nope[b, lo:hi], k_pe[b, lo:hi],
+                                                         v[b, lo:hi], causal, scale)  # fmt: skip
+                out[b, lo:hi] = o
+                lse[b, :, lo:hi] = l_
+        return out, lse
+    arch = backend.device_arch(q.device)
+    cfg = attention_fwd.config(q.shape[-1], v.shape[-1], arch)
+    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, cfg["BLOCK_M"], bounds)
+    args = (q, k_nope, k_pe, v, out, lse, cu_seqlens if cu_seqlens is not None else lse, S, H, scale,
+            *_kernel_args(q, k_nope, k_pe, v, out, lse))  # fmt: skip
+    launch(attention_fwd.mla_fwd_kernel, grid, args, cfg, q.device, **switches)
+    return out, lse
+
+
+def _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqlens):
+    B, S, H, _ = q.shape
+    d_out = d_out.contiguous()
+    bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else None
+    if not _uses_triton(q, k_nope, k_pe, v):
+        grads = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (q, k_nope, k_pe, v)]
+        for b in range(B):
+            for lo, hi in itertools.pairwise(bounds) if bounds else [(0, S)]:
+                parts = attention_torch.backward_sequence(q[b, lo:hi], k_nope[b, lo:hi], k_pe[b, lo:hi],
+                                                          v[b, lo:hi], out[b, lo:hi], lse[b, :, lo:hi],
+                                                          d_out[b, lo:hi], causal, scale)  # fmt: skip
+                for g, part in zip(grads, parts, strict=True):
+                    g[b, lo:hi] = part
+        return tuple(g.to(q.dtype) for g in grads)
+    bounds = bounds or list(range(0, (B + 1) * S, S))
+    delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, S]
+    dq, dkn, dv = torch.empty_like(q), torch.empty_like(k_nope), torch.empty_like(v)
+    dkp_part = torch.zeros(B, H, S, k_pe.shape[-1], dtype=torch.float32, device=q.device)
+    arch = backend.device_arch(q.device)
+    strides = _kernel_args(q, k_nope, k_pe, v, d_out, lse)
+    cu = cu_seqlens if cu_seqlens is not None else lse
+    kv_cfg = attention_bwd.kv_config(q.shape[-1], v.shape[-1], arch)
+    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, kv_cfg["BLOCK_N"], bounds)
+    launch(attention_bwd.mla_bwd_kv_kernel, grid, (q, k_nope, k_pe, v, d_out, lse, delta, dkn, dkp_part, dv, cu, S,
+           H, scale, *strides, dkp_part.stride(0), dkp_part.stride(1), dkp_part.stride(2)), kv_cfg, q.device,
+           **switches)  # fmt: skip
+    q_cfg = attention_bwd.q_config(q.shape[-1], v.shape[-1], arch)
+    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, q_cfg["BLOCK_M"], bounds)
+    launch(attention_bwd.mla_bwd_q_kernel, grid, (q, k_nope, k_pe, v, d_out, lse, delta, dq, cu, S, H, scale,
+           *strides), q_cfg, q.device, **switches)  # fmt: skip
+    return dq, dkn, dkp_part.sum(1).to(k_pe.dtype), dv  # the shared rope key: heads summed in a fixed order
+
+
+def _fake(q, k_nope, k_pe, v, causal, softmax_scale, cu_seqlens):
+    validate(q, k_nope, k_pe, v, cu_seqlens)
+    B, S, H, _ = q.shape
+    return q.new_empty((B, S, H, v.shape[-1])), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k_nope, k_pe, v, causal, scale, cu_seqlens = inputs
+    ctx.save_for_backward(q, k_nope, k_pe, v, output[0], output[1], cu_seqlens)
+    ctx.options = (causal, scale)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, d_out, _d_lse):
+    q, k_nope, k_pe, v, out, lse, cu_seqlens = ctx.saved_tensors
+    causal, scale = ctx.options
+    return (*_backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqlens), None, None, None)
+
+
+def _samples(device: str):
+    def rand(*shape):
+        return torch.randn(shape, device=device).to(torch.bfloat16)
+
+    q, kn, kp, v = rand(2, 19, 3, 48), rand(2, 19, 3, 32), rand(2, 19, 16), rand(2, 19, 3, 32)
+    yield Sample((q, kn, kp, v, True, 0.2, None))
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
+    yield Sample((q[:1], kn[:1], kp[:1], v[:1], False, 0.2, cu))
+
+
+@define_op(_OP, fake=_fake, backward=_backward, setup_context=_setup_context, samples=_samples)
+def _mla_op(
+    q: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_pe: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    validate(q, k_nope, k_pe, v, cu_seqlens)
+    return _forward(q, k_nope, k_pe, v, causal, softmax_scale, cu_seqlens)
+
+
+def mla_attention(
+    q: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_pe: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head latent attention (DeepSeek-V3's training form): ``softmax((q_nope k_nope^T + q_pe k_pe^T) *
+    scale) v`` per head.
+
+    Args:
+        q: ``[B, S, H, Dn + Dr]`` bfloat16 / float16 / float32 (nope part first, then rope part).
+        k_nope: ``[B, S, H, Dn]``. k_pe: ``[B, S, Dr]``, ONE rope key per position for all heads. v: ``[B, S,
+            H, Dv]``. All in q's dtype, unit stride in the last dimension. DeepSeek-V3: Dn 128, Dr 64, Dv 128.
+        causal: mask keys after the query. softmax_scale: default ``(Dn + Dr) ** -0.5``.
+        cu_seqlens: optional ``[num_seqs + 1] int32`` packed-sequence offsets (rising from 0 to S); B must be 1.
+
+    Returns ``(out [B, S, H, Dv] in q's dtype, lse [B, H, S] float32)``. Differentiable w.r.t. q, k_nope, k_pe
+    and v (``lse`` is not); k_pe's gradient is reduced over heads without atomics (bitwise reproducible).
+    GPU, 16-bit, power-of-two head dims: Triton (FlashAttention-2 style forward and backward). CPU and fp32:
+    blocked torch ops with an online softmax, O(S x 256) memory per head.
+    """
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return _mla_op(q, k_nope, k_pe, v, causal, float(scale), cu_seqlens)
