@@ -43,6 +43,7 @@ def main() -> None:
     _run([py, "bench_fp8_linear.py", *(["--shapes", "1024x512x512"] if args.quick else [])])
     moe = ["--tokens", "512", "--route-tokens", "1024"] if args.quick else []
     _run([py, "bench_moe.py", *moe])
+    _run([py, "bench_mla.py", *(["--seq", "256", "--heads", "4"] if args.quick else [])])
     _run([py, "-m", "r1kernels.compile_report", "--cuda", "--markdown", str(RESULTS / "compile_report.md")])
     sections = [
         ("FP8 quantization", f"fp8_{device}.md"),
@@ -50,6 +51,7 @@ def main() -> None:
         ("FP8 GEMM (gemm_nt)", f"fp8_gemm_{device}.md"),
         ("FP8 linear layer (fprop + dgrad + wgrad)", f"fp8_linear_{device}.md"),
         ("MoE (routing, permute / unpermute, grouped GEMM, the layer)", f"moe_{device}.md"),
+        ("MLA training attention (forward + backward)", f"mla_{device}.md"),
         ("Compile report (sm_80 / sm_89 / sm_90a)", "compile_report.md"),
     ]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,85 @@
+"""MLA training attention benchmark (``r1kernels.mla.mla_attention``), forward + backward into q, k_nope, k_pe
+and v, beside ``torch.nn.functional.scaled_dot_product_attention`` on the same inputs with k_pe broadcast to
+every head (what FA-style kernels need), causal.
+
+GPU: TFLOP/s against the floor (4 * S^2 / 2 * H * (Dqk + Dv) FLOPs forward, 2.5x that backward, at 989 TFLOP/s
+bf16). CPU: time and peak memory (RSS high-water in a fresh process per implementation).
+
+    python benchmarks/bench_mla.py [--seq 2048] [--heads 16] [--dims 128,64,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from common import H100_BF16_TFLOPS, device_name, peak_mem_mib, peak_mem_mib_fresh_process, time_ms, write_table
+
+import r1kernels
+
+
+def _inputs(S, H, dn, dr, dv, device, dtype):
+    """q, k_nope, k_pe, v for one sequence of S tokens."""
+    torch.manual_seed(0)
+    return [(torch.randn(shape, device=device) * 0.5).to(dtype).requires_grad_()
+            for shape in ((1, S, H, dn + dr), (1, S, H, dn), (1, S, dr), (1, S, H, dv))]  # fmt: skip
+
+
+def _r1k_step(q, kn, kp, v):
+    out, _ = r1kernels.mla.mla_attention(q, kn, kp, v, causal=True)
+    out.backward(torch.ones_like(out))
+
+
+def _sdpa_step(q, kn, kp, v):
+    H = q.shape[2]
+    k = torch.cat([kn, kp[:, :, None, :].expand(-1, -1, H, -1)], dim=-1)  # the shared key, broadcast
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           is_causal=True)  # fmt: skip
+    out.backward(torch.ones_like(out))
+
+
+STEPS = {"r1k mla_attention": _r1k_step, "torch SDPA (k_pe broadcast)": _sdpa_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dims", default="128,64,128", help="Dn,Dr,Dv")
+    parser.add_argument("--mem-child", nargs=4, help=argparse.SUPPRESS)  # impl, S, H, dims: fresh-process probe
+    args = parser.parse_args()
+    if args.mem_child:
+        name, S, H, dims = args.mem_child
+        step, shape = STEPS[name], (int(S), int(H), *(int(d) for d in dims.split(",")))
+        step(*_inputs(64, *shape[1:], "cpu", torch.float32))  # load libraries and start threads first
+        inputs = _inputs(*shape, "cpu", torch.float32)
+        print(peak_mem_mib(lambda: step(*inputs), "cpu"))
+        return
+    dn, dr, dv = (int(d) for d in args.dims.split(","))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    S, H = args.seq, args.heads
+    flops = 3.5 * 4 * S * S / 2 * H * ((dn + dr + dv) / 2)
+    floor = flops / (H100_BF16_TFLOPS * 1e12) * 1e3
+    rows = []
+    base = None
+    for name, step in STEPS.items():
+        inputs = _inputs(S, H, dn, dr, dv, device, dtype)
+        ms = time_ms(lambda step=step, inputs=inputs: step(*inputs), device, reps=3)
+        if device == "cuda":
+            mem = peak_mem_mib(lambda step=step, inputs=inputs: step(*inputs), device)
+        else:
+            mem = peak_mem_mib_fresh_process(__file__, [name, str(S), str(H), args.dims])
+        base = base or (ms, mem)
+        rows.append([f"S{S} H{H} {dn}+{dr}/{dv} causal", name, ms, ms / base[0], mem, mem / base[1],
+                     flops / ms / 1e9, floor, floor / ms])  # fmt: skip
+    where = "allocator peak" if device == "cuda" else "extra RSS high-water of the step in a fresh process"
+    print(f"device: {device_name(device)}, {dtype}; forward + backward; memory: {where} (MiB)")
+    header = ["shape", "impl", "ms", "time vs r1k", "peak MiB", "peak vs r1k", "TFLOP/s", "floor ms (H100)",
+              "floor/achieved"]  # fmt: skip
+    write_table(f"mla_{device}", header, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
