@@ -29,3 +29,23 @@ def mla_attention(q, k_nope, k_pe, v, causal=True, softmax_scale=None, cu_seqlen
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None])
     return torch.einsum("bhst,bthd->bshd", p, v64), lse
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=True):
+    """(out [B, s_q, H, 512], lse [B, H, s_q]) in float64, one (sequence, query, head) at a time."""
+    B, s_q, H, _ = q.shape
+    page = kv_cache.shape[1]
+    out = torch.zeros(B, s_q, H, 512, dtype=torch.float64)
+    lse = torch.full((B, H, s_q), float("inf"), dtype=torch.float64)
+    for b in range(B):
+        n = int(cache_seqlens[b])
+        keys = torch.cat([kv_cache[int(block_table[b, j // page]), j % page][None] for j in range(n)]) if n else None
+        for i in range(s_q):
+            visible = min(n, n - s_q + i + 1) if causal else n
+            if visible <= 0:
+                continue
+            k = keys[:visible].double()
+            s = q[b, i].double() @ k.T * softmax_scale  # [H, visible]
+            lse[b, :, i] = torch.logsumexp(s, dim=-1)
+            out[b, i] = torch.softmax(s, dim=-1) @ k[:, :512]
+    return out, lse

@@ -1,0 +1,177 @@
+"""MLA decode over a paged latent cache (FlashMLA's layout and conventions), and the cache append."""
+
+from __future__ import annotations
+
+import torch
+
+from r1kernels import _alloc, backend
+from r1kernels._checks import cdiv, check_tensor
+from r1kernels._launch import launch
+from r1kernels._ops import Sample, define_op
+from r1kernels.mla.kernels import decode as kernel
+
+_OP = "mla_decode"
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LATENT, ROPE = 512, 64
+PAGES = kernel.PAGES
+
+
+def validate(q, kv_cache, block_table, cache_seqlens, head_dim_v) -> None:
+    check_tensor("q", q, dtypes=DTYPES, ndim=4, contiguous=True)
+    check_tensor("kv_cache", kv_cache, dtypes=(q.dtype,), ndim=3, contiguous=True)
+    if block_table.dtype == torch.int64:
+        raise TypeError("block_table must be int32 (FlashMLA's layout), got int64; convert with .int()")
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, contiguous=True)
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    B = q.shape[0]
+    if q.shape[-1] != LATENT + ROPE or kv_cache.shape[-1] != LATENT + ROPE:
+        raise ValueError(f"q and kv_cache must have {LATENT + ROPE} columns (latent {LATENT} + rope {ROPE}), got "
+                         f"{q.shape[-1]} and {kv_cache.shape[-1]}")  # fmt: skip
+    if head_dim_v != LATENT:
+        raise ValueError(f"head_dim_v must be {LATENT} (the latent width), got {head_dim_v}")
+    if kv_cache.shape[1] not in PAGES:
+        raise ValueError(f"kv_cache's page size must be one of {PAGES}, got {kv_cache.shape[1]}")
+    if block_table.shape[0] != B or cache_seqlens.shape[0] != B:
+        raise ValueError(f"block_table and cache_seqlens must have one row per sequence ({B}), got "
+                         f"{tuple(block_table.shape)} and {tuple(cache_seqlens.shape)}")  # fmt: skip
+    for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def check_lengths(cache_seqlens, block_table, page, num_blocks) -> None:
+    """Lengths within the table and table entries within the cache (device-side on a GPU: no sync)."""
+    capacity = block_table.shape[1] * page
+    ok = ((cache_seqlens >= 0) & (cache_seqlens <= capacity)).all()
+    if cache_seqlens.device.type != "cpu":
+        torch._assert_async(ok, "cache_seqlens must lie in [0, max_blocks * page]")
+        return
+    if not bool(ok):
+        raise ValueError(f"cache_seqlens must lie in [0, block_table.shape[1] * page] = [0, {capacity}], got "
+                         f"{cache_seqlens.tolist()[:8]}")  # fmt: skip
+    used = torch.arange(block_table.shape[1]) < ((cache_seqlens + page - 1) // page)[:, None]
+    if used.any() and not bool(((block_table[used] >= 0) & (block_table[used] < num_blocks)).all()):
+        raise ValueError(f"block_table's used entries must lie in [0, num_blocks) = [0, {num_blocks})")
+
+
+def _decode_torch(q, kv_cache, block_table, cache_seqlens, scale, causal, out, lse) -> None:
+    _B, s_q, H, _ = q.shape
+    page = kv_cache.shape[1]
+    for b, n in enumerate(cache_seqlens.tolist()):
+        rows = q[b].reshape(s_q * H, -1).float()
+        if n == 0:
+            out[b] = 0
+            lse[b] = float("inf")
+            continue
+        keys = kv_cache[block_table[b, : cdiv(n, page)].long()].reshape(-1, LATENT + ROPE)[:n].float()
+        s = rows @ keys.T * scale
+        if causal:  # bottom-right aligned: query i sees keys j <= n - s_q + i
+            i = torch.arange(s_q).repeat_interleave(H)[:, None]
+            s = s.masked_fill(torch.arange(n)[None, :] > n - s_q + i, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)
+        empty = torch.isinf(row_lse) & (row_lse < 0)
+        p = torch.exp(s - torch.where(empty, 0.0, row_lse)[:, None])
+        out[b] = torch.where(empty[:, None], 0.0, p @ keys[:, :LATENT]).view(s_q, H, LATENT).to(out.dtype)
+        lse[b] = torch.where(empty, float("inf"), row_lse).view(s_q, H).T
+
+
+def _decode_triton(q, kv_cache, block_table, cache_seqlens, scale, causal, out, lse) -> None:
+    B, s_q, H, _ = q.shape
+    R, page = s_q * H, kv_cache.shape[1]
+    splits = kernel.SPLITS
+    cfg = kernel.config(page)
+    keys_per_split = cdiv(cdiv(block_table.shape[1] * page, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    o_part = torch.empty(B, splits, R, LATENT, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, splits, R, dtype=torch.float32, device=q.device)
+    grid = (B, cdiv(R, cfg["BLOCK_H"]), splits)
+    args = (q, kv_cache, block_table, cache_seqlens, o_part, lse_part, R, H, s_q, keys_per_split, scale, q.stride(0),
+            kv_cache.stride(0), block_table.stride(0))  # fmt: skip
+    for half in (0, 1):
+        launch(kernel.mla_decode_split_kernel, grid, args, cfg, q.device, CAUSAL=causal, PAGE=page, SPLITS=splits,
+               VALUE_HALF=half)  # fmt: skip
+    launch(kernel.mla_decode_combine_kernel, (B, R), (o_part, lse_part, out, lse, R, H, s_q), kernel.combine_config(),
+           q.device, SPLITS=splits)  # fmt: skip
+
+
+def _fake(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, head_dim_v):
+    validate(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    B, s_q, H, _ = q.shape
+    return q.new_empty((B, s_q, H, LATENT)), q.new_empty((B, H, s_q), dtype=torch.float32)
+
+
+def _samples(device: str):
+    cache = torch.randn(6, 16, 576, device=device).to(torch.bfloat16)
+    table = torch.tensor([[3, 1, 0], [5, 2, 4]], dtype=torch.int32, device=device)
+    lengths = torch.tensor([40, 0], dtype=torch.int32, device=device)
+    q = torch.randn(2, 2, 3, 576, device=device).to(torch.bfloat16)
+    yield Sample((q, cache, table, lengths, 0.07, True, LATENT))
+
+
+@define_op(_OP, fake=_fake, samples=_samples)
+def _decode_op(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    head_dim_v: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    validate(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    B, s_q, H, _ = q.shape
+    out = _alloc.empty((B, s_q, H, LATENT), q.dtype, q.device)
+    lse = _alloc.empty((B, H, s_q), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    check_lengths(cache_seqlens, block_table, kv_cache.shape[1], kv_cache.shape[0])
+    triton_path = q.dtype != torch.float32 and backend.resolve(q.device, _OP) != "cpu"
+    (_decode_triton if triton_path else _decode_torch)(q, kv_cache, block_table, cache_seqlens, softmax_scale,
+                                                       causal, out, lse)  # fmt: skip
+    return out, lse
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool = True,
+    head_dim_v: int = LATENT,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed-MLA decode attention over a paged latent cache (FlashMLA's ``flash_mla_with_kvcache``).
+
+    Args:
+        q: ``[B, s_q, H, 576]`` (the absorbed query: 512 latent + 64 rope), bfloat16 / float16 / float32,
+            contiguous; any head count.
+        kv_cache: ``[num_blocks, page, 576]`` in q's dtype, page 16, 32 or 64; keys are whole rows, values their
+            first 512 columns. block_table: ``[B, max_blocks] int32`` (physical block of each page, any order).
+        cache_seqlens: ``[B] int32`` keys per sequence (pages past a sequence's length are never read).
+        softmax_scale: the scale of q.k. causal: with s_q > 1, query i sees keys up to ``len - s_q + i``
+            (bottom-right aligned, speculative decoding). head_dim_v: 512.
+
+    Returns ``(out [B, s_q, H, 512] in q's dtype, lse [B, H, s_q] float32)``; rows with nothing to attend give
+    out 0 and lse +inf. GPU (16-bit): Triton split-KV (8 splits per sequence, 64 (query, head) rows per
+    program) and a combine; CPU and fp32: torch, one sequence at a time.
+    """
+    return _decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), causal, head_dim_v)
+
+
+def append_to_cache(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor, latents: torch.Tensor
+) -> torch.Tensor:
+    """Write ``latents [B, s_new, 576]`` after each sequence's last key in the paged cache (in place) and return
+    the new lengths ``cache_seqlens + s_new``. The pages must already be in ``block_table``. No host sync."""
+    check_tensor("latents", latents, dtypes=(kv_cache.dtype,), ndim=3)
+    B, s_new, width = latents.shape
+    if width != kv_cache.shape[-1] or block_table.shape[0] != B or cache_seqlens.shape[0] != B:
+        raise ValueError(f"latents must be [B, s_new, {kv_cache.shape[-1]}] with B = {block_table.shape[0]}, got "
+                         f"{tuple(latents.shape)}")  # fmt: skip
+    page = kv_cache.shape[1]
+    new_lengths = cache_seqlens + s_new
+    check_lengths(new_lengths, block_table, page, kv_cache.shape[0])
+    pos = cache_seqlens.long()[:, None] + torch.arange(s_new, device=latents.device)
+    blocks = block_table.long().gather(1, pos // page)
+    kv_cache[blocks.reshape(-1), (pos % page).reshape(-1)] = latents.reshape(-1, width)
+    return new_lengths
