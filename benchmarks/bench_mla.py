@@ -14,7 +14,15 @@ import argparse
 import sys
 
 import torch
-from common import H100_BF16_TFLOPS, device_name, peak_mem_mib, peak_mem_mib_fresh_process, time_ms, write_table
+from common import (
+    H100_BF16_TFLOPS,
+    H100_HBM_TBPS,
+    device_name,
+    peak_mem_mib,
+    peak_mem_mib_fresh_process,
+    time_ms,
+    write_table,
+)
 
 import r1kernels
 
@@ -76,9 +84,40 @@ def main() -> None:
                      flops / ms / 1e9, floor, floor / ms])  # fmt: skip
     where = "allocator peak" if device == "cuda" else "extra RSS high-water of the step in a fresh process"
     print(f"device: {device_name(device)}, {dtype}; forward + backward; memory: {where} (MiB)")
-    header = ["shape", "impl", "ms", "time vs r1k", "peak MiB", "peak vs r1k", "TFLOP/s", "floor ms (H100)",
+    rows += _decode_rows(device, dtype)
+    header = ["shape", "impl", "ms", "time vs r1k", "peak MiB", "peak vs r1k", "TFLOP/s or GB/s", "floor ms (H100)",
               "floor/achieved"]  # fmt: skip
     write_table(f"mla_{device}", header, rows)
+
+
+def _decode_rows(device, dtype, B=16, heads=128, cached=4096, page=64):
+    """Decode over the paged latent cache: GB/s against the 1152 bytes/token (bf16 latent) floor, FlashMLA beside
+    it where it imports. On the CPU a smaller cache (the torch path)."""
+    if device == "cpu":
+        B, heads, cached = 4, 16, 1024
+    blocks = cached // page
+    cache = torch.randn(B * blocks, page, 576, device=device).to(dtype)
+    table = torch.randperm(B * blocks, device=device).view(B, blocks).int()
+    lengths = torch.full((B,), cached, dtype=torch.int32, device=device)
+    q = torch.randn(B, 1, heads, 576, device=device).to(dtype)
+    nbytes = B * cached * 576 * cache.element_size()
+    floor = nbytes / (H100_HBM_TBPS * 1e12) * 1e3
+    impls = {"r1k mla_decode": lambda: r1kernels.mla.mla_decode(q, cache, table, lengths, softmax_scale=0.07)}
+    try:
+        import flash_mla
+
+        meta, splits = flash_mla.get_mla_metadata(lengths, heads, 1)
+        paged = cache.unsqueeze(2)  # FlashMLA's [blocks, page, 1 kv head, 576]
+        impls["FlashMLA"] = lambda: flash_mla.flash_mla_with_kvcache(q, paged, table, lengths, 512, meta, splits,
+                                                                     softmax_scale=0.07, causal=True)  # fmt: skip
+    except ImportError:
+        pass
+    out = []
+    for name, fn in impls.items():
+        ms = time_ms(fn, device)
+        out.append([f"decode B{B} H{heads} {cached} cached, page {page}", name, ms, "", "", "",
+                    f"{nbytes / ms / 1e6:.0f} GB/s", floor, floor / ms])  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":
