@@ -118,21 +118,20 @@ def _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqle
         return tuple(g.to(q.dtype) for g in grads)
     bounds = bounds or list(range(0, (B + 1) * S, S))
     delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, S]
-    dq, dkn, dv = torch.empty_like(q), torch.empty_like(k_nope), torch.empty_like(v)
-    dkp_part = torch.zeros(B, H, S, k_pe.shape[-1], dtype=torch.float32, device=q.device)
+    dq, dkn, dkp, dv = (torch.empty_like(t) for t in (q, k_nope, k_pe, v))
     arch = backend.device_arch(q.device)
     strides = _kernel_args(q, k_nope, k_pe, v, d_out, lse)
     cu = cu_seqlens if cu_seqlens is not None else lse
     kv_cfg = attention_bwd.kv_config(q.shape[-1], v.shape[-1], arch)
     grid, switches = _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, kv_cfg["BLOCK_N"], bounds)
-    launch(attention_bwd.mla_bwd_kv_kernel, grid, (q, k_nope, k_pe, v, d_out, lse, delta, dkn, dkp_part, dv, cu, S,
-           H, scale, *strides, dkp_part.stride(0), dkp_part.stride(1), dkp_part.stride(2)), kv_cfg, q.device,
-           **switches)  # fmt: skip
+    grid = (grid[0], grid[1] // H)  # one program per (key block, sequence): it walks the heads
+    launch(attention_bwd.mla_bwd_kv_kernel, grid, (q, k_nope, k_pe, v, d_out, lse, delta, dkn, dkp, dv, cu, S, H,
+           scale, *strides), kv_cfg, q.device, **switches)  # fmt: skip
     q_cfg = attention_bwd.q_config(q.shape[-1], v.shape[-1], arch)
     grid, switches = _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, q_cfg["BLOCK_M"], bounds)
     launch(attention_bwd.mla_bwd_q_kernel, grid, (q, k_nope, k_pe, v, d_out, lse, delta, dq, cu, S, H, scale,
            *strides), q_cfg, q.device, **switches)  # fmt: skip
-    return dq, dkn, dkp_part.sum(1).to(k_pe.dtype), dv  # the shared rope key: heads summed in a fixed order
+    return dq, dkn, dkp, dv
 
 
 def _fake(q, k_nope, k_pe, v, causal, softmax_scale, cu_seqlens):
@@ -199,7 +198,8 @@ def mla_attention(
         cu_seqlens: optional ``[num_seqs + 1] int32`` packed-sequence offsets (rising from 0 to S); B must be 1.
 
     Returns ``(out [B, S, H, Dv] in q's dtype, lse [B, H, S] float32)``. Differentiable w.r.t. q, k_nope, k_pe
-    and v (``lse`` is not); k_pe's gradient is reduced over heads without atomics (bitwise reproducible).
+    and v (``lse`` is not); k_pe's gradient is reduced over the heads inside the kernel, in head order, without
+    atomics (bitwise reproducible).
     GPU, 16-bit, power-of-two head dims: Triton (FlashAttention-2 style forward and backward). CPU and fp32:
     blocked torch ops with an online softmax, O(S x 256) memory per head.
     """
