@@ -55,24 +55,29 @@ def check_lengths(cache_seqlens, block_table, page, num_blocks) -> None:
 
 
 def _decode_torch(q, kv_cache, block_table, cache_seqlens, scale, causal, out, lse) -> None:
-    _B, s_q, H, _ = q.shape
+    """All sequences at once over their table's pages (slots past a length are zeroed before any product, so
+    whatever they hold never reaches a result)."""
+    B, s_q, H, _ = q.shape
     page = kv_cache.shape[1]
-    for b, n in enumerate(cache_seqlens.tolist()):
-        rows = q[b].reshape(s_q * H, -1).float()
-        if n == 0:
-            out[b] = 0
-            lse[b] = float("inf")
-            continue
-        keys = kv_cache[block_table[b, : cdiv(n, page)].long()].reshape(-1, LATENT + ROPE)[:n].float()
-        s = rows @ keys.T * scale
-        if causal:  # bottom-right aligned: query i sees keys j <= n - s_q + i
-            i = torch.arange(s_q).repeat_interleave(H)[:, None]
-            s = s.masked_fill(torch.arange(n)[None, :] > n - s_q + i, float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1)
-        empty = torch.isinf(row_lse) & (row_lse < 0)
-        p = torch.exp(s - torch.where(empty, 0.0, row_lse)[:, None])
-        out[b] = torch.where(empty[:, None], 0.0, p @ keys[:, :LATENT]).view(s_q, H, LATENT).to(out.dtype)
-        lse[b] = torch.where(empty, float("inf"), row_lse).view(s_q, H).T
+    used = (cache_seqlens.long() + page - 1) // page  # pages each sequence uses; the rest of its table is not read
+    table = torch.where(torch.arange(block_table.shape[1], device=q.device) < used[:, None], block_table.long(), 0)
+    keys = kv_cache[table].reshape(B, -1, LATENT + ROPE).float()  # [B, L, 576]
+    pos = torch.arange(keys.shape[1], device=q.device)
+    valid = pos[None, :] < cache_seqlens.long()[:, None]  # [B, L]
+    keys = torch.where(valid[..., None], keys, 0.0)
+    rows = q.reshape(B, s_q * H, -1).float()
+    s = torch.bmm(rows, keys.transpose(1, 2)) * scale  # [B, s_q * H, L]
+    visible = valid[:, None, :].expand(B, s_q * H, -1)
+    if causal:  # bottom-right aligned: query i sees keys j <= len - s_q + i
+        i = torch.arange(s_q, device=q.device).repeat_interleave(H)
+        visible = visible & (pos[None, None, :] <= (cache_seqlens.long()[:, None] - s_q + i[None, :])[..., None])
+    s = s.masked_fill(~visible, float("-inf"))
+    row_lse = torch.logsumexp(s, dim=-1)  # [B, s_q * H]
+    empty = torch.isinf(row_lse) & (row_lse < 0)
+    p = torch.exp(s - torch.where(empty, 0.0, row_lse)[..., None])
+    o = torch.bmm(p, keys[..., :LATENT])
+    out.copy_(torch.where(empty[..., None], 0.0, o).view(B, s_q, H, LATENT))
+    lse.copy_(torch.where(empty, float("inf"), row_lse).view(B, s_q, H).transpose(1, 2))
 
 
 def _decode_triton(q, kv_cache, block_table, cache_seqlens, scale, causal, out, lse) -> None:
@@ -153,7 +158,7 @@ def mla_decode(
 
     Returns ``(out [B, s_q, H, 512] in q's dtype, lse [B, H, s_q] float32)``; rows with nothing to attend give
     out 0 and lse +inf. GPU (16-bit): Triton split-KV (8 splits per sequence, 64 (query, head) rows per
-    program) and a combine; CPU and fp32: torch, one sequence at a time.
+    program) and a combine; CPU and fp32: torch, all sequences at once.
     """
     return _decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), causal, head_dim_v)
 
