@@ -34,7 +34,8 @@ class Config:
     group: int = 8  # completions per prompt
     max_new_tokens: int = 16
     temperature: float = 1.0
-    lr: float = 3e-3
+    lr: float = 3e-3  # warm-up
+    grpo_lr: float = 5e-4
     beta: float = 0.02
     bias_update_rate: float = 1e-3
     check_every: int = 10
@@ -85,6 +86,8 @@ def train(cfg: Config, log=print) -> dict:
     t0 = time.perf_counter()
     sft_loss = warmup(model, task, cfg.warmup_steps, cfg.prompts * cfg.group // 2, opt, gen)
     reference = copy.deepcopy(model).requires_grad_(False)
+    for group in opt.param_groups:
+        group["lr"] = cfg.grpo_lr
     log(f"warm-up: {cfg.warmup_steps} steps, loss {sft_loss:.3f}; then GRPO")
     history, worst = [], 0.0
     for step in range(cfg.steps):
