@@ -1,10 +1,17 @@
 """The GRPO loop on the tiny DeepSeek-V3: a micro run (warm-up, sampling through the paged-cache decode path,
-rewards, the fused loss with its float64 check on every step, the routing-bias update) runs end to end."""
+rewards, the fused loss with its float64 check on every step, the routing-bias update) runs end to end; a
+checkpoint resumes to the same next step bit for bit; the CLI writes its logs, plot and summary."""
+
+import json
+import os
 
 import torch
 
 from r1kernels.model import ModelConfig
-from r1kernels.train.deepseek_grpo import Config, _completion_mask, train
+from r1kernels.train.__main__ import main
+from r1kernels.train.deepseek_grpo import Config, Trainer, _completion_mask, train
+
+MICRO = dict(model=ModelConfig(vocab_size=19), warmup_steps=2, prompts=2, group=4, max_new_tokens=6, check_every=1)
 
 
 def test_completion_mask_stops_after_the_first_eos():
@@ -13,8 +20,34 @@ def test_completion_mask_stops_after_the_first_eos():
 
 
 def test_micro_run_checks_every_step():
-    cfg = Config(model=ModelConfig(vocab_size=19, num_hidden_layers=2), warmup_steps=2, steps=3, prompts=2, group=4,
-                 max_new_tokens=6, check_every=1)  # fmt: skip
-    out = train(cfg, log=lambda *_: None)
+    out = train(Config(**MICRO, steps=3), log=lambda *_: None)
     assert len(out["history"]) == 3 and out["worst_reference_error"] < 1e-3
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in out["history"])
+
+
+def test_checkpoint_resumes_bit_for_bit(tmp_path):
+    cfg = Config(**MICRO, steps=3)
+    first = Trainer(cfg)
+    first.warmup()
+    first.grpo_step()
+    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
+    expected = first.grpo_step()
+    resumed = Trainer(cfg)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    got = resumed.grpo_step()
+    assert json.dumps(got) == json.dumps(expected)
+    for (name, a), b in zip(first.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_cli_writes_logs_plot_and_summary(tmp_path):
+    out = str(tmp_path / "run")
+    assert main(["--steps", "2", "--warmup-steps", "1", "--prompts", "2", "--group", "2", "--out", out]) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and {"reward", "kl", "entropy", "routing_max_over_mean"} <= set(json.loads(lines[0]))
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {"first_reward", "last_reward", "pass_at_1"} <= set(summary)
+    assert main(["--steps", "3", "--warmup-steps", "1", "--prompts", "2", "--group", "2", "--out", out,
+                 "--resume", os.path.join(out, "checkpoint.pt")]) == 0  # fmt: skip
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3

@@ -5,7 +5,8 @@ cross-entropy, no [tokens, vocab] logits), then GRPO: a group of sampled complet
 MLA decode path over the paged latent cache), R1's rule-based rewards (accuracy + format), group-normalised
 advantages, old and reference log-probs through ``token_logprobs``, the fused ``grpo_loss``, AdamW, and the
 routing-bias update of every MoE layer each step. Every ``check_every`` steps the loss, its metrics and the
-gradients of the LM head's inputs are recomputed by the float64 reference and compared.
+gradients of the LM head's inputs are recomputed by the float64 reference and compared. ``Trainer`` keeps
+the whole state, so a checkpoint resumes to the same next step bit for bit.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Config:
     max_new_tokens: int = 16
     temperature: float = 1.0
     lr: float = 3e-3  # warm-up
-    grpo_lr: float = 5e-4
+    grpo_lr: float = 5e-4  # at the warm-up's rate the policy runs off (KL 1-2 in 60 steps)
     beta: float = 0.02
     bias_update_rate: float = 1e-3
     check_every: int = 10
@@ -56,75 +57,123 @@ def _hidden(model, prompts, completions):
     return model.hidden_states(ids[:, :-1])[:, PROMPT - 1 :]
 
 
-def warmup(model, task, steps, batch, opt, generator) -> float:
-    """Supervised steps on worked solutions; returns the last loss."""
-    tok = task.tokenizer
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        problems = task.sample(batch, generator)
-        targets = [[*tok.encode(p.worked_solution()), tok.eos] for p in problems]
-        width = max(len(t) for t in targets)
-        completions = torch.tensor([t + [tok.pad] * (width - len(t)) for t in targets])
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(t) for t in targets])[:, None]).float()
-        hidden = _hidden(model, task.encode_prompts(problems), completions)
-        logps, _, _ = token_logprob_stats(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight,
-                                          completions.reshape(-1))  # fmt: skip
-        logps = logps.view(completions.shape)
-        loss = -(logps * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.task = AdditionTask(max_operand=cfg.max_operand, held_out=20, seed=cfg.seed)
+        self.model = DeepseekV3ForCausalLM(cfg.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
+        self.reference: DeepseekV3ForCausalLM | None = None  # the warm-up model, once warmed up
+        self.step = 0
+        self.history: list[dict] = []
+        self.worst_reference_error = 0.0
 
+    def warmup(self) -> float:
+        """Supervised steps on worked solutions, then the reference model is frozen; returns the last loss."""
+        tok, cfg = self.task.tokenizer, self.cfg
+        loss = torch.tensor(float("nan"))
+        for _ in range(cfg.warmup_steps):
+            problems = self.task.sample(cfg.prompts * cfg.group // 2, self.gen)
+            targets = [[*tok.encode(p.worked_solution()), tok.eos] for p in problems]
+            width = max(len(t) for t in targets)
+            completions = torch.tensor([t + [tok.pad] * (width - len(t)) for t in targets])
+            mask = (torch.arange(width)[None, :] < torch.tensor([len(t) for t in targets])[:, None]).float()
+            hidden = _hidden(self.model, self.task.encode_prompts(problems), completions)
+            logps, _, _ = token_logprob_stats(hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight,
+                                              completions.reshape(-1))  # fmt: skip
+            loss = -(logps.view(completions.shape) * mask).sum() / mask.sum()
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+        self.reference = copy.deepcopy(self.model).requires_grad_(False)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.grpo_lr
+        return float(loss.detach())
 
-def train(cfg: Config, log=print) -> dict:
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    task = AdditionTask(max_operand=cfg.max_operand, held_out=20, seed=cfg.seed)
-    model = DeepseekV3ForCausalLM(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    t0 = time.perf_counter()
-    sft_loss = warmup(model, task, cfg.warmup_steps, cfg.prompts * cfg.group // 2, opt, gen)
-    reference = copy.deepcopy(model).requires_grad_(False)
-    for group in opt.param_groups:
-        group["lr"] = cfg.grpo_lr
-    log(f"warm-up: {cfg.warmup_steps} steps, loss {sft_loss:.3f}; then GRPO")
-    history, worst = [], 0.0
-    for step in range(cfg.steps):
-        problems = [p for p in task.sample(cfg.prompts, gen) for _ in range(cfg.group)]
-        prompts = task.encode_prompts(problems)
-        model.eval()
-        completions = model.generate(prompts, cfg.max_new_tokens, cfg.temperature, generator=gen)
-        model.train()
-        texts = [task.tokenizer.decode(c) for c in completions]
-        accuracy, fmt = task.rewards(problems, texts)
+    def grpo_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        problems = [p for p in self.task.sample(cfg.prompts, self.gen) for _ in range(cfg.group)]
+        prompts = self.task.encode_prompts(problems)
+        completions = model.generate(prompts, cfg.max_new_tokens, cfg.temperature, generator=self.gen)
+        texts = [self.task.tokenizer.decode(c) for c in completions]
+        accuracy, fmt = self.task.rewards(problems, texts)
         rewards = accuracy + fmt
         advantages = group_advantages(rewards, cfg.group)
-        mask = _completion_mask(completions, task.tokenizer.eos)
+        mask = _completion_mask(completions, self.task.tokenizer.eos)
         with torch.no_grad():
             old = token_logprobs(_hidden(model, prompts, completions), model.lm_head.weight, completions)
-            ref = token_logprobs(_hidden(reference, prompts, completions), reference.lm_head.weight, completions)
+            ref = token_logprobs(_hidden(self.reference, prompts, completions), self.reference.lm_head.weight,
+                                 completions)  # fmt: skip
         hidden = _hidden(model, prompts, completions)
         hidden.retain_grad()
         kwargs = dict(old_logps=old, ref_logps=ref, beta=cfg.beta, loss_type="dapo")
         loss, metrics = grpo_loss(hidden, model.lm_head.weight, completions, mask, advantages, return_entropy=True,
                                   **kwargs)  # fmt: skip
-        opt.zero_grad()
+        self.opt.zero_grad()
         loss.backward()
-        if step % cfg.check_every == 0:
-            worst = max(worst, *_reference_check(hidden, model.lm_head.weight, completions, mask, advantages, loss,
-                                                 metrics, kwargs))  # fmt: skip
-        opt.step()
+        checked = float("nan")
+        if self.step % cfg.check_every == 0:
+            checked = max(_reference_check(hidden, model.lm_head.weight, completions, mask, advantages, loss, metrics,
+                                           kwargs))  # fmt: skip
+            self.worst_reference_error = max(self.worst_reference_error, checked)
+        self.opt.step()
+        loads = []
         for moe in model.moe_layers():
             update_correction_bias(moe.gate.e_score_correction_bias, moe.last_tokens_per_expert, cfg.bias_update_rate)
-        history.append({"step": step, "reward": float(rewards.mean()), "accuracy": float(accuracy.mean()),
-                        "format": float(fmt.mean()), "loss": float(loss.detach()), "kl": float(metrics["kl"]),
-                        "length": float(mask.sum(1).mean())})  # fmt: skip
-        if step % 10 == 0 or step == cfg.steps - 1:
-            h = history[-1]
-            log(f"step {step:>4} reward {h['reward']:.3f} acc {h['accuracy']:.3f} format {h['format']:.3f} "
-                f"kl {h['kl']:.4f} len {h['length']:.1f}")  # fmt: skip
+            load = moe.last_tokens_per_expert.float()
+            loads.append(float(load.max() / load.mean().clamp_min(1e-9)))
+        record = {"step": self.step, "reward": float(rewards.mean()), "accuracy": float(accuracy.mean()),
+                  "format": float(fmt.mean()), "loss": float(loss.detach()), "kl": float(metrics["kl"]),
+                  "clip_fraction": float(metrics["clip_ratio"]), "entropy": float(metrics["entropy"]),
+                  "completion_length": float(mask.sum(1).mean()), "routing_max_over_mean": max(loads, default=1.0),
+                  "reference_error": checked}  # fmt: skip
+        self.history.append(record)
+        self.step += 1
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """pass@1 (greedy) accuracy on the held-out problems."""
+        problems = self.task.eval_problems
+        completions = self.model.generate(self.task.encode_prompts(problems), self.cfg.max_new_tokens, 0.0)
+        accuracy, _ = self.task.rewards(problems, [self.task.tokenizer.decode(c) for c in completions])
+        return float(accuracy.mean())
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "reference": self.reference.state_dict() if self.reference else None,
+                "opt": self.opt.state_dict(), "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "step": self.step, "history": self.history, "worst": self.worst_reference_error}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if state["reference"] is not None:
+            self.reference = copy.deepcopy(self.model).requires_grad_(False)
+            self.reference.load_state_dict(state["reference"])
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history, self.worst_reference_error = state["step"], state["history"], state["worst"]
+
+
+def train(cfg: Config, log=print) -> dict:
+    """Warm-up, then ``cfg.steps`` GRPO steps; returns the summary (first / last 10 steps' mean reward, ...)."""
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    sft_loss = trainer.warmup()
+    log(f"warm-up: {cfg.warmup_steps} steps, loss {sft_loss:.3f}; then GRPO")
+    for _ in range(cfg.steps):
+        h = trainer.grpo_step()
+        if h["step"] % 10 == 0 or h["step"] == cfg.steps - 1:
+            log(f"step {h['step']:>4} reward {h['reward']:.3f} acc {h['accuracy']:.3f} format {h['format']:.3f} "
+                f"kl {h['kl']:.4f} len {h['completion_length']:.1f}")  # fmt: skip
+    return summarize(trainer, time.perf_counter() - t0)
+
+
+def summarize(trainer: Trainer, seconds: float) -> dict:
+    history = trainer.history
     first = sum(h["reward"] for h in history[:10]) / max(1, len(history[:10]))
     last = sum(h["reward"] for h in history[-10:]) / max(1, len(history[-10:]))
-    return {"first_reward": first, "last_reward": last, "worst_reference_error": worst, "history": history,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {"first_reward": first, "last_reward": last, "worst_reference_error": trainer.worst_reference_error,
+            "history": history, "seconds": seconds}  # fmt: skip

@@ -1,0 +1,93 @@
+"""Train the tiny DeepSeek-V3 with GRPO on the addition task (``deepseek_grpo``), logging as it goes.
+
+    python -m r1kernels.train [--steps 150] [--warmup-steps 60] [--out runs/NAME] [--resume CHECKPOINT]
+
+Writes under ``--out`` (default: a new folder under ``runs/``): ``metrics.jsonl`` (one line per step: reward,
+format reward, accuracy, KL, loss, clip fraction, entropy, completion length, routing balance, reference
+error), ``curves.png`` (reward, accuracy, KL, entropy, completion length, top to bottom), ``checkpoint.pt``
+(every ``--checkpoint-every`` steps and at the end; ``--resume`` continues it) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+from r1kernels.train.deepseek_grpo import Config, Trainer, summarize
+from r1kernels.train.plot import line_plot
+
+PLOTTED = ("reward", "accuracy", "kl", "entropy", "completion_length")
+
+
+def _out_dir(out: str | None) -> str:
+    if out is None:
+        out = os.path.join("runs", time.strftime("grpo-%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def _progress(step: int, total: int, record: dict, t0: float) -> None:
+    done = int(30 * (step + 1) / total)
+    line = (f"\r[{'#' * done}{'.' * (30 - done)}] {step + 1}/{total} reward {record['reward']:.3f} "
+            f"acc {record['accuracy']:.3f} kl {record['kl']:.3f} {time.perf_counter() - t0:.0f}s")  # fmt: skip
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = Config()
+    parser.add_argument("--steps", type=int, default=150, help="GRPO steps")
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--prompts", type=int, default=defaults.prompts)
+    parser.add_argument("--group", type=int, default=defaults.group)
+    parser.add_argument("--grpo-lr", type=float, default=defaults.grpo_lr)
+    parser.add_argument("--check-every", type=int, default=defaults.check_every)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--resume", default=None, help="a checkpoint.pt to continue")
+    args = parser.parse_args(argv)
+    cfg = dataclasses.replace(defaults, steps=args.steps, warmup_steps=args.warmup_steps, prompts=args.prompts,
+                              group=args.group, grpo_lr=args.grpo_lr, check_every=args.check_every,
+                              seed=args.seed)  # fmt: skip
+    out = _out_dir(args.out)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.load_state_dict(torch.load(args.resume, weights_only=False))
+        print(f"resumed at step {trainer.step} from {args.resume}")
+    else:
+        print(f"warm-up ({cfg.warmup_steps} steps) ...", flush=True)
+        print(f"warm-up loss {trainer.warmup():.3f}; pass@1 on held-out problems {trainer.evaluate():.3f}")
+    with open(os.path.join(out, "metrics.jsonl"), "a") as metrics:
+        while trainer.step < cfg.steps:
+            record = trainer.grpo_step()
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            _progress(trainer.step - 1, cfg.steps, record, t0)
+            if trainer.step % args.checkpoint_every == 0:
+                torch.save(trainer.state_dict(), os.path.join(out, "checkpoint.pt"))
+    print()
+    torch.save(trainer.state_dict(), os.path.join(out, "checkpoint.pt"))
+    summary = summarize(trainer, time.perf_counter() - t0)
+    summary.pop("history")
+    summary["pass_at_1"] = trainer.evaluate()
+    summary["curves_png_panels"] = list(PLOTTED)
+    line_plot(os.path.join(out, "curves.png"), {k: [h[k] for h in trainer.history] for k in PLOTTED})
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"reward (mean of 10 steps) {summary['first_reward']:.3f} -> {summary['last_reward']:.3f}; held-out pass@1 "
+          f"{summary['pass_at_1']:.3f}; worst float64-reference error {summary['worst_reference_error']:.1e}; "
+          f"{summary['seconds']:.0f} s; logs in {out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
