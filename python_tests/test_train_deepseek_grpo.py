@@ -5,11 +5,15 @@ checkpoint resumes to the same next step bit for bit; the CLI writes its logs, p
 import json
 import os
 
+import pytest
 import torch
 
+from r1kernels.mla import layer as mla_layer
 from r1kernels.model import ModelConfig
+from r1kernels.moe import layer as moe_layer
 from r1kernels.train.__main__ import main
 from r1kernels.train.deepseek_grpo import Config, Trainer, _completion_mask, train
+from r1kernels.train.validate import KernelMismatch
 
 MICRO = dict(model=ModelConfig(vocab_size=19), warmup_steps=2, prompts=2, group=4, max_new_tokens=6, check_every=1)
 
@@ -51,3 +55,32 @@ def test_cli_writes_logs_plot_and_summary(tmp_path):
     assert main(["--steps", "3", "--warmup-steps", "1", "--prompts", "2", "--group", "2", "--out", out,
                  "--resume", os.path.join(out, "checkpoint.pt")]) == 0  # fmt: skip
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("family", ["moe", "mla"])
+def test_validation_names_the_family_of_a_wrong_kernel(monkeypatch, family):
+    """A kernel path off by 1%: the whole-model check at step 0 stops the run and names the op family."""
+    if family == "moe":
+        real = moe_layer.swiglu
+        monkeypatch.setattr(moe_layer, "swiglu", lambda h: real(h) * 1.01)
+    else:
+        real_attention = mla_layer.mla_attention
+
+        def off(*args, **kw):
+            out, lse = real_attention(*args, **kw)
+            return out * 1.01, lse
+
+        monkeypatch.setattr(mla_layer, "mla_attention", off)
+    trainer = Trainer(Config(**MICRO, steps=1))
+    trainer.warmup()
+    with pytest.raises(KernelMismatch, match=f"op family '{family}'"):
+        trainer.grpo_step()
+
+
+def test_per_family_errors_are_logged():
+    trainer = Trainer(Config(**MICRO, steps=1))
+    trainer.warmup()
+    record = trainer.grpo_step()
+    families = {k for k in record if k.startswith("kernel_error/")}
+    assert {"kernel_error/moe", "kernel_error/mla", "kernel_error/grpo / lm_head", "kernel_error/loss"} <= families
+    assert record["worst_kernel_error"] < 1e-3

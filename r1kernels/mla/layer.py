@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from r1kernels.mla import reference
 from r1kernels.mla.attention import mla_attention
 from r1kernels.mla.decode import append_to_cache, mla_decode
 from r1kernels.mla.rope import _yarn_mscale, apply_rope, rope_cos_sin, rope_frequencies
+from r1kernels.reference_mode import use_reference
 
 
 class RMSNorm(nn.Module):
@@ -88,9 +90,10 @@ class MLA(nn.Module):
         q_nope, q_rot, latent, k_rot = self._project(hidden, positions)
         kv = self.kv_b_proj(latent).view(B, S, self.num_heads, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
-        out, _ = mla_attention(torch.cat([q_nope, q_rot], -1), k_nope.contiguous(), k_rot.contiguous(),
-                               v.contiguous(), causal=True, softmax_scale=self.softmax_scale,
-                               cu_seqlens=cu_seqlens)  # fmt: skip
+        attention = reference.mla_attention if use_reference() else mla_attention
+        out, _ = attention(torch.cat([q_nope, q_rot], -1), k_nope.contiguous(), k_rot.contiguous(), v.contiguous(),
+                           causal=True, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens)  # fmt: skip
+        out = out.to(hidden.dtype)
         return self.o_proj(out.reshape(B, S, self.num_heads * self.dv))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1kernels.moe import expert_parallel
+from r1kernels.moe import expert_parallel, reference
 from r1kernels.moe.fp8_grouped_linear import SEGMENT as FP8_SEGMENT
 from r1kernels.moe.fp8_grouped_linear import fp8_grouped_linear
 from r1kernels.moe.grouped_linear import grouped_linear, segment_alignment
@@ -16,6 +16,7 @@ from r1kernels.moe.permute import moe_permute
 from r1kernels.moe.route import route
 from r1kernels.moe.swiglu import swiglu
 from r1kernels.moe.unpermute import moe_unpermute
+from r1kernels.reference_mode import use_reference
 
 
 class TopkRouter(nn.Module):
@@ -34,9 +35,12 @@ class TopkRouter(nn.Module):
     def forward(self, x: torch.Tensor):
         """x ``[T, H]`` -> (logits ``[T, E]`` fp32, weights ``[T, k]`` fp32, expert ids ``[T, k]`` int32)."""
         logits = F.linear(x.float(), self.weight)
-        weights, ids = route(logits, self.e_score_correction_bias, top_k=self.top_k, n_group=self.n_group,
-                             topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
-                             norm_topk_prob=self.norm_topk_prob)  # fmt: skip
+        kw = dict(top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                  routed_scaling_factor=self.routed_scaling_factor, norm_topk_prob=self.norm_topk_prob)  # fmt: skip
+        if use_reference():
+            weights, ids = reference.route(logits, self.e_score_correction_bias, **kw)
+            return logits, weights, ids.to(torch.int32)
+        weights, ids = route(logits, self.e_score_correction_bias, **kw)
         return logits, weights, ids
 
 
@@ -54,6 +58,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x ``[T, H]``, routing weights / ids ``[T, k]`` -> ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``."""
+        if use_reference():
+            return reference.routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj).to(x.dtype)
         align = FP8_SEGMENT if self.fp8 else segment_alignment(x.device)
         index = permutation_index(ids, self.gate_up_proj.shape[0], align=align)
         rows = moe_permute(x, index)

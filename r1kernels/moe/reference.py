@@ -79,3 +79,17 @@ def grouped_linear(x, weight, row_expert):
         if e >= 0:
             out[r] = x[r].double() @ weight[e].double().T
     return out
+
+
+def routed_experts(x, weights, ids, gate_up_proj, down_proj):
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) in float64, expert by expert (HF's eager loop):
+    expert(x) = down @ (silu(gate @ x) * (up @ x)), gate / up the two halves of gate_up_proj; differentiable."""
+    out = torch.zeros(x.shape[0], down_proj.shape[1], dtype=torch.float64, device=x.device)
+    inter = gate_up_proj.shape[1] // 2
+    for e in torch.unique(ids[ids >= 0]).tolist():
+        rows, slots = torch.nonzero(ids == e, as_tuple=True)
+        h = x[rows].double() @ gate_up_proj[e].double().T
+        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        y = act @ down_proj[e].double().T
+        out = out.index_add(0, rows, y * weights[rows, slots, None].double())
+    return out

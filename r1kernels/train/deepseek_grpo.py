@@ -4,8 +4,9 @@ A short supervised warm-up on worked solutions (R1's cold start; the loss is the
 cross-entropy, no [tokens, vocab] logits), then GRPO: a group of sampled completions per prompt (the absorbed
 MLA decode path over the paged latent cache), R1's rule-based rewards (accuracy + format), group-normalised
 advantages, old and reference log-probs through ``token_logprobs``, the fused ``grpo_loss``, AdamW, and the
-routing-bias update of every MoE layer each step. Every ``check_every`` steps the loss, its metrics and the
-gradients of the LM head's inputs are recomputed by the float64 reference and compared. ``Trainer`` keeps
+routing-bias update of every MoE layer each step. At step 0 and every ``check_every`` steps the same batch also
+runs through the reference path (``validate.py``): the loss and every parameter's gradient are compared and
+the worst error per op family logged; past tolerance the run stops naming the family. ``Trainer`` keeps
 the whole state, so a checkpoint resumes to the same next step bit for bit.
 """
 
@@ -18,10 +19,11 @@ import time
 import torch
 
 from r1kernels.grpo import group_advantages, grpo_loss, token_logprob_stats, token_logprobs
+from r1kernels.grpo import reference as grpo_reference
 from r1kernels.model import DeepseekV3ForCausalLM, ModelConfig
 from r1kernels.moe import update_correction_bias
-from r1kernels.train.grpo_addition import _reference_check
 from r1kernels.train.task import AdditionTask
+from r1kernels.train.validate import validate_step
 
 PROMPT = 6  # tokens per prompt ("12+07=")
 
@@ -39,7 +41,8 @@ class Config:
     grpo_lr: float = 5e-4  # at the warm-up's rate the policy runs off (KL 1-2 in 60 steps)
     beta: float = 0.02
     bias_update_rate: float = 1e-3
-    check_every: int = 10
+    check_every: int = 10  # whole-model kernel-vs-reference validation every this many steps (and at step 0)
+    tolerance: float = 1e-3
     max_operand: int = 9  # single-digit operands: a sum a micro model can learn on a CPU in minutes
     seed: int = 0
 
@@ -106,18 +109,28 @@ class Trainer:
             old = token_logprobs(_hidden(model, prompts, completions), model.lm_head.weight, completions)
             ref = token_logprobs(_hidden(self.reference, prompts, completions), self.reference.lm_head.weight,
                                  completions)  # fmt: skip
-        hidden = _hidden(model, prompts, completions)
-        hidden.retain_grad()
         kwargs = dict(old_logps=old, ref_logps=ref, beta=cfg.beta, loss_type="dapo")
-        loss, metrics = grpo_loss(hidden, model.lm_head.weight, completions, mask, advantages, return_entropy=True,
-                                  **kwargs)  # fmt: skip
-        self.opt.zero_grad()
-        loss.backward()
-        checked = float("nan")
-        if self.step % cfg.check_every == 0:
-            checked = max(_reference_check(hidden, model.lm_head.weight, completions, mask, advantages, loss, metrics,
-                                           kwargs))  # fmt: skip
-            self.worst_reference_error = max(self.worst_reference_error, checked)
+        metrics = {}
+
+        def loss_fn(reference: bool) -> torch.Tensor:
+            hidden = _hidden(model, prompts, completions)
+            if reference:  # the float64 GRPO reference on full logits, from the reference path's hidden states
+                loss, _ = grpo_reference.grpo_loss(hidden.double(), model.lm_head.weight.double(), completions, mask,
+                                                   advantages, **kwargs)  # fmt: skip
+                return loss
+            loss, found = grpo_loss(hidden, model.lm_head.weight, completions, mask, advantages, return_entropy=True,
+                                    **kwargs)  # fmt: skip
+            metrics.update(found)
+            return loss
+
+        checked = {}
+        if self.step % cfg.check_every == 0:  # both paths; the kernel path's gradients stay for the update
+            loss, checked = validate_step(model, loss_fn, cfg.tolerance)
+            self.worst_reference_error = max(self.worst_reference_error, *checked.values())
+        else:
+            self.opt.zero_grad()
+            loss = loss_fn(False)
+            loss.backward()
         self.opt.step()
         loads = []
         for moe in model.moe_layers():
@@ -128,7 +141,8 @@ class Trainer:
                   "format": float(fmt.mean()), "loss": float(loss.detach()), "kl": float(metrics["kl"]),
                   "clip_fraction": float(metrics["clip_ratio"]), "entropy": float(metrics["entropy"]),
                   "completion_length": float(mask.sum(1).mean()), "routing_max_over_mean": max(loads, default=1.0),
-                  "reference_error": checked}  # fmt: skip
+                  "worst_kernel_error": max(checked.values(), default=float("nan")),
+                  **{f"kernel_error/{k}": v for k, v in checked.items()}}  # fmt: skip
         self.history.append(record)
         self.step += 1
         return record
