@@ -1,6 +1,9 @@
 """Train the tiny DeepSeek-V3 with GRPO on the addition task (``deepseek_grpo``), logging as it goes.
 
     python -m r1kernels.train [--steps 150] [--warmup-steps 60] [--out runs/NAME] [--resume CHECKPOINT]
+                              [--backend auto|cpu|triton]
+
+``--backend triton`` without a GPU runs the Triton kernels in Triton's interpreter (slow: use a few steps).
 
 Writes under ``--out`` (default: a new folder under ``runs/``): ``metrics.jsonl`` (one line per step: reward,
 format reward, accuracy, KL, loss, clip fraction, entropy, completion length, routing balance, reference
@@ -14,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -41,7 +45,7 @@ def _progress(step: int, total: int, record: dict, t0: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Config()
     parser.add_argument("--steps", type=int, default=150, help="GRPO steps")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
@@ -53,7 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None)
     parser.add_argument("--resume", default=None, help="a checkpoint.pt to continue")
+    parser.add_argument("--backend", choices=("auto", "cpu", "triton"), default="auto")
     args = parser.parse_args(argv)
+    if args.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # the interpreter must be on before triton is first imported (the r1kernels package already did):
+        # run again in a process that has it on
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "r1kernels.train", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env=env).returncode
+    import r1kernels
+
+    if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        from r1kernels import _interpreter_shim
+
+        _interpreter_shim.install()
+    with r1kernels.use_backend(args.backend):
+        return _run(args)
+
+
+def _run(args) -> int:
+    defaults = Config()
     cfg = dataclasses.replace(defaults, steps=args.steps, warmup_steps=args.warmup_steps, prompts=args.prompts,
                               group=args.group, grpo_lr=args.grpo_lr, check_every=args.check_every,
                               seed=args.seed)  # fmt: skip
