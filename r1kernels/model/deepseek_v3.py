@@ -15,7 +15,7 @@ PAGE = 64  # the paged latent cache's page size for generation
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, index: int, device=None, dtype=None, ep_group=None):
         super().__init__()
         c = config
         kw = dict(device=device, dtype=dtype)
@@ -28,7 +28,7 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.n_shared_experts,
                            c.num_experts_per_tok, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob,
-                           fp8=c.fp8, **kw)  # fmt: skip
+                           fp8=c.fp8, ep_group=ep_group, **kw)  # fmt: skip
             self.mlp.gate.float()  # the router stays fp32, as DeepSeek's
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
@@ -47,10 +47,11 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, config: ModelConfig, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, device=None, dtype=None, ep_group=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype, ep_group)
+                                    for i in range(config.num_hidden_layers))  # fmt: skip
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
 
 
@@ -62,18 +63,36 @@ class DeepseekV3ForCausalLM(nn.Module):
     ``model(input_ids [B, T])`` -> logits ``[B, T, V]`` (fp32); ``hidden_states(input_ids)`` -> the final normed
     hidden states ``[B, T, H]`` that feed ``r1kernels.grpo.grpo_loss`` with ``lm_head.weight`` (no [B, T, V]
     logits in training); ``generate`` samples with the absorbed MLA decode path over a paged latent cache.
+
+    ``ep_group``: expert parallelism over a ``torch.distributed`` group (each rank holds E / W experts of every
+    MoE layer; ``shard_state_dict`` cuts a full state dict for a rank). Everything else is replicated: for data
+    parallelism all-reduce the replicated parameters' gradients (``replicated_parameters``).
     """
 
-    def __init__(self, config: ModelConfig, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, device=None, dtype=None, ep_group=None):
         super().__init__()
         self.config = config
-        self.model = DeepseekV3Model(config, device, dtype)
+        self.model = DeepseekV3Model(config, device, dtype, ep_group)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def replicated_parameters(self):
+        """(name, parameter) of everything but the routed experts (which expert parallelism shards)."""
+        return [(n, p) for n, p in self.named_parameters() if ".mlp.experts." not in n]
+
+    @staticmethod
+    def shard_state_dict(state_dict: dict, rank: int, world: int) -> dict:
+        """A full state dict cut to ``rank``'s experts of every MoE layer (for ``ep_group`` models)."""
+        out = dict(state_dict)
+        for name, t in state_dict.items():
+            if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+                per_rank = t.shape[0] // world
+                out[name] = t[rank * per_rank : (rank + 1) * per_rank].clone()
+        return out
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
