@@ -44,6 +44,7 @@ def main() -> None:
     moe = ["--tokens", "512", "--route-tokens", "1024"] if args.quick else []
     _run([py, "bench_moe.py", *moe])
     _run([py, "bench_mla.py", *(["--seq", "256", "--heads", "4"] if args.quick else [])])
+    _run([py, "bench_train.py", *(["--rows", "16"] if args.quick else [])])
     _run([py, "-m", "r1kernels.compile_report", "--cuda", "--markdown", str(RESULTS / "compile_report.md")])
     sections = [
         ("FP8 quantization", f"fp8_{device}.md"),
@@ -52,6 +53,7 @@ def main() -> None:
         ("FP8 linear layer (fprop + dgrad + wgrad)", f"fp8_linear_{device}.md"),
         ("MoE (routing, permute / unpermute, grouped GEMM, the layer)", f"moe_{device}.md"),
         ("MLA training attention (forward + backward)", f"mla_{device}.md"),
+        ("The main job: one GRPO step of the tiny DeepSeek-V3", f"train_{device}.md"),
         ("Compile report (sm_80 / sm_89 / sm_90a)", "compile_report.md"),
     ]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -86,12 +86,15 @@ def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
         return out, lse
     bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else list(range(0, (B + 1) * S, S))
     if not _uses_triton(q, k_nope, k_pe, v):
-        for b in range(B):
-            for lo, hi in itertools.pairwise(bounds) if cu_seqlens is not None else [(0, S)]:
-                o, l_ = attention_torch.forward_sequence(q[b, lo:hi], k_nope[b, lo:hi], k_pe[b, lo:hi],
-                                                         v[b, lo:hi], causal, scale)  # fmt: skip
-                out[b, lo:hi] = o
-                lse[b, :, lo:hi] = l_
+        if cu_seqlens is None:  # the whole batch at once
+            o, l_ = attention_torch.forward(q, k_nope, k_pe, v, causal, scale)
+            out.copy_(o)
+            lse.copy_(l_)
+            return out, lse
+        for lo, hi in itertools.pairwise(bounds):  # packed sequences one at a time
+            o, l_ = attention_torch.forward(q[:, lo:hi], k_nope[:, lo:hi], k_pe[:, lo:hi], v[:, lo:hi], causal, scale)
+            out[:, lo:hi] = o
+            lse[:, :, lo:hi] = l_
         return out, lse
     arch = backend.device_arch(q.device)
     cfg = attention_fwd.config(q.shape[-1], v.shape[-1], arch)
@@ -107,14 +110,13 @@ def _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqle
     d_out = d_out.contiguous()
     bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else None
     if not _uses_triton(q, k_nope, k_pe, v):
+        pieces = [(0, S)] if bounds is None else list(itertools.pairwise(bounds))
         grads = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (q, k_nope, k_pe, v)]
-        for b in range(B):
-            for lo, hi in itertools.pairwise(bounds) if bounds else [(0, S)]:
-                parts = attention_torch.backward_sequence(q[b, lo:hi], k_nope[b, lo:hi], k_pe[b, lo:hi],
-                                                          v[b, lo:hi], out[b, lo:hi], lse[b, :, lo:hi],
-                                                          d_out[b, lo:hi], causal, scale)  # fmt: skip
-                for g, part in zip(grads, parts, strict=True):
-                    g[b, lo:hi] = part
+        for lo, hi in pieces:
+            piece = (t[:, lo:hi] for t in (q, k_nope, k_pe, v, out))
+            parts = attention_torch.backward(*piece, lse[:, :, lo:hi], d_out[:, lo:hi], causal, scale)
+            for g, part in zip(grads, parts, strict=True):
+                g[:, lo:hi] = part
         return tuple(g.to(q.dtype) for g in grads)
     bounds = bounds or list(range(0, (B + 1) * S, S))
     delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, S]
