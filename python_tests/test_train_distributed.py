@@ -76,3 +76,23 @@ def test_step_zero_matches_one_process():
             errors = torch.load(f"{out}.{rank}")
             bad = {k: v for k, v in errors.items() if not v < 1e-5}
             assert not bad, f"rank {rank}: {bad}"
+
+
+def test_main_job_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m r1kernels.train`: data + expert parallel on gloo; rank 0 writes the logs,
+    every rank its checkpoint shard."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [torchrun, "--nproc_per_node", "2", "-m", "r1kernels.train", "--steps", "2", "--warmup-steps", "1",
+           "--prompts", "2", "--group", "2", "--out", str(tmp_path / "run")]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert (tmp_path / "run" / "checkpoint.rank1.pt").exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2

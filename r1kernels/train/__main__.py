@@ -2,6 +2,7 @@
 
     python -m r1kernels.train [--steps 150] [--warmup-steps 60] [--out runs/NAME] [--resume CHECKPOINT]
                               [--backend auto|cpu|triton]
+    torchrun --nproc_per_node 2 -m r1kernels.train ...   # data + expert parallel (gloo on a CPU, NCCL on GPUs)
 
 ``--backend triton`` without a GPU runs the Triton kernels in Triton's interpreter (slow: use a few steps).
 
@@ -75,40 +76,65 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+def _checkpoint_path(out: str, rank: int) -> str:
+    return os.path.join(out, "checkpoint.pt" if rank == 0 else f"checkpoint.rank{rank}.pt")
+
+
 def _run(args) -> int:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    say = print if rank == 0 else (lambda *a, **k: None)  # one process writes the logs
     defaults = Config()
     cfg = dataclasses.replace(defaults, steps=args.steps, warmup_steps=args.warmup_steps, prompts=args.prompts,
                               group=args.group, grpo_lr=args.grpo_lr, check_every=args.check_every,
                               seed=args.seed)  # fmt: skip
-    out = _out_dir(args.out)
+    out = _out_dir(args.out) if rank == 0 else args.out
+    if dist.is_initialized():  # every rank needs rank 0's folder for its checkpoint shard
+        box = [out]
+        dist.broadcast_object_list(box)
+        out = box[0]
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     if args.resume:
-        trainer.load_state_dict(torch.load(args.resume, weights_only=False))
-        print(f"resumed at step {trainer.step} from {args.resume}")
+        path = args.resume if rank == 0 else args.resume.replace("checkpoint.pt", f"checkpoint.rank{rank}.pt")
+        trainer.load_state_dict(torch.load(path, weights_only=False))
+        say(f"resumed at step {trainer.step} from {args.resume}")
     else:
-        print(f"warm-up ({cfg.warmup_steps} steps) ...", flush=True)
-        print(f"warm-up loss {trainer.warmup():.3f}; pass@1 on held-out problems {trainer.evaluate():.3f}")
-    with open(os.path.join(out, "metrics.jsonl"), "a") as metrics:
+        say(f"warm-up ({cfg.warmup_steps} steps, {trainer.world} process(es)) ...", flush=True)
+        warm_loss, warm_pass = trainer.warmup(), trainer.evaluate()
+        say(f"warm-up loss {warm_loss:.3f}; pass@1 on held-out problems {warm_pass:.3f}")
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None  # noqa: SIM115
+    try:
         while trainer.step < cfg.steps:
             record = trainer.grpo_step()
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            _progress(trainer.step - 1, cfg.steps, record, t0)
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                _progress(trainer.step - 1, cfg.steps, record, t0)
             if trainer.step % args.checkpoint_every == 0:
-                torch.save(trainer.state_dict(), os.path.join(out, "checkpoint.pt"))
-    print()
-    torch.save(trainer.state_dict(), os.path.join(out, "checkpoint.pt"))
+                torch.save(trainer.state_dict(), _checkpoint_path(out, rank))
+    finally:
+        if metrics is not None:
+            metrics.close()
+    say()
+    torch.save(trainer.state_dict(), _checkpoint_path(out, rank))
     summary = summarize(trainer, time.perf_counter() - t0)
     summary.pop("history")
     summary["pass_at_1"] = trainer.evaluate()
+    summary["processes"] = trainer.world
     summary["curves_png_panels"] = list(PLOTTED)
-    line_plot(os.path.join(out, "curves.png"), {k: [h[k] for h in trainer.history] for k in PLOTTED})
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"reward (mean of 10 steps) {summary['first_reward']:.3f} -> {summary['last_reward']:.3f}; held-out pass@1 "
-          f"{summary['pass_at_1']:.3f}; worst float64-reference error {summary['worst_reference_error']:.1e}; "
-          f"{summary['seconds']:.0f} s; logs in {out}")  # fmt: skip
+    if rank == 0:
+        line_plot(os.path.join(out, "curves.png"), {k: [h[k] for h in trainer.history] for k in PLOTTED})
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    say(f"reward (mean of 10 steps) {summary['first_reward']:.3f} -> {summary['last_reward']:.3f}; held-out pass@1 "
+        f"{summary['pass_at_1']:.3f}; worst float64-reference error {summary['worst_reference_error']:.1e}; "
+        f"{summary['seconds']:.0f} s; logs in {out}")  # fmt: skip
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -12,11 +12,11 @@ the whole state, so a checkpoint resumes to the same next step bit for bit.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 
 import torch
+import torch.distributed as dist
 
 from r1kernels.grpo import group_advantages, grpo_loss, token_logprob_stats, token_logprobs
 from r1kernels.grpo import reference as grpo_reference
@@ -61,24 +61,59 @@ def _hidden(model, prompts, completions):
 
 
 class Trainer:
+    """The run's whole state. Under ``torch.distributed`` (torchrun) with W > 1 processes: data parallel (each
+    rank takes 1/W of every batch; every rank draws the same global problems from the same generator) and
+    expert parallel (each rank holds 1/W of every MoE layer's experts); the loss is normalised by the global
+    token count and the replicated parameters' gradients are summed, so a step equals one process's on the
+    whole batch. The whole-model validation runs only with one process (its reference path needs every
+    expert)."""
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if cfg.prompts % self.world:
+            raise ValueError(f"prompts ({cfg.prompts}) must split evenly over the {self.world} processes")
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.task = AdditionTask(max_operand=cfg.max_operand, held_out=20, seed=cfg.seed)
-        self.model = DeepseekV3ForCausalLM(cfg.model)
+        self.model = self._new_model()
+        if self.world > 1:
+            torch.manual_seed(cfg.seed)  # the same full model on every rank, then this rank's experts
+            full = DeepseekV3ForCausalLM(cfg.model).state_dict()
+            self.model.load_state_dict(DeepseekV3ForCausalLM.shard_state_dict(full, self.rank, self.world))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
         self.reference: DeepseekV3ForCausalLM | None = None  # the warm-up model, once warmed up
         self.step = 0
         self.history: list[dict] = []
         self.worst_reference_error = 0.0
 
+    def _new_model(self) -> DeepseekV3ForCausalLM:
+        return DeepseekV3ForCausalLM(self.cfg.model, ep_group=dist.group.WORLD if self.world > 1 else None)
+
+    def _mine(self, items):
+        """This rank's share of a global batch (whole prompt groups)."""
+        n = len(items) // self.world
+        return items[self.rank * n : (self.rank + 1) * n]
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def _sync_gradients(self) -> None:
+        if self.world > 1:
+            for _, p in self.model.replicated_parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+
     def warmup(self) -> float:
         """Supervised steps on worked solutions, then the reference model is frozen; returns the last loss."""
         tok, cfg = self.task.tokenizer, self.cfg
         loss = torch.tensor(float("nan"))
         for _ in range(cfg.warmup_steps):
-            problems = self.task.sample(cfg.prompts * cfg.group // 2, self.gen)
+            problems = self._mine(self.task.sample(cfg.prompts * cfg.group // 2, self.gen))
             targets = [[*tok.encode(p.worked_solution()), tok.eos] for p in problems]
             width = max(len(t) for t in targets)
             completions = torch.tensor([t + [tok.pad] * (width - len(t)) for t in targets])
@@ -86,18 +121,20 @@ class Trainer:
             hidden = _hidden(self.model, self.task.encode_prompts(problems), completions)
             logps, _, _ = token_logprob_stats(hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight,
                                               completions.reshape(-1))  # fmt: skip
-            loss = -(logps.view(completions.shape) * mask).sum() / mask.sum()
+            loss = -(logps.view(completions.shape) * mask).sum() / self._global_sum(mask.sum())
             self.opt.zero_grad()
             loss.backward()
+            self._sync_gradients()
             self.opt.step()
-        self.reference = copy.deepcopy(self.model).requires_grad_(False)
+        self.reference = self._new_model().requires_grad_(False)
+        self.reference.load_state_dict(self.model.state_dict())
         for group in self.opt.param_groups:
             group["lr"] = cfg.grpo_lr
         return float(loss.detach())
 
     def grpo_step(self) -> dict:
         cfg, model = self.cfg, self.model
-        problems = [p for p in self.task.sample(cfg.prompts, self.gen) for _ in range(cfg.group)]
+        problems = [p for p in self._mine(self.task.sample(cfg.prompts, self.gen)) for _ in range(cfg.group)]
         prompts = self.task.encode_prompts(problems)
         completions = model.generate(prompts, cfg.max_new_tokens, cfg.temperature, generator=self.gen)
         texts = [self.task.tokenizer.decode(c) for c in completions]
@@ -109,7 +146,8 @@ class Trainer:
             old = token_logprobs(_hidden(model, prompts, completions), model.lm_head.weight, completions)
             ref = token_logprobs(_hidden(self.reference, prompts, completions), self.reference.lm_head.weight,
                                  completions)  # fmt: skip
-        kwargs = dict(old_logps=old, ref_logps=ref, beta=cfg.beta, loss_type="dapo")
+        kwargs = dict(old_logps=old, ref_logps=ref, beta=cfg.beta, loss_type="dapo",
+                      num_items_in_batch=float(self._global_sum(mask.sum())))  # fmt: skip
         metrics = {}
 
         def loss_fn(reference: bool) -> torch.Tensor:
@@ -124,21 +162,28 @@ class Trainer:
             return loss
 
         checked = {}
-        if self.step % cfg.check_every == 0:  # both paths; the kernel path's gradients stay for the update
+        if self.step % cfg.check_every == 0 and self.world == 1:  # both paths; the kernel path's gradients stay
             loss, checked = validate_step(model, loss_fn, cfg.tolerance)
             self.worst_reference_error = max(self.worst_reference_error, *checked.values())
         else:
             self.opt.zero_grad()
             loss = loss_fn(False)
             loss.backward()
+        self._sync_gradients()
         self.opt.step()
         loads = []
         for moe in model.moe_layers():
-            update_correction_bias(moe.gate.e_score_correction_bias, moe.last_tokens_per_expert, cfg.bias_update_rate)
-            load = moe.last_tokens_per_expert.float()
+            counts = self._global_sum(moe.last_tokens_per_expert)  # every rank moves its bias the same way
+            update_correction_bias(moe.gate.e_score_correction_bias, counts, cfg.bias_update_rate)
+            load = counts.float()
             loads.append(float(load.max() / load.mean().clamp_min(1e-9)))
-        record = {"step": self.step, "reward": float(rewards.mean()), "accuracy": float(accuracy.mean()),
-                  "format": float(fmt.mean()), "loss": float(loss.detach()), "kl": float(metrics["kl"]),
+        n = float(self._global_sum(torch.tensor(float(len(problems)))))
+
+        def mean(t):  # over the global batch
+            return float(self._global_sum(t.sum())) / n
+
+        record = {"step": self.step, "reward": mean(rewards), "accuracy": mean(accuracy), "format": mean(fmt),
+                  "loss": float(self._global_sum(loss.detach())), "kl": float(metrics["kl"]),
                   "clip_fraction": float(metrics["clip_ratio"]), "entropy": float(metrics["entropy"]),
                   "completion_length": float(mask.sum(1).mean()), "routing_max_over_mean": max(loads, default=1.0),
                   "worst_kernel_error": max(checked.values(), default=float("nan")),
@@ -163,8 +208,10 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if state["reference"] is not None:
-            self.reference = copy.deepcopy(self.model).requires_grad_(False)
+            self.reference = self._new_model().requires_grad_(False)
             self.reference.load_state_dict(state["reference"])
+            for group in self.opt.param_groups:
+                group["lr"] = self.cfg.grpo_lr
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
