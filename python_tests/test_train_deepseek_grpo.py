@@ -89,14 +89,16 @@ def test_per_family_errors_are_logged():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is for machines without a GPU")
 def test_cli_triton_backend_from_a_fresh_process(tmp_path):
     """`python -m r1kernels.train --backend triton` imports triton before main() runs: it re-runs itself with
-    TRITON_INTERPRET=1, and every family's Triton kernels run in the interpreter (MoE rows and grouped GEMMs,
-    the GRPO loss; routing and the permutation index are C++)."""
+    TRITON_INTERPRET=1. In bf16 with FP8 experts every family's Triton kernels run in the interpreter: FP8
+    quantization and grouped GEMMs (forward, dgrad, wgrad), MoE rows and SwiGLU, MLA training attention and
+    paged decode, the GRPO loss (routing and the permutation index are C++)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "r1kernels.train", "--steps", "1", "--warmup-steps", "1", "--prompts", "1",
-           "--group", "2", "--out", str(tmp_path / "run"), "--backend", "triton"]  # fmt: skip
+           "--group", "2", "--out", str(tmp_path / "run"), "--backend", "triton", "--dtype", "bfloat16",
+           "--fp8", "--check-every", "1"]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "worst float64-reference error" in out.stdout

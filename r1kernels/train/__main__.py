@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--resume", default=None, help="a checkpoint.pt to continue")
     parser.add_argument("--backend", choices=("auto", "cpu", "triton"), default="auto")
+    parser.add_argument("--fp8", action="store_true", help="the routed experts' GEMMs in FP8")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--reference-reset-every", type=int, default=0)
     args = parser.parse_args(argv)
     if args.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         # the interpreter must be on before triton is first imported (the r1kernels package already did):
@@ -90,7 +93,8 @@ def _run(args) -> int:
     defaults = Config()
     cfg = dataclasses.replace(defaults, steps=args.steps, warmup_steps=args.warmup_steps, prompts=args.prompts,
                               group=args.group, grpo_lr=args.grpo_lr, check_every=args.check_every,
-                              seed=args.seed)  # fmt: skip
+                              seed=args.seed, dtype=args.dtype, reference_reset_every=args.reference_reset_every,
+                              model=dataclasses.replace(defaults.model, fp8=args.fp8))  # fmt: skip
     out = _out_dir(args.out) if rank == 0 else args.out
     if dist.is_initialized():  # every rank needs rank 0's folder for its checkpoint shard
         box = [out]

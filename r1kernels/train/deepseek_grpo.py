@@ -42,7 +42,11 @@ class Config:
     beta: float = 0.02
     bias_update_rate: float = 1e-3
     check_every: int = 10  # whole-model kernel-vs-reference validation every this many steps (and at step 0)
-    tolerance: float = 1e-3
+    tolerance: float | None = None  # block outputs: 1e-3; 5e-2 in bf16; 0.15 with FP8 experts (their reference is
+    # the unquantized float64 path: at this model's 32-64-wide GEMMs e4m3 rounding does not average out). The
+    # loss and gradients are enforced at 1e-3 in fp32 only: in bf16 / FP8 they are logged, not yet calibrated
+    reference_reset_every: int = 0  # > 0: copy the policy into the reference model every this many steps
+    dtype: str = "float32"  # the model's parameters: float32 or bfloat16 (the router stays fp32)
     max_operand: int = 9  # single-digit operands: a sum a micro model can learn on a CPU in minutes
     seed: int = 0
 
@@ -80,7 +84,7 @@ class Trainer:
         self.model = self._new_model()
         if self.world > 1:
             torch.manual_seed(cfg.seed)  # the same full model on every rank, then this rank's experts
-            full = DeepseekV3ForCausalLM(cfg.model).state_dict()
+            full = DeepseekV3ForCausalLM(cfg.model).to(self.model.lm_head.weight.dtype).state_dict()
             self.model.load_state_dict(DeepseekV3ForCausalLM.shard_state_dict(full, self.rank, self.world))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
         self.reference: DeepseekV3ForCausalLM | None = None  # the warm-up model, once warmed up
@@ -89,7 +93,20 @@ class Trainer:
         self.worst_reference_error = 0.0
 
     def _new_model(self) -> DeepseekV3ForCausalLM:
-        return DeepseekV3ForCausalLM(self.cfg.model, ep_group=dist.group.WORLD if self.world > 1 else None)
+        model = DeepseekV3ForCausalLM(self.cfg.model, ep_group=dist.group.WORLD if self.world > 1 else None)
+        if self.cfg.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+            for moe in model.moe_layers():
+                moe.gate.float()
+        return model
+
+    @property
+    def tolerance(self) -> float:
+        if self.cfg.tolerance is not None:
+            return self.cfg.tolerance
+        if self.cfg.model.fp8:
+            return 0.15
+        return 5e-2 if self.cfg.dtype == "bfloat16" else 1e-3
 
     def _mine(self, items):
         """This rank's share of a global batch (whole prompt groups)."""
@@ -163,7 +180,8 @@ class Trainer:
 
         checked = {}
         if self.step % cfg.check_every == 0 and self.world == 1:  # both paths; the kernel path's gradients stay
-            loss, checked = validate_step(model, loss_fn, cfg.tolerance)
+            exact = cfg.dtype == "float32" and not cfg.model.fp8
+            loss, checked = validate_step(model, loss_fn, self.tolerance, 1e-3 if exact else None)
             self.worst_reference_error = max(self.worst_reference_error, *checked.values())
         else:
             self.opt.zero_grad()
@@ -171,6 +189,8 @@ class Trainer:
             loss.backward()
         self._sync_gradients()
         self.opt.step()
+        if cfg.reference_reset_every and (self.step + 1) % cfg.reference_reset_every == 0:
+            self.reference.load_state_dict(model.state_dict())  # the reference follows the policy (a reset)
         loads = []
         for moe in model.moe_layers():
             counts = self._global_sum(moe.last_tokens_per_expert)  # every rank moves its bias the same way

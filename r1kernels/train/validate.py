@@ -59,10 +59,12 @@ def _output_checks(model: torch.nn.Module, worst: dict, where: dict):
             for n, m in model.named_modules() if isinstance(m, (MLA, MoE))]  # fmt: skip
 
 
-def validate_step(model: torch.nn.Module, loss_fn: Callable[[bool], torch.Tensor], tol: float = 1e-3):
+def validate_step(model: torch.nn.Module, loss_fn: Callable[[bool], torch.Tensor], tol: float = 1e-3,
+                  grad_tol: float | None = 1e-3):  # fmt: skip
     """Run ``loss_fn(reference)`` both ways and compare: every MLA / MoE block's output against the reference
     on the same input, then the loss and every parameter's gradient. Leaves the kernel path's gradients in
-    ``.grad`` (the caller steps on them) and returns ``(kernel loss, {family: worst relative error})``."""
+    ``.grad`` (the caller steps on them) and returns ``(kernel loss, {family: worst relative error})``.
+    ``tol`` bounds the block outputs; ``grad_tol`` the loss and the gradients (None: logged, not enforced)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     with reference_ops():
@@ -94,10 +96,10 @@ def validate_step(model: torch.nn.Module, loss_fn: Callable[[bool], torch.Tensor
         family = family_of(name)
         if err > worst.get(family, -1.0):
             worst[family], where[family] = err, name
+    for family, err in worst.items():
+        if grad_tol is not None and not err <= grad_tol:  # NaN fails too
+            raise KernelMismatch(f"kernel path differs from the reference in op family '{family}' ({where[family]}): "
+                                 f"relative error {err:.3e} > {grad_tol:g}")  # fmt: skip
     for family, err in outputs.items():
         worst[f"{family} outputs"] = err
-    for family, err in worst.items():
-        if not err <= tol:  # NaN fails too
-            raise KernelMismatch(f"kernel path differs from the reference in op family '{family}' ({where[family]}): "
-                                 f"relative error {err:.3e} > {tol:g}")  # fmt: skip
     return loss, worst
