@@ -43,21 +43,16 @@ def _outputs(x: torch.Tensor, rowwise: bool):
     return q, s, qt, st
 
 
-def _cpu(x, m_indices, rowwise, outputs) -> None:
+def _cpu(x, m_indices, rowwise):
     """The C++ per-token-group quantizer on a zero-padded transposed copy (one copy of x, in x's dtype)."""
-    q, s, qt, st = outputs
     T = x.shape[0]
     if m_indices is not None:
         x = torch.where((m_indices >= 0)[:, None], x, 0)
     xt = x.new_zeros((x.shape[1], padded_tokens(T)))
     xt[:, :T] = x.T
-    codes, scales = quantize_tiles(xt, 1, TILE, False, False, op=_OP)  # zero padding leaves every amax as is
-    qt.copy_(codes)
-    st.copy_(scales)
-    if rowwise:
-        q_row, s_row = quantize_tiles(x, 1, TILE, False, False, op=_OP)
-        q.copy_(q_row)
-        s.copy_(s_row)
+    qt, st = quantize_tiles(xt, 1, TILE, False, False, op=_OP)  # zero padding leaves every amax as is
+    q, s = quantize_tiles(x if rowwise else x[:0, :0], 1, TILE, False, False, op=_OP)
+    return q, s, qt, st
 
 
 def _fake(x, rowwise, m_indices):
@@ -77,13 +72,12 @@ def _quantize_transposed_op(
     x: torch.Tensor, rowwise: bool, m_indices: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     validate(x, m_indices)
-    outputs = _outputs(x, rowwise)
     T, C = x.shape
+    if T and C and backend.resolve(x.device, _OP) == "cpu":
+        return _cpu(x, m_indices, rowwise)
+    outputs = _outputs(x, rowwise)
     if T == 0 or C == 0:
         outputs[2].view(torch.uint8).zero_()
-        return outputs
-    if backend.resolve(x.device, _OP) == "cpu":
-        _cpu(x, m_indices, rowwise, outputs)
         return outputs
     q, s, qt, st = outputs
     hw = hw_fp8_convert(backend.device_arch(x.device))

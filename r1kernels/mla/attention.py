@@ -71,7 +71,7 @@ def _kernel_args(q, k_nope, k_pe, v, o, lse):
 def _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, block, bounds):
     B, S, H, _ = q.shape
     varlen = cu_seqlens is not None
-    longest = max(b - a for a, b in itertools.pairwise(bounds)) if varlen else S
+    longest = max(b - a for a, b in itertools.pairwise(bounds)) if varlen else S  # bounds: None unless varlen
     seqs = len(bounds) - 1 if varlen else B
     switches = dict(DN=k_nope.shape[-1], DR=k_pe.shape[-1], DV=v.shape[-1], CAUSAL=causal, VARLEN=varlen,
                     PRECISION=attention_fwd.PRECISION)  # fmt: skip
@@ -84,7 +84,7 @@ def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
     lse = _alloc.empty((B, H, S), torch.float32, q.device)
     if out.numel() == 0 or S == 0:
         return out, lse
-    bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else list(range(0, (B + 1) * S, S))
+    bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else None
     if not _uses_triton(q, k_nope, k_pe, v):
         if cu_seqlens is None:  # the whole batch at once
             o, l_ = attention_torch.forward(q, k_nope, k_pe, v, causal, scale)
@@ -106,7 +106,7 @@ def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
 
 
 def _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqlens):
-    B, S, H, _ = q.shape
+    S, H = q.shape[1], q.shape[2]
     d_out = d_out.contiguous()
     bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else None
     if not _uses_triton(q, k_nope, k_pe, v):
@@ -118,7 +118,6 @@ def _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqle
             for g, part in zip(grads, parts, strict=True):
                 g[:, lo:hi] = part
         return tuple(g.to(q.dtype) for g in grads)
-    bounds = bounds or list(range(0, (B + 1) * S, S))
     delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, S]
     dq, dkn, dkp, dv = (torch.empty_like(t) for t in (q, k_nope, k_pe, v))
     arch = backend.device_arch(q.device)

@@ -10,7 +10,7 @@ from torch import nn
 from r1kernels.mla import reference
 from r1kernels.mla.attention import mla_attention
 from r1kernels.mla.decode import append_to_cache, mla_decode
-from r1kernels.mla.rope import _yarn_mscale, apply_rope, rope_cos_sin, rope_frequencies
+from r1kernels.mla.rope import apply_rope, rope_cos_sin, rope_frequencies, yarn_mscale
 from r1kernels.reference_mode import use_reference
 
 
@@ -69,7 +69,7 @@ class MLA(nn.Module):
         self.softmax_scale = qk**-0.5
         if rope_scaling and rope_scaling.get("rope_type", "default") != "default" and rope_scaling.get(
                 "mscale_all_dim"):  # fmt: skip
-            self.softmax_scale *= _yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
+            self.softmax_scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
 
     def _project(self, hidden, positions):
         """(q_nope [B, S, h, dn], q_rot [B, S, h, dr], latent [B, S, kv_lora_rank], k_rot [B, S, dr])."""

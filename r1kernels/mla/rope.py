@@ -8,7 +8,7 @@ import math
 import torch
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -25,8 +25,8 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None = None) -> tup
     mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
     attention = scaling.get("attention_factor")
     if attention is None:
-        attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all else (
-            _yarn_mscale(factor))  # fmt: skip
+        attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all else (
+            yarn_mscale(factor))  # fmt: skip
     original = scaling["original_max_position_embeddings"]
 
     def correction_dim(rotations):  # the dimension whose wavelength makes `rotations` turns over `original`

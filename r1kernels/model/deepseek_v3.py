@@ -84,15 +84,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         """(name, parameter) of everything but the routed experts (which expert parallelism shards)."""
         return [(n, p) for n, p in self.named_parameters() if ".mlp.experts." not in n]
 
-    @staticmethod
-    def shard_state_dict(state_dict: dict, rank: int, world: int) -> dict:
-        """A full state dict cut to ``rank``'s experts of every MoE layer (for ``ep_group`` models)."""
-        out = dict(state_dict)
-        for name, t in state_dict.items():
-            if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
-                per_rank = t.shape[0] // world
-                out[name] = t[rank * per_rank : (rank + 1) * per_rank].clone()
-        return out
+    shard_state_dict = staticmethod(MoE.shard_state_dict)  # a full state dict cut to a rank's experts
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape

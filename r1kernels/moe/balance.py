@@ -8,8 +8,12 @@ from r1kernels._checks import check_tensor
 
 
 def tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[E] int64`` count of routed (token, slot) pairs per expert, from ``expert_ids [..., k]`` (on the device)."""
-    return torch.bincount(expert_ids.reshape(-1).long(), minlength=num_experts)[:num_experts]
+    """``[E] int64`` count of routed (token, slot) pairs per expert, from ``expert_ids [..., k]`` (-1: not
+    routed). A scatter-add into E + 1 bins, not ``bincount`` (whose output size needs the max id: a host sync)."""
+    ids = expert_ids.reshape(-1).long()
+    bins = torch.where(ids >= 0, ids, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    return counts.scatter_add_(0, bins, torch.ones_like(bins))[:num_experts]
 
 
 @torch.no_grad()

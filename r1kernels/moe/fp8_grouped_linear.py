@@ -13,14 +13,12 @@ from __future__ import annotations
 import torch
 
 from r1kernels._checks import check_tensor
-from r1kernels.fp8.grouped_gemm_nt import grouped_gemm_nt_contiguous
+from r1kernels.fp8.grouped_gemm_nt import SEGMENT, grouped_gemm_nt_contiguous
 from r1kernels.fp8.grouped_wgrad_gemm import grouped_wgrad_gemm
 from r1kernels.fp8.quantize_per_block import quantize_per_block
 from r1kernels.fp8.quantize_per_token_group import quantize_per_token_group
 from r1kernels.fp8.quantize_transposed import quantize_rowwise_and_transposed
 from r1kernels.moe.permutation import PermutationIndex
-
-SEGMENT = 128
 
 
 def _quantize_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

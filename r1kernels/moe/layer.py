@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kernels.moe import expert_parallel, reference
+from r1kernels.moe.balance import tokens_per_expert
 from r1kernels.moe.fp8_grouped_linear import SEGMENT as FP8_SEGMENT
 from r1kernels.moe.fp8_grouped_linear import fp8_grouped_linear
 from r1kernels.moe.grouped_linear import grouped_linear, segment_alignment
@@ -128,7 +129,7 @@ class MoE(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
         _, weights, ids = self.gate(x)
-        self.last_tokens_per_expert = torch.bincount(ids.view(-1), minlength=self.n_routed_experts)
+        self.last_tokens_per_expert = tokens_per_expert(ids, self.n_routed_experts)
         x = x.contiguous()
         if self.ep_group is None:
             routed = self.experts(x, weights, ids)
@@ -141,10 +142,11 @@ class MoE(nn.Module):
 
     @staticmethod
     def shard_state_dict(state_dict: dict, rank: int, world: int) -> dict:
-        """A full (single-process or HF) state dict cut to rank's experts for ``MoE(..., ep_group=...)``."""
+        """A full (single-process or HF) state dict cut to rank's experts for ``MoE(..., ep_group=...)``: every
+        ``experts.gate_up_proj`` / ``experts.down_proj`` in it (one MoE layer's, or a whole model's)."""
         out = dict(state_dict)
-        for name in ("experts.gate_up_proj", "experts.down_proj"):
-            full = state_dict[name]
-            per_rank = full.shape[0] // world
-            out[name] = full[rank * per_rank : (rank + 1) * per_rank].clone()
+        for name, full in state_dict.items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                per_rank = full.shape[0] // world
+                out[name] = full[rank * per_rank : (rank + 1) * per_rank].clone()
         return out

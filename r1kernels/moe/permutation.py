@@ -93,11 +93,15 @@ def _torch_index(expert_ids, num_experts, align, out) -> None:
     starts = torch.cumsum(counts, 0) - counts
     sorted_keys = keys[order]
     routed = sorted_keys < num_experts
-    e = sorted_keys[routed]
-    rows = out.offsets[e] + (torch.arange(flat.numel(), device=flat.device)[routed] - starts[e])
-    out.row_of.view(-1).fill_(-1).scatter_(0, order[routed], rows.to(torch.int32))
-    out.source.fill_(-1).scatter_(0, rows, order[routed].to(torch.int32))
-    out.row_expert.fill_(-1).scatter_(0, rows, e.to(torch.int32))
+    e = sorted_keys.clamp_max(num_experts - 1)
+    rows = out.offsets[e] + (torch.arange(flat.numel(), device=flat.device) - starts[e])
+    # unrouted slots write into a spare last row that is dropped (no boolean indexing: no host sync)
+    rows = torch.where(routed, rows, out.source.shape[0])
+    out.row_of.view(-1).scatter_(0, order, torch.where(routed, rows, -1).to(torch.int32))
+    spare = out.source.shape[0] + 1
+    for target, values in ((out.source, order), (out.row_expert, e)):
+        target.copy_(torch.full((spare,), -1, dtype=torch.int32, device=flat.device).scatter_(
+            0, rows, values.to(torch.int32))[:-1])  # fmt: skip
 
 
 def _fake(expert_ids, num_experts, align, num_rows):

@@ -19,7 +19,7 @@ def route(logits, correction_bias=None, *, top_k, n_group=1, topk_group=1, route
         group_scores = grouped.sort(dim=-1, descending=True).values[..., :2].sum(-1)
         # stable sort on the negated score: equal scores keep ascending group order
         keep = torch.argsort(-group_scores, dim=-1, stable=True)[:, :topk_group]
-        mask = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, keep, True)
+        mask = torch.zeros(T, n_group, dtype=torch.bool, device=lg.device).scatter_(1, keep, True)
         choice = choice.masked_fill(~mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
     ids = torch.argsort(-choice, dim=-1, stable=True)[:, :top_k]
     weights = scores.gather(1, ids)

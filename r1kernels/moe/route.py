@@ -11,6 +11,7 @@ from r1kernels._checks import check_tensor
 from r1kernels._ext import cpp_dtype, ext, has_cuda_kernels
 from r1kernels._launch import cuda_stream, device_guard
 from r1kernels._ops import Sample, define_op
+from r1kernels.moe import reference
 
 _OP = "moe_route"
 SCORE_FUNCS = ("sigmoid", "softmax")
@@ -51,21 +52,11 @@ def _problem(tokens, experts, top_k, n_group, topk_group, scaling, norm, softmax
 
 
 def _route_torch(logits, bias, top_k, n_group, topk_group, scaling, norm, softmax):
-    """The same selection in fp32 torch ops, for GPUs without the CUDA build (stable sorts: ties to the lower id)."""
-    lg = logits.float()
-    scores = torch.softmax(lg, dim=-1) if softmax else torch.sigmoid(lg)
-    choice = scores if bias is None else scores + bias
-    T, E = choice.shape
-    if n_group > 1:
-        group_scores = choice.view(T, n_group, -1).topk(2, dim=-1).values.sum(-1)
-        keep = torch.argsort(-group_scores, dim=-1, stable=True)[:, :topk_group]
-        mask = torch.zeros(T, n_group, dtype=torch.bool, device=lg.device).scatter_(1, keep, True)
-        choice = choice.masked_fill(~mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    ids = torch.argsort(-choice, dim=-1, stable=True)[:, :top_k]
-    weights = scores.gather(1, ids)
-    if norm:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * scaling, ids.to(torch.int32)
+    """For GPUs without the CUDA build: the float64 reference (the same stable-sort selection), cast."""
+    weights, ids = reference.route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                                   routed_scaling_factor=scaling, norm_topk_prob=norm,
+                                   score_func="softmax" if softmax else "sigmoid")  # fmt: skip
+    return weights.float(), ids.to(torch.int32)
 
 
 def _fake(logits, correction_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, score_func):

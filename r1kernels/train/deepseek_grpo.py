@@ -160,10 +160,11 @@ class Trainer:
         advantages = group_advantages(rewards, cfg.group)
         mask = _completion_mask(completions, self.task.tokenizer.eos)
         with torch.no_grad():
-            old = token_logprobs(_hidden(model, prompts, completions), model.lm_head.weight, completions)
             ref = token_logprobs(_hidden(self.reference, prompts, completions), self.reference.lm_head.weight,
                                  completions)  # fmt: skip
-        kwargs = dict(old_logps=old, ref_logps=ref, beta=cfg.beta, loss_type="dapo",
+        # one update per batch: the sampling policy is the current one (old_logps None = on-policy, ratio 1),
+        # so its log-probs need no forward of their own
+        kwargs = dict(old_logps=None, ref_logps=ref, beta=cfg.beta, loss_type="dapo",
                       num_items_in_batch=float(self._global_sum(mask.sum())))  # fmt: skip
         metrics = {}
 
