@@ -12,7 +12,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import H100_HBM_TBPS, device_name, peak_mem_mib, peak_mem_mib_fresh_process, time_ms, write_table
+from common import (
+    H100_HBM_TBPS,
+    Plot,
+    bytes_floor_ms,
+    device_name,
+    peak_mem_mib,
+    peak_mem_mib_fresh_process,
+    rotations,
+    time_ms,
+    write_table,
+)
 
 import r1kernels
 from r1kernels.fp8 import reference as ref
@@ -28,11 +38,11 @@ OPS = {
 }
 
 
-def _call(op: str, backend: str | None, x: torch.Tensor):
+def _call(op: str, backend: str | None, x: torch.Tensor | None = None):
+    """A call of one implementation: on ``x`` when given, else on the tensor it is called with (rotation)."""
     _, fn, ref_fn = OPS[op]
-    if backend is None:
-        return lambda: ref_fn(x)
-    return lambda: _with_backend(backend, fn, x)
+    run = ref_fn if backend is None else (lambda t: _with_backend(backend, fn, t))
+    return (lambda t=x: run(t)) if x is not None else run
 
 
 def _mem_child(op: str, backend: str, shape: str) -> None:
@@ -56,23 +66,32 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         m, k = (int(v) for v in shape.split("x"))
-        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        xs = rotations(lambda m=m, k=k: (torch.randn(m, k, dtype=torch.bfloat16, device=device),), m * k * 2, device)
+        x = xs[0][0]
         for op, (tile_m, _, _) in OPS.items():
             nbytes = _bytes(m, k, 2, tile_m)
-            floor_ms = nbytes / (H100_HBM_TBPS * 1e12) * 1e3
+            floor_ms = bytes_floor_ms(nbytes)
             cases = [(name, b) for name, b in impls.items() if not (b == "cuda" and tile_m > 1)]
             cases.append(("torch reference", None))
             for name, b in cases:
                 call = _call(op, b, x)
-                ms = time_ms(call, device)
+                ms = time_ms(_call(op, b), device, inputs=xs)
                 if device == "cuda":
                     mem = peak_mem_mib(call, device)
                 else:
                     mem = peak_mem_mib_fresh_process(__file__, [op, b or "none", shape])
                 rows.append([op, shape, name, ms, nbytes / ms / 1e6, floor_ms, floor_ms / ms, mem])
-    print(f"device: {device_name(device)}; floor = bytes read + written once / {H100_HBM_TBPS} TB/s (H100 SXM)")
-    print("extra peak MiB includes the outputs (x_fp8 is M*K bytes)")
-    write_table(f"fp8_{device}", header, rows)
+    note = (
+        f"device: {device_name(device)}; floor = bytes read + written once / {H100_HBM_TBPS} TB/s (H100 SXM); "
+        "extra peak MiB includes the outputs (x_fp8 is M*K bytes)"
+    )
+    write_table(
+        f"fp8_{device}",
+        header,
+        rows,
+        Plot(("op", "shape"), "impl", "ms", "FP8 quantization, ms (lower is better)"),
+        note=note,
+    )
 
 
 def _with_backend(name: str, fn, x):

@@ -14,7 +14,18 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import H100_FP8_TFLOPS, H100_HBM_TBPS, device_name, peak_mem_mib, time_ms, write_table
+from common import (
+    H100_FP8_TFLOPS,
+    H100_HBM_TBPS,
+    Plot,
+    bytes_floor_ms,
+    device_name,
+    flops_floor_ms,
+    peak_mem_mib,
+    rotations,
+    time_ms,
+    write_table,
+)
 
 import r1kernels
 from r1kernels.fp8 import reference as ref
@@ -49,31 +60,47 @@ def main() -> None:
     for m in (int(v) for v in args.m.split(",")):
         for nk in args.nk.split(","):
             n, k = (int(v) for v in nk.split("x"))
-            x, w, a, sa, b, sb = _operands(m, n, k, device)
-            flops = 2 * m * n * k
             nbytes = m * k + n * k + 4 * (m * -(-k // 128) + -(-n // 128) * -(-k // 128)) + 2 * m * n
-            floor_ms = max(flops / (H100_FP8_TFLOPS * 1e12), nbytes / (H100_HBM_TBPS * 1e12)) * 1e3
+            cases = rotations(lambda m=m, n=n, k=k: _operands(m, n, k, device), nbytes, device)
+            x, w = cases[0][:2]
+            flops = 2 * m * n * k
+            floor_ms = max(flops_floor_ms(flops, H100_FP8_TFLOPS), bytes_floor_ms(nbytes))
             exact = x @ w.T
-            impls = {"r1k gemm_nt": lambda a=a, sa=sa, b=b, sb=sb: r1kernels.fp8.gemm_nt(a, sa, b, sb)}
+            impls = {"r1k gemm_nt": lambda x, w, a, sa, b, sb: r1kernels.fp8.gemm_nt(a, sa, b, sb)}
             if device == "cuda":
-                xb, wb = x.bfloat16(), w.bfloat16()
-                impls["torch bf16 matmul"] = lambda xb=xb, wb=wb: xb @ wb.T
+                impls["torch bf16 matmul"] = lambda x, w, *_: x.bfloat16() @ w.bfloat16().T
                 if deep_gemm is not None:
                     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
-                    impls["DeepGEMM"] = lambda a=a, sa=sa, b=b, sb=sb, out=out: deep_gemm.fp8_gemm_nt(
-                        (a, sa), (b, sb), out
-                    )
+                    impls["DeepGEMM"] = lambda x, w, a, sa, b, sb, out=out: _deep_gemm(deep_gemm, a, sa, b, sb, out)
             else:
-                impls["dequantize + matmul"] = lambda a=a, sa=sa, b=b, sb=sb: _dequant_matmul(a, sa, b, sb)
+                impls["dequantize + matmul"] = lambda x, w, a, sa, b, sb: _dequant_matmul(a, sa, b, sb)
             for name, fn in impls.items():
-                ms = time_ms(fn, device, reps=3)
-                diff = ref.calc_diff(fn().float(), exact) if name != "DeepGEMM" else float("nan")
-                rows.append([m, n, k, name, ms, flops / ms / 1e9, floor_ms, floor_ms / ms, diff,
-                             peak_mem_mib(fn, device)])  # fmt: skip
-    print(f"device: {device_name(device)}; floor = max(2MNK / {H100_FP8_TFLOPS:g} TFLOP/s, bytes / "
+                inputs = cases
+                if name == "torch bf16 matmul":  # its operands in bf16 up front: time the GEMM, not the casts
+                    inputs = [(c[0].bfloat16(), c[1].bfloat16()) for c in cases]
+                    fn = lambda x, w: x @ w.T
+                ms = time_ms(fn, device, reps=3, inputs=inputs)
+                got = fn(*inputs[0]).float()
+                rows.append([m, n, k, name, ms, flops / ms / 1e9, floor_ms, floor_ms / ms, ref.calc_diff(got, exact),
+                             peak_mem_mib(lambda fn=fn, inputs=inputs: fn(*inputs[0]), device)])  # fmt: skip
+    note = (f"device: {device_name(device)}; floor = max(2MNK / {H100_FP8_TFLOPS:g} TFLOP/s, bytes / "
           f"{H100_HBM_TBPS} TB/s) on an H100 SXM; calc_diff against an fp32 matmul of the unquantized inputs; "
           "peak MiB: allocator peak on a GPU, in-process RSS high-water on the CPU (indicative)")  # fmt: skip
-    write_table(f"fp8_gemm_{device}", header, rows)
+    write_table(
+        f"fp8_gemm_{device}",
+        header,
+        rows,
+        Plot(("M", "N", "K"), "impl", "ms", "FP8 GEMM, ms (lower is better)"),
+        note=note,
+    )
+
+
+def _deep_gemm(deep_gemm, a, sa, b, sb, out):
+    """DeepGEMM's NT GEMM under its current name (``fp8_gemm_nt``) or its first one
+    (``gemm_fp8_fp8_bf16_nt``); the same operands and scales as r1k's (1 x 128 and 128 x 128, fp32)."""
+    fn = getattr(deep_gemm, "fp8_gemm_nt", None) or deep_gemm.gemm_fp8_fp8_bf16_nt
+    fn((a, sa), (b, sb), out)
+    return out
 
 
 if __name__ == "__main__":

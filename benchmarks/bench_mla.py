@@ -2,8 +2,10 @@
 and v, beside ``torch.nn.functional.scaled_dot_product_attention`` on the same inputs with k_pe broadcast to
 every head (what FA-style kernels need), causal.
 
-GPU: TFLOP/s against the floor (4 * S^2 / 2 * H * (Dqk + Dv) FLOPs forward, 2.5x that backward, at 989 TFLOP/s
-bf16). CPU: time and peak memory (RSS high-water in a fresh process per implementation).
+Forward, backward and forward + backward times (do_bench medians over rotated inputs on a GPU, best of N on the
+CPU). GPU: TFLOP/s against the floor (2 * S^2 / 2 * H * (Dqk + Dv) FLOPs forward, 2.5x that backward, at 989
+TFLOP/s bf16), FlashMLA beside the paged decode when it imports. CPU: time and peak memory (RSS high-water in a
+fresh process per implementation).
 
     python benchmarks/bench_mla.py [--seq 2048] [--heads 16] [--dims 128,64,128]
 """
@@ -17,9 +19,12 @@ import torch
 from common import (
     H100_BF16_TFLOPS,
     H100_HBM_TBPS,
+    Plot,
     device_name,
     peak_mem_mib,
     peak_mem_mib_fresh_process,
+    rotations,
+    time_fwd_bwd,
     time_ms,
     write_table,
 )
@@ -34,20 +39,23 @@ def _inputs(S, H, dn, dr, dv, device, dtype):
             for shape in ((1, S, H, dn + dr), (1, S, H, dn), (1, S, dr), (1, S, H, dv))]  # fmt: skip
 
 
-def _r1k_step(q, kn, kp, v):
-    out, _ = r1kernels.mla.mla_attention(q, kn, kp, v, causal=True)
-    out.backward(torch.ones_like(out))
+def _r1k_forward(q, kn, kp, v):
+    return r1kernels.mla.mla_attention(q, kn, kp, v, causal=True)[0]
 
 
-def _sdpa_step(q, kn, kp, v):
+def _sdpa_forward(q, kn, kp, v):
     H = q.shape[2]
     k = torch.cat([kn, kp[:, :, None, :].expand(-1, -1, H, -1)], dim=-1)  # the shared key, broadcast
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                           is_causal=True)  # fmt: skip
+    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            is_causal=True)  # fmt: skip
+
+
+FORWARDS = {"r1k mla_attention": _r1k_forward, "torch SDPA (k_pe broadcast)": _sdpa_forward}
+
+
+def _step(forward, *inputs):
+    out = forward(*inputs)
     out.backward(torch.ones_like(out))
-
-
-STEPS = {"r1k mla_attention": _r1k_step, "torch SDPA (k_pe broadcast)": _sdpa_step}
 
 
 def main() -> None:
@@ -59,35 +67,38 @@ def main() -> None:
     args = parser.parse_args()
     if args.mem_child:
         name, S, H, dims = args.mem_child
-        step, shape = STEPS[name], (int(S), int(H), *(int(d) for d in dims.split(",")))
-        step(*_inputs(64, *shape[1:], "cpu", torch.float32))  # load libraries and start threads first
+        forward, shape = FORWARDS[name], (int(S), int(H), *(int(d) for d in dims.split(",")))
+        _step(forward, *_inputs(64, *shape[1:], "cpu", torch.float32))  # load libraries and start threads first
         inputs = _inputs(*shape, "cpu", torch.float32)
-        print(peak_mem_mib(lambda: step(*inputs), "cpu"))
+        print(peak_mem_mib(lambda: _step(forward, *inputs), "cpu"))
         return
     dn, dr, dv = (int(d) for d in args.dims.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     S, H = args.seq, args.heads
-    flops = 3.5 * 4 * S * S / 2 * H * ((dn + dr + dv) / 2)
+    fwd_flops = 2 * S * S / 2 * H * (dn + dr + dv)  # QK^T and PV over the causal half
+    flops = 3.5 * fwd_flops  # the backward recomputes P and forms dV, dP, dQ, dK: 2.5x the forward
     floor = flops / (H100_BF16_TFLOPS * 1e12) * 1e3
     rows = []
     base = None
-    for name, step in STEPS.items():
-        inputs = _inputs(S, H, dn, dr, dv, device, dtype)
-        ms = time_ms(lambda step=step, inputs=inputs: step(*inputs), device, reps=3)
+    nbytes = S * H * (2 * dn + dr + dv) * 2
+    inputs = rotations(lambda: tuple(_inputs(S, H, dn, dr, dv, device, dtype)), nbytes, device)
+    for name, forward in FORWARDS.items():
+        fwd, bwd, both = time_fwd_bwd(forward, inputs, device)
         if device == "cuda":
-            mem = peak_mem_mib(lambda step=step, inputs=inputs: step(*inputs), device)
+            mem = peak_mem_mib(lambda forward=forward: _step(forward, *inputs[0]), device)
         else:
             mem = peak_mem_mib_fresh_process(__file__, [name, str(S), str(H), args.dims])
-        base = base or (ms, mem)
-        rows.append([f"S{S} H{H} {dn}+{dr}/{dv} causal", name, ms, ms / base[0], mem, mem / base[1],
-                     flops / ms / 1e9, floor, floor / ms])  # fmt: skip
+        base = base or (both, mem)
+        rows.append([f"S{S} H{H} {dn}+{dr}/{dv} causal", name, fwd, bwd, both, both / base[0], mem, mem / base[1],
+                     flops / both / 1e9, floor, floor / both])  # fmt: skip
     where = "allocator peak" if device == "cuda" else "extra RSS high-water of the step in a fresh process"
-    print(f"device: {device_name(device)}, {dtype}; forward + backward; memory: {where} (MiB)")
+    note = f"device: {device_name(device)}, {dtype}; forward + backward; memory: {where} (MiB)"
     rows += _decode_rows(device, dtype)
-    header = ["shape", "impl", "ms", "time vs r1k", "peak MiB", "peak vs r1k", "TFLOP/s or GB/s", "floor ms (H100)",
-              "floor/achieved"]  # fmt: skip
-    write_table(f"mla_{device}", header, rows)
+    header = ["shape", "impl", "fwd ms", "bwd ms", "ms (fwd+bwd; decode: the call)", "time vs r1k", "peak MiB",
+              "peak vs r1k", "TFLOP/s or GB/s", "floor ms (H100)", "floor/achieved"]  # fmt: skip
+    plot = Plot(("shape",), "impl", "ms (fwd+bwd; decode: the call)", "MLA, ms (lower is better)")
+    write_table(f"mla_{device}", header, rows, plot, note=note)
 
 
 def _decode_rows(device, dtype, B=16, heads=128, cached=4096, page=64):
@@ -115,7 +126,7 @@ def _decode_rows(device, dtype, B=16, heads=128, cached=4096, page=64):
     out = []
     for name, fn in impls.items():
         ms = time_ms(fn, device)
-        out.append([f"decode B{B} H{heads} {cached} cached, page {page}", name, ms, "", "", "",
+        out.append([f"decode B{B} H{heads} {cached} cached, page {page}", name, "", "", ms, "", "", "",
                     f"{nbytes / ms / 1e6:.0f} GB/s", floor, floor / ms])  # fmt: skip
     return out
 

@@ -2,9 +2,11 @@
 (its ``grouped_mm`` experts, the fastest of its implementations here), routing beside
 ``DeepseekV3TopkRouter``, and the pieces against their floors.
 
-Floors (H100 SXM): permute / unpermute move each token row once in and k times out (bytes / 3.35 TB/s);
-the grouped expert GEMMs against a dense GEMM of equal FLOPs (the same rows through one weight), on the
-GPU also against 989 TFLOP/s bf16. CPU: time per call, best of N, 2 threads on the dev machine.
+Floors (H100 SXM): routing reads the fp32 logits once and writes k weights and ids per token; permute /
+unpermute move each token row once in and k times out (bytes / 3.35 TB/s); the grouped expert GEMMs against
+a dense GEMM of equal FLOPs (the same rows through one weight), on the GPU also against 989 TFLOP/s bf16; the
+layer's forward + backward against its GEMMs' FLOPs (routed and shared experts, 3x the forward's) at 989
+TFLOP/s. GPU: do_bench medians over rotated inputs; CPU: best of N, 2 threads on the dev machine.
 
     python benchmarks/bench_moe.py [--tokens 4096] [--hidden 512] [--experts 64] [--top-k 6] [--inter 256]
 """
@@ -14,7 +16,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import H100_BF16_TFLOPS, H100_HBM_TBPS, device_name, time_ms, write_table
+from common import (
+    H100_BF16_TFLOPS,
+    H100_HBM_TBPS,
+    Plot,
+    bytes_floor_ms,
+    device_name,
+    rotations,
+    time_fwd_bwd,
+    time_ms,
+    write_table,
+)
 
 import r1kernels
 
@@ -66,8 +78,9 @@ def main() -> None:
             peer = time_ms(lambda: hf_router(hidden), device) - gemm
         rows.append([f"route {args.route_tokens}x{E}", "HF DeepseekV3TopkRouter (minus its GEMM)", peer, 1.0,
                      f"{args.route_tokens / peer / 1e3:.2f} Mtok/s", "", ""])  # fmt: skip
+    route_floor = bytes_floor_ms(args.route_tokens * (E * 4 + k * 12) + E * 4)
     rows.append([f"route {args.route_tokens}x{E}", "r1k route", ours, peer / ours,
-                 f"{args.route_tokens / ours / 1e3:.2f} Mtok/s", "", ""])  # fmt: skip
+                 f"{args.route_tokens / ours / 1e3:.2f} Mtok/s", route_floor, route_floor / ours])  # fmt: skip
 
     # permute / unpermute
     x = torch.randn(T, H, device=device, dtype=dtype)
@@ -96,26 +109,26 @@ def main() -> None:
     # the whole layer, forward + backward
     layer = r1kernels.moe.MoE(H, inter, E, 1, k, 8, 4, 2.5, True, device=device, dtype=dtype)
     layer.gate.float()
-    xs = torch.randn(T, H, device=device, dtype=dtype, requires_grad=True)
-
-    def step(module):
-        def run():
-            module.zero_grad(set_to_none=True)
-            xs.grad = None
-            module(xs).float().square().mean().backward()
-
-        return run
-
-    ours = time_ms(step(layer), device, reps=3)
-    peer = float("nan")
+    inputs = rotations(lambda: (torch.randn(T, H, device=device, dtype=dtype, requires_grad=True),),
+                       T * H * 2, device)  # fmt: skip
+    what = f"MoE layer T{T} H{H} E{E} k{k} I{inter}"
+    layer_flops = 3 * 2 * T * (k + 1) * 3 * inter * H  # gate_up + down per routed pick and the shared expert
+    layer_floor = layer_flops / (H100_BF16_TFLOPS * 1e12) * 1e3
+    ours = time_fwd_bwd(layer, inputs, device)
+    peer = (float("nan"),) * 3
     if hf_moe is not None:
         hf_moe.load_state_dict(layer.state_dict())
-        peer = time_ms(step(hf_moe), device, reps=3)
-        rows.append([f"MoE layer fwd+bwd T{T} H{H} E{E} k{k} I{inter}", "HF DeepseekV3MoE (grouped_mm)", peer, 1.0,
-                     "", "", ""])  # fmt: skip
-    rows.append([f"MoE layer fwd+bwd T{T} H{H} E{E} k{k} I{inter}", "r1k MoE", ours, peer / ours, "", "", ""])
-    print(f"device: {device_name(device)}, {dtype}; 'vs peer' = peer time / this time (above 1: faster)")
-    write_table(f"moe_{device}", header, rows)
+        peer = time_fwd_bwd(hf_moe, inputs, device)
+        rows += [[f"{what} {part}", "HF DeepseekV3MoE (grouped_mm)", ms, 1.0, "", "", ""]
+                 for part, ms in zip(("fwd", "bwd"), peer[:2], strict=True)]  # fmt: skip
+        rows.append([f"{what} fwd+bwd", "HF DeepseekV3MoE (grouped_mm)", peer[2], 1.0,
+                     f"{layer_flops / peer[2] / 1e9:.2f} TFLOP/s", layer_floor, layer_floor / peer[2]])  # fmt: skip
+    rows += [[f"{what} {part}", "r1k MoE", ms, p / ms, "", "", ""]
+             for part, ms, p in zip(("fwd", "bwd"), ours[:2], peer[:2], strict=True)]  # fmt: skip
+    rows.append([f"{what} fwd+bwd", "r1k MoE", ours[2], peer[2] / ours[2], f"{layer_flops / ours[2] / 1e9:.2f} TFLOP/s",
+                 layer_floor, layer_floor / ours[2]])  # fmt: skip
+    note = f"device: {device_name(device)}, {dtype}; 'vs peer' = peer time / this time (above 1: faster)"
+    write_table(f"moe_{device}", header, rows, Plot(("what",), "impl", "ms", "MoE, ms (lower is better)"), note=note)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 DeepSeek-V3, three ways: r1kernels' kernel path (fused GRPO loss, MLA / MoE kernels), the same model through
 the reference path (``r1kernels.reference_mode``: float64 references, the validation's path), and transformers'
 ``DeepseekV3ForCausalLM`` with the same weights and a plain GRPO loss on full logits. Time and peak memory
-(RSS high-water of a fresh process on the CPU; allocator peak on a GPU), tokens/s.
+(RSS high-water of a fresh process on the CPU; allocator peak on a GPU), tokens/s. Floor: the step's FLOPs
+(6 x active parameters per token, the LM head included, plus causal attention's 3.5 x 2 x S^2 / 2 x heads x
+(d_qk + d_v) per layer and sequence) at 989 TFLOP/s bf16; at this micro size a step is launch-bound on a GPU,
+so the ratio says how far host overhead is from the math.
 
     python benchmarks/bench_train.py [--rows 128] [--length 22]
 """
@@ -12,7 +15,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import device_name, peak_mem_mib, peak_mem_mib_fresh_process, time_ms, write_table
+from common import (
+    H100_BF16_TFLOPS,
+    Plot,
+    device_name,
+    flops_floor_ms,
+    peak_mem_mib,
+    peak_mem_mib_fresh_process,
+    time_ms,
+    write_table,
+)
 
 from r1kernels.grpo import grpo_loss
 from r1kernels.grpo import reference as grpo_reference
@@ -80,6 +92,19 @@ def _hf(model):
     return hf
 
 
+def step_flops(model, rows: int, length: int) -> float:
+    """Forward + backward FLOPs of one step: 6 per active parameter and token (routed experts count k / E of
+    their weights, embeddings none), and causal attention per layer and sequence."""
+    c = CONFIG
+    tokens = rows * (length - 1)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    active = params - routed * (1 - c.num_experts_per_tok / c.n_routed_experts)
+    s = length - 1
+    attention = 3.5 * 2 * s * s / 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+    return 6 * active * tokens + attention * c.num_hidden_layers * rows
+
+
 IMPLS = ("r1k kernels", "r1k reference path", "transformers + plain GRPO loss")
 
 
@@ -117,10 +142,15 @@ def main() -> None:
         else:
             mem = peak_mem_mib_fresh_process(__file__, [impl, str(args.rows), str(args.length)])
         base = base or ms
-        rows.append([f"{args.rows} x {args.length} tokens", impl, ms, ms / base, tokens / ms * 1e3, mem])
-    print(f"device: {device_name(device)}; one GRPO step (forward + backward) of the tiny DeepSeek-V3 "
+        floor = flops_floor_ms(step_flops(DeepseekV3ForCausalLM(CONFIG), args.rows, args.length), H100_BF16_TFLOPS)
+        rows.append([f"{args.rows} x {args.length} tokens", impl, ms, ms / base, tokens / ms * 1e3, mem, floor,
+                     floor / ms])  # fmt: skip
+    note = (f"device: {device_name(device)}; one GRPO step (forward + backward) of the tiny DeepSeek-V3 "
           f"(2 layers, hidden 64, 8 experts top-2, kv_lora_rank 512, vocab {CONFIG.vocab_size})")  # fmt: skip
-    write_table(f"train_{device}", ["batch", "impl", "ms", "time vs r1k", "tokens/s", "peak MiB"], rows)
+    header = ["batch", "impl", "ms", "time vs r1k", "tokens/s", "peak MiB", "floor ms (H100)", "floor/achieved"]
+    write_table(
+        f"train_{device}", header, rows, Plot(("batch",), "impl", "ms", "GRPO step, ms (lower is better)"), note=note
+    )
 
 
 if __name__ == "__main__":

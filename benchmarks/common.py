@@ -1,14 +1,23 @@
-"""Shared benchmark helpers: timing (do_bench on a GPU, best-of-N wall time on the CPU), peak memory
-(CUDA allocator peak on a GPU, resident-set high-water mark on the CPU), floors, and table output."""
+"""Shared benchmark helpers: timing (do_bench medians over rotated inputs on a GPU, best-of-N wall time on the
+CPU; forward, backward and both), peak memory (CUDA allocator peak on a GPU, resident-set high-water mark on the
+CPU), floors, the environment line, and table output (markdown + CSV + a PNG bar chart)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import gc
+import hashlib
+import importlib.metadata
+import itertools
+import math
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,22 +26,70 @@ import torch
 H100_BF16_TFLOPS = 989.0
 H100_FP8_TFLOPS = 1979.0
 H100_HBM_TBPS = 3.35
+H100_L2_BYTES = 50 * 2**20
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# run_all.py --quick points this elsewhere (a smoke run must not overwrite the committed results)
+RESULTS = Path(os.environ.get("R1K_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
+REPO = Path(__file__).resolve().parent.parent
 
 
-def time_ms(fn: Callable[[], object], device: str, reps: int = 10) -> float:
+def time_ms(fn: Callable[..., object], device: str, reps: int = 10, inputs: Sequence[tuple] | None = None) -> float:
+    """Time of one call in ms: ``triton.testing.do_bench``'s median on a GPU (warm-up and compilation excluded:
+    do_bench runs it first), the best of ``reps`` after a warm-up call on the CPU. With ``inputs`` (argument
+    tuples, see ``rotations``) each call takes the next tuple, so a GPU timing does not read an L2-hot copy."""
+    if inputs is None:
+        call = fn
+    else:
+        cycle = itertools.cycle(inputs)
+        call = lambda: fn(*next(cycle))
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()  # warm-up
+        return float(triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median"))
+    call()  # warm-up
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
+        call()
         best = min(best, time.perf_counter() - t0)
     return best * 1e3
+
+
+def rotations(make: Callable[[], tuple], nbytes: int, device: str) -> list[tuple]:
+    """Enough copies of a case's inputs (``make()`` builds one tuple of ``nbytes``) that cycling through them
+    evicts the H100's 50 MiB L2 between uses of a copy (at most 8 copies; one on the CPU)."""
+    copies = 1 if device != "cuda" else max(1, min(8, math.ceil(2 * H100_L2_BYTES / max(nbytes, 1)) + 1))
+    return [make() for _ in range(copies)]
+
+
+def time_fwd_bwd(forward: Callable[..., torch.Tensor], inputs: Sequence[tuple], device: str,
+                 reps: int = 3) -> tuple[float, float, float]:  # fmt: skip
+    """(forward, backward, forward + backward) ms of ``forward(*args)`` over rotated ``inputs``. The output's
+    gradient is a fixed random tensor (a scalar output gets 1); backward = (forward + backward) - forward, so
+    both include the autograd graph's construction exactly once."""
+    grads = {}
+
+    def both(*args):
+        out = forward(*args)
+        key = tuple(out.shape)
+        if key not in grads:
+            grads[key] = torch.randn_like(out) if out.dim() else torch.ones_like(out)
+        for a in args:  # no accumulation into an earlier call's gradient
+            if isinstance(a, torch.Tensor):
+                a.grad = None
+        out.backward(grads[key])
+
+    fwd = time_ms(forward, device, reps, inputs)
+    total = time_ms(both, device, reps, inputs)
+    return fwd, max(total - fwd, 0.0), total
+
+
+def flops_floor_ms(flops: float, tflops: float) -> float:
+    return flops / (tflops * 1e12) * 1e3
+
+
+def bytes_floor_ms(nbytes: float) -> float:
+    return nbytes / (H100_HBM_TBPS * 1e12) * 1e3
 
 
 def _rss_kib(field: str) -> int:
@@ -68,18 +125,82 @@ def peak_mem_mib_fresh_process(script: str, args: list[str]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def write_table(name: str, header: list[str], rows: list[list[object]]) -> str:
-    """Print a markdown table and write it as CSV and markdown under benchmarks/results/."""
+@dataclass(frozen=True)
+class Plot:
+    """How ``write_table`` draws a table: one bar per row, labelled by ``label`` columns (the case) and coloured
+    by ``series`` (the implementation), length from the ``value`` column (log scale when it spans > 30x)."""
+
+    label: tuple[str, ...]
+    series: str
+    value: str
+    title: str = ""
+
+
+def write_table(name: str, header: list[str], rows: list[list[object]], plot: Plot | None = None,
+                note: str = "") -> str:  # fmt: skip
+    """Print a markdown table and write it as CSV and markdown under benchmarks/results/ (and ``plot`` as PNG);
+    ``note`` (the device, what is timed, how the floor is computed) goes above the markdown table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     md = "\n".join(
         ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in cells]
     )
+    if note:
+        md = f"{note}\n\n{md}"
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *cells])
     (RESULTS / f"{name}.md").write_text(md + "\n")
     print(md)
+    if plot is not None:
+        draw(RESULTS / f"{name}.png", header, rows, plot)
     return md
+
+
+def draw(path: Path, header: list[str], rows: list[list[object]], plot: Plot) -> None:
+    """A horizontal bar chart of one numeric column; skipped (with a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: no {path.name}")
+        return
+    col = {h: i for i, h in enumerate(header)}
+    points = [(" ".join(str(r[col[c]]) for c in plot.label), str(r[col[plot.series]]), r[col[plot.value]])
+              for r in rows if isinstance(r[col[plot.value]], (int, float)) and r[col[plot.value]] > 0]  # fmt: skip
+    if not points:
+        return
+    series = list(dict.fromkeys(s for _, s, _ in points))
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(points) + 1.4))
+    ys = range(len(points))[::-1]
+    ax.barh(list(ys), [v for _, _, v in points], color=[colors(series.index(s) % 10) for _, s, _ in points])
+    ax.set_yticks(list(ys), [f"{label} | {s}" for label, s, _ in points], fontsize=7)
+    values = [v for _, _, v in points]
+    if max(values) / min(values) > 30:
+        ax.set_xscale("log")
+    ax.set_xlabel(plot.value)
+    ax.set_title(plot.title or path.stem, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def environment(device: str) -> str:
+    """One line: date, device, the versions of torch and every peer that imports, and the commit."""
+    versions = []
+    for dist in ("torch", "triton", "transformers", "trl", "liger-kernel", "deep-gemm", "flash-mla",
+                 "transformer-engine"):  # fmt: skip
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                                check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{stamp}; {device_name(device)}; {', '.join(versions)}; r1kernels commit {commit}"
 
 
 def device_name(device: str) -> str:
@@ -88,3 +209,13 @@ def device_name(device: str) -> str:
     from r1kernels.cpu_caps import bf16_gemm_path
 
     return f"CPU ({torch.get_num_threads()} threads; {bf16_gemm_path()})"
+
+
+def kernel_sources_digest() -> str:
+    """A digest of every kernel's source (the Triton kernel modules and csrc/): the report records it, and a
+    test fails when the kernels change without the committed CPU report being regenerated."""
+    files = sorted([*REPO.glob("r1kernels/**/kernels/*.py"), *(f for f in REPO.glob("csrc/**/*") if f.is_file())])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]

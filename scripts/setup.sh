@@ -13,8 +13,9 @@ TORCH_SPEC=${R1K_TORCH_SPEC:-torch==2.13.0}
 # shellcheck disable=SC2086  # R1K_TORCH_SPEC may carry pip options (an --extra-index-url for a CUDA build)
 pip install -q --disable-pip-version-check $TORCH_SPEC triton==3.9.0 numpy pytest ruff \
   "pybind11>=2.12" "cmake>=3.26" ninja "setuptools>=68" wheel
-# the outside reference the MoE tests and benchmark compare against (DeepseekV3MoE / DeepseekV3TopkRouter)
-pip install -q --disable-pip-version-check transformers==5.24.0
+# The extras, pinned: [hf] (the transformers / TRL drop-ins, and the outside references the MoE, MLA, model and
+# integration tests compare against) and [bench] (the report's plots, Liger-Kernel as the GRPO loss's peer).
+pip install -q --disable-pip-version-check transformers==5.24.0 trl==1.16.0 matplotlib liger-kernel==0.8.5
 if ! python -c "import r1kernels._C" 2>/dev/null || [ "${R1K_REBUILD:-0}" = 1 ]; then
   pip install -q --disable-pip-version-check --no-build-isolation -e .
 fi
