@@ -15,7 +15,8 @@ pip install -q --disable-pip-version-check $TORCH_SPEC triton==3.9.0 numpy pytes
   "pybind11>=2.12" "cmake>=3.26" ninja "setuptools>=68" wheel
 # The extras, pinned: [hf] (the transformers / TRL drop-ins, and the outside references the MoE, MLA, model and
 # integration tests compare against) and [bench] (the report's plots, Liger-Kernel as the GRPO loss's peer).
-pip install -q --disable-pip-version-check transformers==5.24.0 trl==1.16.0 matplotlib liger-kernel==0.8.5
+pip install -q --disable-pip-version-check transformers==5.24.0 trl==1.16.0 matplotlib
+pip install -q --disable-pip-version-check --no-deps liger-kernel==0.8.5  # --no-deps: never swap the pinned torch
 if ! python -c "import r1kernels._C" 2>/dev/null || [ "${R1K_REBUILD:-0}" = 1 ]; then
   pip install -q --disable-pip-version-check --no-build-isolation -e .
 fi
