@@ -4,7 +4,7 @@ GEMMs, and the MoE layer."""
 from r1kernels.moe.balance import sequence_balance_loss, tokens_per_expert, update_correction_bias
 from r1kernels.moe.fp8_grouped_linear import fp8_grouped_linear
 from r1kernels.moe.grouped_linear import grouped_linear
-from r1kernels.moe.layer import MoE
+from r1kernels.moe.layer import MoE, routed_experts
 from r1kernels.moe.permutation import PermutationIndex, max_rows, permutation_index
 from r1kernels.moe.permute import moe_permute, moe_permute_fp8
 from r1kernels.moe.route import route
@@ -22,6 +22,7 @@ __all__ = [
     "moe_unpermute",
     "permutation_index",
     "route",
+    "routed_experts",
     "sequence_balance_loss",
     "swiglu",
     "tokens_per_expert",

@@ -45,6 +45,25 @@ class TopkRouter(nn.Module):
         return logits, weights, ids
 
 
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                   down_proj: torch.Tensor, *, fp8: bool = False) -> torch.Tensor:  # fmt: skip
+    """SwiGLU experts over expert-sorted rows: ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``.
+
+    x ``[T, H]``; routing ``weights [T, k]`` float32 and ``ids [T, k]`` int32 / int64 (-1: no expert);
+    ``gate_up_proj [E, 2I, H]`` (gate rows first, then up), ``down_proj [E, H, I]`` in x's dtype. Returns
+    ``[T, H]`` in x's dtype. ``fp8``: the three GEMMs of each projection in FP8 (``fp8_grouped_linear``).
+    Under ``reference_ops()`` the float64 reference.
+    """
+    if use_reference():
+        return reference.routed_experts(x, weights, ids, gate_up_proj, down_proj).to(x.dtype)
+    align = FP8_SEGMENT if fp8 else segment_alignment(x.device)
+    index = permutation_index(ids.to(torch.int32).contiguous(), gate_up_proj.shape[0], align=align)
+    rows = moe_permute(x, index)
+    linear = fp8_grouped_linear if fp8 else grouped_linear
+    out = linear(swiglu(linear(rows, gate_up_proj, index)), down_proj, index)
+    return moe_unpermute(out, index, weights)
+
+
 class RoutedExperts(nn.Module):
     """``experts``: ``gate_up_proj [E, 2I, H]`` (gate rows first, then up) and ``down_proj [E, H, I]``."""
 
@@ -59,14 +78,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x ``[T, H]``, routing weights / ids ``[T, k]`` -> ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``."""
-        if use_reference():
-            return reference.routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj).to(x.dtype)
-        align = FP8_SEGMENT if self.fp8 else segment_alignment(x.device)
-        index = permutation_index(ids, self.gate_up_proj.shape[0], align=align)
-        rows = moe_permute(x, index)
-        linear = fp8_grouped_linear if self.fp8 else grouped_linear
-        out = linear(swiglu(linear(rows, self.gate_up_proj, index)), self.down_proj, index)
-        return moe_unpermute(out, index, weights)
+        return routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj, fp8=self.fp8)
 
 
 class SwiGLU(nn.Module):
