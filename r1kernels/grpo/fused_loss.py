@@ -90,7 +90,7 @@ def _validate_terms(N: int, per_token: dict[str, torch.Tensor | None]) -> None:
 
 
 def _fake(hidden, weight, bias, token_ids, weights, adv, old, ref, is_ratio, temperature, beta, epsilon_low,
-          epsilon_high, delta, clamp, entropy_coef, with_entropy):  # fmt: skip
+          epsilon_high, delta, clamp, entropy_coef, unbiased_kl, with_entropy):  # fmt: skip
     lm.validate(hidden, weight, bias, token_ids, temperature)
     n = hidden.shape[0]
     d_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
@@ -119,7 +119,7 @@ class _FusedLoss(torch.autograd.Function):
             grads = [t.mul_(grad_loss.to(t.dtype)) for t in grads]
         else:
             grads = [t * grad_loss.to(t.dtype) for t in grads]
-        return grads[0], grads[1], grads[2] if ctx.has_bias else None, *([None] * 14)
+        return grads[0], grads[1], grads[2] if ctx.has_bias else None, *([None] * 15)
 
 
 def _samples(device: str):
@@ -129,9 +129,9 @@ def _samples(device: str):
     w, adv = torch.rand(N, device=device) / N, torch.randn(N, device=device)
     old, ref = -torch.rand(N, device=device) * 4, -torch.rand(N, device=device) * 4
     yield Sample((hidden, weight, torch.randn(V, device=device), ids, w, adv, old, ref, None, 0.9, 0.04, 0.2, 0.28,
-                  1.5, 20.0, 0.01, True))  # fmt: skip
+                  1.5, 20.0, 0.01, True, True))  # fmt: skip
     yield Sample((hidden, weight, None, ids.int(), w, adv, None, None, torch.rand(N, device=device), 1.0, 0.0, 0.2,
-                  0.2, None, 20.0, 0.0, False))  # fmt: skip
+                  0.2, None, 20.0, 0.0, False, False))  # fmt: skip
 
 
 @define_op(_OP, fake=_fake, samples=_samples)
@@ -152,12 +152,14 @@ def _fused_op(
     delta: float | None,
     clamp: float,
     entropy_coef: float,
+    unbiased_kl: bool,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     lm.validate(hidden, weight, bias, token_ids, temperature)
     N = hidden.shape[0]
     _validate_terms(N, {"weights": weights, "adv": adv, "old": old, "ref": ref, "is_ratio": is_ratio})
-    t = TokenTerms(weights, adv, old, ref, is_ratio, beta, epsilon_low, epsilon_high, delta, clamp, entropy_coef)
+    t = TokenTerms(weights, adv, old, ref, is_ratio, beta, epsilon_low, epsilon_high, delta, clamp, entropy_coef,
+                   unbiased_kl)  # fmt: skip
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         d_bias = hidden.new_empty((0,)) if bias is None else torch.zeros_like(bias)
@@ -173,5 +175,5 @@ def fused_token_loss(hidden, weight, bias, token_ids, t: TokenTerms, temperature
     ``weight [V, H]`` (+ ``bias``), differentiable w.r.t. hidden, weight and bias through gradients computed
     in this forward; logp and entropy ``[N]`` fp32 (no gradient; entropy zeros unless ``with_entropy``)."""
     terms = (t.weight, t.adv, t.old, t.ref, t.is_ratio, temperature, t.beta, t.epsilon_low, t.epsilon_high, t.delta,
-             t.clamp, t.entropy_coef, with_entropy)  # fmt: skip
+             t.clamp, t.entropy_coef, t.unbiased_kl, with_entropy)  # fmt: skip
     return _FusedLoss.apply(hidden, weight, bias, token_ids, *terms)

@@ -14,7 +14,7 @@ import torch
 from r1kernels._checks import check_tensor
 from r1kernels.grpo.fused_loss import fused_token_loss
 from r1kernels.grpo.lm_head_logprobs import token_logprob_stats, token_logprobs
-from r1kernels.grpo.token_loss import TokenTerms, aggregation_weights, kl_k3, token_log_ratio, token_loss
+from r1kernels.grpo.token_loss import TokenTerms, aggregation_weights, token_kl, token_log_ratio, token_loss
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence", "sequence_token")
@@ -115,6 +115,7 @@ def grpo_loss(
     return_entropy: bool = False,
     log_ratio_clamp: float = 20.0,
     entropy_coef: float = 0.0,
+    unbiased_kl: bool = False,
     single_pass: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss from final hidden states and the LM-head weight, without materialising the logits.
@@ -154,6 +155,9 @@ def grpo_loss(
             the k3 KL can overflow to Inf/NaN; outside the clamp the gradient of that term is 0.
         entropy_coef: entropy bonus (verl's ``entropy_coeff``): ``- entropy_coef * entropy`` is added to each
             token's loss before aggregation; its gradient flows through the same fused backward.
+        unbiased_kl: multiply each token's k3 by the importance ratio ``r`` (differentiable; the GSPO ratio at
+            sequence level), which makes the KL gradient the unbiased reverse-KL one (DeepSeek-V3.2; TRL's
+            ``use_bias_correction_kl``). The ``kl`` metric is then the weighted value too.
         single_pass: with token-level ratios and a gradient wanted, compute the gradients during this forward
             (``fused_loss``: 6NHV FLOPs on the GPU instead of 8NHV, at the cost of a larger logits scratch; the
             backward only scales them, and a second backward through the same graph raises). False: the
@@ -211,6 +215,7 @@ def grpo_loss(
         adv=adv, old=None if old is None else old.float(), ref=ref.float() if beta > 0 else None,
         is_ratio=None if is_ratio is None else is_ratio.float(), beta=beta, epsilon_low=epsilon_low,
         epsilon_high=epsilon_high, delta=delta, clamp=log_ratio_clamp, entropy_coef=entropy_coef,
+        unbiased_kl=unbiased_kl,
     )  # fmt: skip
     with_entropy = return_entropy or entropy_coef != 0.0
     flat = hidden.reshape(-1, H)
@@ -231,7 +236,7 @@ def grpo_loss(
         ratio = torch.exp(log_ratio)
         low = ((ratio < 1 - epsilon_low) & (adv < 0)).float() * mask
         high = ((ratio > 1 + epsilon_high) & (adv > 0)).float() * mask
-        kl = kl_k3(logp, terms.ref, log_ratio_clamp) if terms.ref is not None else None
+        kl = token_kl(logp, log_ratio, terms) if terms.ref is not None else None
         metrics = {
             "kl": torch.zeros((), device=logp.device) if kl is None else (kl * mask).sum() / n_tok,
             "clip_ratio_low": low.sum() / n_tok,

@@ -71,6 +71,7 @@ def grpo_loss(
     rollout_is_ratio=None,
     log_ratio_clamp: float = 20.0,
     entropy_coef: float = 0.0,
+    unbiased_kl: bool = False,
 ):
     """Returns (loss, metrics) in float64; differentiable w.r.t. hidden / weight / bias if they require grad."""
     if importance_sampling_level not in ("token", "sequence", "sequence_token"):
@@ -104,6 +105,8 @@ def grpo_loss(
     if with_kl:
         rho = torch.exp(torch.clamp(ref_logps.double() - logp, -c, c))
         k3 = rho - torch.log(rho) - 1
+        if unbiased_kl:  # importance-weighted k3: E_old[r k3] is the KL under the current policy
+            k3 = ratio * k3
         per_token = per_token + beta * k3
     seq_sums = (per_token * mask).sum(dim=-1)  # [B]
 

@@ -27,6 +27,7 @@ class TokenTerms(NamedTuple):
     delta: float | None
     clamp: float
     entropy_coef: float
+    unbiased_kl: bool = False  # k3 times the (differentiable) ratio pi / pi_old: DeepSeek-V3.2's unbiased KL
 
     def rows(self, r0: int, r1: int) -> TokenTerms:
         """The terms of tokens r0:r1."""
@@ -54,11 +55,17 @@ def kl_k3(logp: torch.Tensor, ref: torch.Tensor, clamp: float) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def token_kl(logp: torch.Tensor, log_ratio: torch.Tensor, t: TokenTerms) -> torch.Tensor:
+    """The KL term's per-token value: k3, times the ratio when ``t.unbiased_kl``."""
+    kl = kl_k3(logp, t.ref, t.clamp)
+    return kl * torch.exp(log_ratio) if t.unbiased_kl else kl
+
+
 def token_loss(logp: torch.Tensor, entropy: torch.Tensor, log_ratio: torch.Tensor, t: TokenTerms) -> torch.Tensor:
-    """Each token's loss before aggregation: policy term, + beta * k3, - entropy_coef * entropy."""
+    """Each token's loss before aggregation: policy term, + beta * k3 (x ratio), - entropy_coef * entropy."""
     loss = policy_loss(log_ratio, t.adv, t)
     if t.beta > 0 and t.ref is not None:
-        loss = loss + t.beta * kl_k3(logp, t.ref, t.clamp)
+        loss = loss + t.beta * token_kl(logp, log_ratio, t)
     if t.entropy_coef != 0.0:
         loss = loss - t.entropy_coef * entropy
     return loss
@@ -112,6 +119,9 @@ def block_gradients(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
     if t.beta > 0 and t.ref is not None:
         raw_d = t.ref - logp
         d = torch.clamp(raw_d, -t.clamp, t.clamp)
-        d_logp = d_logp - t.beta * torch.expm1(d) * _clamp_passes(raw_d, -t.clamp, t.clamp)
+        d_kl = -torch.expm1(d) * _clamp_passes(raw_d, -t.clamp, t.clamp)  # d k3 / d logp
+        if t.unbiased_kl:  # d (ratio * k3) = k3 d ratio + ratio d k3
+            d_kl = (torch.expm1(d) - d) * d_ratio + ratio * d_kl
+        d_logp = d_logp + t.beta * d_kl
     d_entropy = None if t.entropy_coef == 0.0 else -t.entropy_coef * t.weight
     return (t.weight * loss).sum(), t.weight * d_logp, d_entropy
