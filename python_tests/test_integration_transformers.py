@@ -258,7 +258,9 @@ def test_switches_patch_only_their_part(calls, attention, moe):
 
 
 def test_fp8_linears_stay_close_to_the_unquantized_model(calls):
-    ref = _model()
+    # every token to every expert: no discrete routing choice that an FP8 rounding could flip (a flipped choice
+    # moves an expert's gradient by ~0.1 however right the kernels are), so each gradient has a tight bound
+    ref = _model(num_experts_per_tok=8, n_group=1, topk_group=1)
     model = copy.deepcopy(ref)
     skipped = r1k_hf.apply_r1kernels_to_deepseek_v3(model, fp8_linear=True)
     assert skipped == []
@@ -270,11 +272,11 @@ def test_fp8_linears_stay_close_to_the_unquantized_model(calls):
     ids = torch.randint(2, VOCAB, (2, 12))
     logits_a, _, grads_a = _forward_backward(ref, ids)
     logits_b, _, grads_b = _forward_backward(model, ids)
-    # e4m3 with 1x128 / 128x128 scales: DeepGEMM's calc_diff ~1e-3 per GEMM; the stack compounds a few
+    # e4m3 with 1x128 / 128x128 scales: DeepGEMM's calc_diff ~1e-3 per GEMM, compounding through the stack
+    # (over 60 seeds: logits <= 1.3e-3, the worst gradient <= 1.5e-2; a wrong scale or layout gives > 0.1)
     assert calc_diff(logits_b, logits_a) < 5e-3
-    diffs = sorted(calc_diff(grads_b[n], g) for n, g in grads_a.items())
-    # the router's gradient reaches it only through the FP8 experts' outputs: the loosest (seen up to 0.04)
-    assert diffs[-1] < 0.1 and diffs[len(diffs) // 2] < 5e-3
+    for name, g in grads_a.items():
+        assert calc_diff(grads_b[name], g) < 4e-2, (name, calc_diff(grads_b[name], g))
     assert calls["routed_experts"] == 2
 
 
@@ -294,6 +296,28 @@ def test_fp8_leaves_out_what_does_not_fit_and_says_so():
         model(torch.randint(2, VOCAB, (1, 5)))
 
 
+class _Adapter(torch.nn.Module):
+    """PEFT's LoRA layer in miniature: the original linear as ``base_layer`` plus a low-rank path."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.down = torch.nn.Linear(base.in_features, 4, bias=False)
+        self.up = torch.nn.Linear(4, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.up(self.down(x))
+
+
+def test_fp8_reaches_linears_an_adapter_wraps():
+    model = _model()
+    attn = model.model.layers[0].self_attn
+    attn.o_proj = _Adapter(attn.o_proj)
+    r1k_hf.apply_r1kernels_to_deepseek_v3(model, attention=False, moe=False, fp8_linear=True)
+    assert isinstance(attn.o_proj.base_layer, FP8Linear)
+    assert type(attn.o_proj.down) is torch.nn.Linear  # the adapter's own linears are not the recipe's
+
+
 def test_a_bfloat16_model_matches_transformers_in_bfloat16(calls):
     ref = _model()
     model = copy.deepcopy(ref)
@@ -304,8 +328,9 @@ def test_a_bfloat16_model_matches_transformers_in_bfloat16(calls):
     want, got = ref(ids).logits, model(ids).logits
     assert got.dtype == torch.bfloat16 and calls["mla_attention"] == 3
     # each as far from the fp32 model as the other: bf16 rounding, not a different computation
-    assert _rel(got, want) < 2e-2
-    assert _rel(got, exact) < 1.5 * _rel(want, exact) + 2e-3
+    # (over 60 seeds: rel(got, want) <= 5e-3; the patched model's error is 0.95-1.05x HF's)
+    assert _rel(got, want) < 1e-2
+    assert _rel(got, exact) < 1.25 * _rel(want, exact)
 
 
 def test_rejects_bad_arguments():

@@ -227,11 +227,18 @@ def _to_fp8(linear: nn.Linear) -> bool:
     return True
 
 
+def _recipe_linear(name: str) -> bool:
+    parts = name.split(".")
+    if parts[-1] == "base_layer" and len(parts) > 1:  # wrapped by an adapter (PEFT's LoRA): the linear inside
+        parts.pop()
+    return parts[-1] in FP8_LINEARS
+
+
 def _fp8_layer(layer: nn.Module) -> list[str]:
     """Convert a decoder layer's recipe linears to FP8; returns the names of those that stay."""
     skipped = []
     for name, module in layer.named_modules():
-        if name.rsplit(".", 1)[-1] in FP8_LINEARS and isinstance(module, nn.Linear) and not _to_fp8(module):
+        if _recipe_linear(name) and isinstance(module, nn.Linear) and not _to_fp8(module):
             skipped.append(name)
     return skipped
 
