@@ -200,6 +200,18 @@ def test_flash_implementations_read_packed_sequences_from_restarting_positions(c
     assert calls["mla_attention"] == 1 + 3 + 1
 
 
+def test_a_callers_is_causal_false_is_honoured_as_sdpa_does(calls):
+    model = _model()
+    attn = model.model.layers[0].self_attn
+    hidden, _, _, rotary = _packed_problem(model, [9])
+    for causal in (False, True):
+        got, _ = r1k_hf.attention_forward(attn, hidden, rotary, None, None, is_causal=causal)
+        want, _ = r1k_hf._hf_attention(attn)(hidden, rotary, None, None, is_causal=causal)
+        assert _rel(got, want) < 1e-5
+    assert _rel(*(r1k_hf.attention_forward(attn, hidden, rotary, None, None, is_causal=c)[0] for c in (0, 1))) > 1e-2
+    assert calls["mla_attention"] == 4
+
+
 def test_class_patch_before_construction_reaches_new_models_and_reverts(calls, class_patch):
     ref = _model()
     ids = torch.randint(2, VOCAB, (2, 11))
@@ -244,6 +256,23 @@ def test_experts_selected_by_name_in_the_config(calls):
     ref.set_experts_implementation("r1kernels_fp8")
     assert calc_diff(ref(ids).logits, model(ids).logits) < 5e-3
     assert calls["routed_experts"] == 6
+
+
+def test_experts_skip_the_ids_transformers_marks_as_on_another_rank():
+    model = _model()
+    experts = model.model.layers[1].mlp.experts
+    T, k, E = 11, 3, experts.gate_up_proj.shape[0]
+    x = torch.randn(T, model.config.hidden_size, requires_grad=True)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    ids[::3, 0] = E  # expert parallelism: E marks an expert that lives on another rank (no contribution here)
+    weights = torch.rand(T, k, requires_grad=True)
+    got = r1k_hf.experts_forward(experts, x, ids, weights)
+    model.set_experts_implementation("eager")  # HF's loop over experts, which skips id E
+    want = experts(x, ids, weights)
+    assert _rel(got, want) < 1e-6
+    grads = torch.autograd.grad(got.square().sum(), (x, weights))
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (x, weights)), strict=True):
+        assert _rel(g, w) < 1e-5
 
 
 @pytest.mark.parametrize("attention,moe", [(True, False), (False, True)])
