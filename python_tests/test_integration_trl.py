@@ -58,8 +58,8 @@ def _reward(completions, **_):
 
 def _trainer(path, tmp_path, cls=R1GRPOTrainer, **config):
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, report_to="none", use_cpu=True, bf16=False, max_steps=1,
-                      logging_steps=1, seed=0, **config)  # fmt: skip
+                      max_completion_length=6, report_to="none", use_cpu=True, max_steps=1, logging_steps=1,
+                      seed=0, **{"bf16": False, **config})  # fmt: skip
     return cls(model=path, reward_funcs=_reward, args=args, train_dataset=_dataset(), processing_class=_tokenizer())
 
 
@@ -261,11 +261,20 @@ def test_unsupported_options_are_named(trainer, setup, tmp_path, monkeypatch):
 def test_patch_an_existing_trainer(setup, tmp_path):
     plain = _trainer(setup[2], tmp_path, cls=GRPOTrainer, beta=0.05, loss_type="grpo")
     patched = apply_r1kernels_to_grpo_trainer(plain)
-    assert patched is plain and isinstance(plain, GRPOTrainer) and type(plain).__name__ == "R1GRPOTrainer"
+    assert patched is plain and type(plain) is R1GRPOTrainer
     assert apply_r1kernels_to_grpo_trainer(plain) is plain  # idempotent
     plain.model.train()
     plain.current_gradient_accumulation_steps = 1
     _compare(plain, setup[1])
+
+
+def test_bf16_autocast(setup, tmp_path):
+    """Under bf16 mixed precision the head runs at autocast's dtype, as TRL's does: equal within bf16 rounding."""
+    mixed = _trainer(setup[2], tmp_path, beta=0.05, bf16=True)
+    assert mixed.accelerator.mixed_precision == "bf16"
+    mixed.model.train()
+    mixed.current_gradient_accumulation_steps = 1
+    _compare(mixed, setup[1], tol=1e-2, metrics=())
 
 
 def test_one_training_step_end_to_end(setup, tmp_path):

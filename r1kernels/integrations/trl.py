@@ -311,6 +311,8 @@ class R1GRPOTrainer(R1GRPOMixin, GRPOTrainer):
 
 @functools.cache
 def _patched_class(cls: type) -> type:
+    if cls is GRPOTrainer:
+        return R1GRPOTrainer
     return type(f"R1{cls.__name__}", (R1GRPOMixin, cls), {"__doc__": f"{cls.__name__} with r1kernels' loss."})
 
 
