@@ -211,11 +211,28 @@ def device_name(device: str) -> str:
     return f"CPU ({torch.get_num_threads()} threads; {bf16_gemm_path()})"
 
 
-def kernel_sources_digest() -> str:
+def _is_kernel_source(path: str) -> bool:
+    parts = Path(path).parts
+    return (parts[0] == "csrc" and len(parts) > 1) or (
+        parts[0] == "r1kernels" and len(parts) > 2 and parts[-2] == "kernels" and path.endswith(".py")
+    )
+
+
+def kernel_sources_digest(rev: str | None = None) -> str:
     """A digest of every kernel's source (the Triton kernel modules and csrc/): the report records it, and a
-    test fails when the kernels change without the committed CPU report being regenerated."""
-    files = sorted([*REPO.glob("r1kernels/**/kernels/*.py"), *(f for f in REPO.glob("csrc/**/*") if f.is_file())])
+    test fails when the kernels change without the committed CPU report being regenerated. ``rev``: read the
+    files as committed there (run_all uses HEAD, so edits not yet committed cannot slip into the record)."""
+    if rev is None:
+        files = [str(f.relative_to(REPO)) for top in ("csrc", "r1kernels") for f in (REPO / top).rglob("*")
+                 if f.is_file()]  # fmt: skip
+        read = lambda path: (REPO / path).read_bytes()
+    else:
+        listing = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev], capture_output=True, text=True,
+                                 cwd=REPO, check=True).stdout.split()  # fmt: skip
+        files = listing
+        read = lambda path: subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, cwd=REPO,
+                                           check=True).stdout  # fmt: skip
     h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    for path in sorted(f for f in files if _is_kernel_source(f) and "__pycache__" not in f):
+        h.update(path.encode() + b"\0" + read(path))
     return h.hexdigest()[:16]

@@ -56,6 +56,8 @@ def main() -> None:
     from common import environment, kernel_sources_digest
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if kernel_sources_digest() != kernel_sources_digest("HEAD"):
+        print("warning: kernel sources differ from HEAD; the report records HEAD's digest (commit them first)")
     results.mkdir(parents=True, exist_ok=True)
     only = set(filter(None, args.only.split(",")))
     py = sys.executable
@@ -68,7 +70,7 @@ def main() -> None:
              results)  # fmt: skip
     lines = [
         f"# r1kernels benchmark report ({device})\n",
-        f"{environment(device)}; kernel sources {kernel_sources_digest()}\n",
+        f"{environment(device)}; kernel sources {kernel_sources_digest('HEAD')}\n",
         "Each table: the device line, what is timed and how the floor is computed (FLOPs over peak or bytes over"
         " bandwidth, H100 SXM figures), then the rows; peers appear where they import. CSV and PNG files of the"
         " same name sit beside this report.\n",
