@@ -268,13 +268,16 @@ def test_patch_an_existing_trainer(setup, tmp_path):
     _compare(plain, setup[1])
 
 
-def test_bf16_autocast(setup, tmp_path):
-    """Under bf16 mixed precision the head runs at autocast's dtype, as TRL's does: equal within bf16 rounding."""
-    mixed = _trainer(setup[2], tmp_path, beta=0.05, bf16=True)
+@pytest.mark.parametrize("fp32_head", [False, True])
+def test_bf16_autocast(setup, tmp_path, fp32_head):
+    """Under bf16 mixed precision the head runs at autocast's dtype, as TRL's does (equal within bf16 rounding),
+    or in fp32 with cast_lm_head_to_fp32 (then the bf16 backbone is the same on both sides: equal to fp32 rounding
+    of the head)."""
+    mixed = _trainer(setup[2], tmp_path, beta=0.05, bf16=True, cast_lm_head_to_fp32=fp32_head)
     assert mixed.accelerator.mixed_precision == "bf16"
     mixed.model.train()
     mixed.current_gradient_accumulation_steps = 1
-    _compare(mixed, setup[1], tol=1e-2, metrics=())
+    _compare(mixed, setup[1], tol=1e-5 if fp32_head else 1e-2, metrics=())
 
 
 def test_one_training_step_end_to_end(setup, tmp_path):

@@ -13,9 +13,12 @@ KL term and the normalisation on ``[B, T]`` tensors. Here the model's forward ru
 hidden states and the LM head to ``r1kernels.grpo.grpo_loss``, which computes the log-probs, the loss and their
 gradients into the hidden states and the LM head in one fused op (Triton on a GPU, a blocked path on the CPU),
 never materialising ``[tokens, vocab]``. The loss is computed inside the model's forward, as TRL's own fused head
-is, so DDP (also with ``find_unused_parameters=True``, HF's default without activation checkpointing), FSDP and
-ZeRO-3 see the LM head used by the forward. The old and reference log-probs TRL computes before the loss also go
-through r1kernels (``token_logprobs``). Generation, rewards, advantages and logging stay TRL's.
+is, so a DDP wrapper sees the LM head used by the forward (a head used after the forward fails under
+``find_unused_parameters=True``, HF's default without activation checkpointing). As in TRL's head, an FSDP2
+(DTensor) head is gathered with ``full_tensor()`` and a ZeRO-3 head with TRL's ``maybe_gather_lm_head_ctx``; those
+two paths are not tested here. The old and reference log-probs TRL computes before the loss also go through
+r1kernels (``token_logprobs``). Generation, rewards, advantages and logging stay TRL's. Precision follows TRL's head:
+fp32 with ``cast_lm_head_to_fp32``, else autocast's dtype under mixed precision, else the head's dtype.
 
 ``GRPOConfig`` maps one to one: ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``luspo``),
 ``importance_sampling_level`` (``token``, ``sequence``), ``epsilon`` / ``epsilon_high``, ``delta``, ``beta`` with
@@ -31,9 +34,9 @@ next to the loss's 6NHV; still no logits). Set ``per_sequence_clip_metrics = Fal
 when neither mask is on: ``clip_ratio/low_min`` / ``high_max`` are then not logged, and with
 ``importance_sampling_level="sequence"`` the clip means are token-weighted rather than TRL's per-sequence means.
 
-Options the fused loss does not express raise a ValueError naming them before any work: the ``cispo`` / ``sapo``
+Options the fused loss does not express raise a ValueError naming them at construction: the ``cispo`` / ``sapo``
 / ``vespo`` losses, the entropy bonus, a router auxiliary loss, logit scaling or soft-capping in the model's
-config, sequence-level ratios under DeepSpeed ZeRO-3, and multimodal inputs.
+config, and sequence-level ratios under DeepSpeed ZeRO-3; a batch with multimodal inputs raises before the forward.
 """
 
 from __future__ import annotations
