@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 
 import torch
 from common import H100_BF16_TFLOPS, device_name, peak_mem_mib, peak_mem_mib_fresh_process, time_ms, write_table
@@ -27,7 +29,7 @@ from common import H100_BF16_TFLOPS, device_name, peak_mem_mib, peak_mem_mib_fre
 from r1kernels.grpo import grpo_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ("r1k", "plain", "liger")
+IMPLS = ("r1k", "plain", "liger")  # the default set; also r1k_two_pass: grpo_loss(single_pass=False)
 BETA = 0.04
 EPSILON = 0.2
 TEMPERATURE = 1.0
@@ -101,6 +103,15 @@ def _r1k(x: dict) -> torch.Tensor:
     return loss
 
 
+def _r1k_two_pass(x: dict) -> torch.Tensor:
+    loss, _ = grpo_loss(
+        x["hidden"], x["weight"], x["token_ids"], x["mask"], x["advantages"],
+        old_logps=x["old"], ref_logps=x["ref"], beta=BETA, epsilon_low=EPSILON, temperature=TEMPERATURE,
+        loss_type=loss_type(), single_pass=False,
+    )  # fmt: skip
+    return loss
+
+
 def _plain(x: dict) -> torch.Tensor:
     return plain_grpo_loss(x["hidden"], x["weight"], x["token_ids"], x["mask"], x["advantages"], x["old"], x["ref"])
 
@@ -132,7 +143,7 @@ def _liger(x: dict) -> torch.Tensor:
     return loss
 
 
-LOSS_FNS = {"r1k": _r1k, "plain": _plain, "liger": _liger}
+LOSS_FNS = {"r1k": _r1k, "r1k_two_pass": _r1k_two_pass, "plain": _plain, "liger": _liger}
 
 
 def fwd_bwd(impl: str, x: dict):
@@ -250,6 +261,43 @@ def run_shape(B, T, H, V, dtype: str, impls: list[str], device: str, reps: int) 
     return rows
 
 
+def interleaved(B, T, H, V, dtypes: list[str], impls: list[str], device: str, rounds: int) -> None:
+    """Timings robust to a shared, noisy machine: each round calls every implementation once, in turn, so a
+    neighbour's load shifts all of a round alike; per round the ratio of each to the last implementation
+    (e.g. ``--impls r1k,r1k_two_pass,liger``: to Liger), then the median over rounds. Wall time and this
+    process's CPU time (all threads) both."""
+    rows = []
+    for dtype in dtypes:
+        x = make_inputs(B, T, H, V, DTYPES[dtype], device)
+        calls = {impl: fwd_bwd(impl, x) for impl in impls}
+        for call in calls.values():  # warm-up: libraries, thread pools, allocator
+            call()
+        wall: dict[str, list[float]] = {i: [] for i in impls}
+        cpu: dict[str, list[float]] = {i: [] for i in impls}
+        for r in range(rounds):
+            for impl, call in calls.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                call()
+                wall[impl].append(time.perf_counter() - w0)
+                cpu[impl].append(time.process_time() - c0)
+            base = impls[-1]
+            line = ", ".join(f"{i} {wall[i][-1]:.2f} s ({wall[i][-1] / wall[base][-1]:.2f}x)" for i in impls)
+            print(f"[{dtype}] round {r}: {line}", flush=True)
+        base = impls[-1]
+        for impl in impls:
+            ratios = [a / b for a, b in zip(wall[impl], wall[base], strict=True)]
+            cpu_ratios = [a / b for a, b in zip(cpu[impl], cpu[base], strict=True)]
+            rows.append([impl, f"B{B} T{T} H{H} V{V}", dtype, rounds, statistics.median(wall[impl]),
+                         min(wall[impl]), " ".join(f"{q:.2f}" for q in ratios), statistics.median(ratios),
+                         statistics.median(cpu_ratios)])  # fmt: skip
+    print()
+    print(f"device: {device_name(device)}; forward + backward of the GRPO loss (beta={BETA}, eps={EPSILON}, "
+          f"loss_type={loss_type()}), {rounds} interleaved rounds; ratios to {impls[-1]}")  # fmt: skip
+    header = ["impl", "shape", "dtype", "rounds", "median s", "best s", f"per-round / {impls[-1]}",
+              f"median / {impls[-1]}", f"median CPU-time / {impls[-1]}"]  # fmt: skip
+    write_table(f"grpo_{device}_rounds", header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--B", type=int, default=8, help="sequences")
@@ -257,9 +305,11 @@ def main() -> None:
     parser.add_argument("--H", type=int, default=1024, help="hidden size")
     parser.add_argument("--V", type=int, default=32000, help="vocabulary size")
     parser.add_argument("--dtype", default="fp32", help="comma list of " + ", ".join(DTYPES))
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ", ".join(IMPLS))
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ", ".join(LOSS_FNS))
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions on the CPU (best is kept)")
     parser.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo")
+    rounds_help = "CPU: instead of best-of timings, ROUNDS rounds of one call per impl in turn (ratios to the last)"
+    parser.add_argument("--rounds", type=int, default=0, help=rounds_help)
     parser.add_argument("--mem-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["R1K_BENCH_LOSS_TYPE"] = args.loss_type
@@ -267,7 +317,7 @@ def main() -> None:
         return _mem_child(*args.mem_child)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    for name, bad in (("impls", set(impls) - set(IMPLS)), ("dtype", set(dtypes) - set(DTYPES))):
+    for name, bad in (("impls", set(impls) - set(LOSS_FNS)), ("dtype", set(dtypes) - set(DTYPES))):
         if bad:
             parser.error(f"unknown {name}: {sorted(bad)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -278,6 +328,8 @@ def main() -> None:
               "time vs liger", "loss"]  # fmt: skip
     if device == "cuda":
         header += ["TFLOP/s (6NHV)", "floor ms (H100)", "floor/achieved"]
+    if args.rounds:
+        return interleaved(args.B, args.T, args.H, args.V, dtypes, impls, device, args.rounds)
     rows = []
     for B, T, H, V in shapes:
         for dtype in dtypes:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import r1kernels
-from r1kernels.grpo import fused_loss, grpo_loss
+from r1kernels.grpo import fused_loss, grpo_loss, lm_head_cpu
 from r1kernels.grpo import lm_head_logprobs as lm
 from r1kernels.grpo import reference as ref
 from r1kernels.grpo.token_loss import TokenTerms, block_gradients, token_log_ratio, token_loss
@@ -64,6 +64,13 @@ def test_single_pass_matches_reference_and_two_pass(backend, dtype, unbiased_kl,
     monkeypatch.setattr(lm, "GPU_SCRATCH_BYTES", 1)
     device = kernel_device if backend == "triton" else "cpu"
     B, T, H, V = 3, 50, 32, 200
+    # CPU: past the one-call C++ form, 16-row blocks (the last one partial) and entropy chunks of 3 rows
+    monkeypatch.setattr(lm_head_cpu, "TINY_MACS", 0)
+    monkeypatch.setattr(lm_head_cpu, "CPU_FUSED_SCRATCH_BYTES", 16 * V * 4)
+    monkeypatch.setattr(lm_head_cpu, "ENTROPY_CHUNK", 3 * V)
+    calls = []
+    single_pass_cpu = lm_head_cpu.fused_forward_backward
+    monkeypatch.setattr(lm_head_cpu, "fused_forward_backward", lambda *a: calls.append(1) or single_pass_cpu(*a))
     hidden, weight, bias, ids, mask, adv, old, refp = _batch(B, T, H, V, dtype, device)
     kwargs = dict(bias=None, old_logps=old, ref_logps=refp, beta=0.04, epsilon_high=0.28, delta=1.5,
                   loss_type="dapo", return_entropy=True, entropy_coef=0.01, temperature=0.9,
@@ -96,6 +103,9 @@ def test_single_pass_matches_reference_and_two_pass(backend, dtype, unbiased_kl,
         assert float((g.double() - g2.double()).norm() / g2.double().norm()) < tol * 10, name
     rows = fused_loss.fused_rows(B * T, V, hidden.element_size(), 64 if dtype == torch.float32 else 128)
     assert backend == "cpu" or rows < B * T  # the Triton run really used several blocks
+    assert backend == "triton" or lm_head_cpu.fused_rows(B * T, V) == 16
+    # the CPU single pass runs on fp32 inputs (bf16 ones take the two-pass path: see fused_loss)
+    assert len(calls) == (backend == "cpu" and dtype == torch.float32)
 
 
 def test_second_backward_through_the_same_graph_fails_loudly():
@@ -105,3 +115,42 @@ def test_second_backward_through_the_same_graph_fails_loudly():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.02], ids=["no-entropy", "entropy"])
+def test_cpu_single_pass_forms(with_bias, temperature, entropy_coef, monkeypatch):
+    """The CPU single pass (fp32) in each of its forms (plain / addmm logits, with and without the entropy
+    term) over blocks of 16 rows, the last one partial, against the float64 reference; its gradients and
+    the two-pass path's agree to fp32 rounding."""
+    monkeypatch.setattr(lm_head_cpu, "TINY_MACS", 0)
+    monkeypatch.setattr(lm_head_cpu, "ENTROPY_CHUNK", 5 * 300)
+    B, T, H, V = 2, 37, 24, 300
+    monkeypatch.setattr(lm_head_cpu, "CPU_FUSED_SCRATCH_BYTES", 16 * V * 4)
+    hidden, weight, bias, ids, mask, adv, old, refp = _batch(B, T, H, V, torch.float32, "cpu")
+    kwargs = dict(old_logps=old, ref_logps=refp, beta=0.04, epsilon_high=0.28, loss_type="bnpo",
+                  return_entropy=entropy_coef > 0, entropy_coef=entropy_coef, temperature=temperature)  # fmt: skip
+    results = []
+    for single_pass in (True, False):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        with r1kernels.use_backend("cpu"):
+            loss, metrics = grpo_loss(h, w, ids, mask, adv, bias=b if with_bias else None, single_pass=single_pass,
+                                      **kwargs)  # fmt: skip
+            loss.backward()
+        results.append((loss.detach(), metrics, h.grad, w.grad, b.grad if with_bias else None))
+    rh, rw, rb = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    r_kwargs = {k: v for k, v in kwargs.items() if k != "return_entropy"}
+    r_loss, r_metrics = ref.grpo_loss(rh, rw, ids, mask, adv, bias=rb if with_bias else None, **r_kwargs)
+    r_loss.backward()
+    (loss, metrics, dh, dw, db), (loss2, _, dh2, dw2, db2) = results
+    assert float(loss) == pytest.approx(float(r_loss), rel=1e-5, abs=1e-7)
+    assert float(loss2) == pytest.approx(float(loss), rel=1e-6, abs=1e-8)
+    for k in metrics:
+        assert float(metrics[k]) == pytest.approx(float(r_metrics[k]), rel=1e-5, abs=1e-6), k
+    pairs = [("d hidden", dh, rh.grad, dh2), ("d weight", dw, rw.grad, dw2)]
+    if with_bias:
+        pairs.append(("d bias", db, rb.grad, db2))
+    for name, g, r, g2 in pairs:
+        assert float((g.double() - r).norm() / r.norm()) < 1e-5, name
+        assert float((g - g2).norm() / g2.norm()) < 1e-5, name

@@ -5,6 +5,7 @@ import torch
 from conftest import HAS_GPU, backends_for
 
 import r1kernels
+from r1kernels._ops import OPS
 from r1kernels.grpo import lm_head_cpu, token_logprob_stats, token_logprobs
 from r1kernels.grpo import lm_head_logprobs as tlp
 from r1kernels.grpo import reference as ref
@@ -214,6 +215,29 @@ def test_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises((TypeError, ValueError), match=match):
         token_logprob_stats(args.pop("hidden"), args.pop("weight"), args.pop("token_ids"), **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"grad_logp": torch.randn(5)}, r"grad_logp must have shape \[N\] = \[4\]"),
+        ({"grad_logp": torch.randn(4, 1)}, "grad_logp must have shape"),
+        ({"grad_entropy": torch.randn(3)}, "grad_entropy must have shape"),
+        ({"lse": torch.zeros(4, dtype=torch.long)}, "lse must be a floating-point tensor"),
+        ({"entropy": [0.0] * 4}, "entropy must be a torch.Tensor"),
+        ({"weight": torch.randn(10, 9)}, "weight must be"),
+    ],
+)
+def test_bad_input_to_the_backward_op(kwargs, match):
+    """The backward is a public op too (torch.ops.r1k.token_logprob_stats_backward): its per-token inputs are
+    checked before the C++ kernel reads them through raw pointers. (Its ids are compared, never used as an
+    index, so an id out of range cannot read out of bounds; the forward is where the range is checked.)"""
+    args = {"grad_logp": torch.randn(4), "grad_entropy": None, "hidden": torch.randn(4, 8),
+            "weight": torch.randn(10, 8), "bias": None, "token_ids": torch.tensor([0, 1, 2, 3]), "lse": torch.randn(4),
+            "entropy": torch.rand(4), "temperature": 1.0}  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises((TypeError, ValueError), match=match):
+        OPS["token_logprob_stats_backward"](*args.values())
 
 
 @pytest.mark.parametrize("backend,device", backends_for())

@@ -38,15 +38,16 @@ class Op:
         self.triton = triton
 
     def __call__(self, *args: Any) -> Any:
-        if _tracing():
+        if _is_compiling() or _dispatch_modes():
             return self.op(*args)
         needs_grad = False
         for a in args:  # one pass: plain tensors only (subclasses trace), and whether any wants a gradient
-            if isinstance(a, torch.Tensor):
-                if type(a) not in _PLAIN:
-                    return self.op(*args)
-                needs_grad |= a.requires_grad
-        if needs_grad and self.autograd is not None and torch.is_grad_enabled():
+            kind = type(a)
+            if kind is _Tensor or kind is _Parameter:
+                needs_grad = needs_grad or a.requires_grad
+            elif isinstance(a, _Tensor):
+                return self.op(*args)
+        if needs_grad and self.autograd is not None and _grad_enabled():
             return self.autograd.apply(*args)
         return self.impl(*args)
 
@@ -65,6 +66,11 @@ def plain_eager(args: tuple) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Bound once: Op.__call__ runs on every eager call, where each attribute lookup is a measurable share of a
+# decode-sized op (benchmarks/bench_dispatch.py).
+_Tensor, _Parameter = _PLAIN
+_is_compiling, _dispatch_modes, _grad_enabled = (torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack,
+                                                 torch.is_grad_enabled)  # fmt: skip
 
 
 def define_op(

@@ -30,9 +30,32 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _env_reader():
+    """A function returning R1K_BACKEND's value or None, read afresh on every call (tests and users may set it
+    at run time). ``os.environ.get`` costs ~0.7 us when the variable is unset (it raises and catches KeyError
+    inside), a fifth of a decode-sized op's whole budget; CPython's mapping behind ``os.environ`` (kept in step
+    by every ``os.environ[...] = ...``, ``putenv`` aside) answers in a dict lookup. Elsewhere: the public way."""
+    data, encode, decode = (getattr(os.environ, name, None) for name in ("_data", "encodekey", "decodevalue"))
+    if isinstance(data, dict) and callable(encode) and callable(decode):
+        key = encode("R1K_BACKEND")
+
+        def read() -> str | None:
+            raw = data.get(key)
+            return None if raw is None else decode(raw)
+
+        return read
+    return lambda: os.environ.get("R1K_BACKEND")
+
+
+_read_env = _env_reader()
+
+
 def requested_backend() -> str:
     override = _override.get()
-    return override if override is not None else _check_name(os.environ.get("R1K_BACKEND", "auto"))
+    if override is not None:
+        return override
+    value = _read_env()
+    return "auto" if value is None else _check_name(value)
 
 
 @contextlib.contextmanager
@@ -76,6 +99,12 @@ def interpreter_enabled() -> bool:
 def resolve(device: torch.device, op: str, has_cuda_kernel: bool = False) -> str:
     """The backend that ``op`` uses for tensors on ``device``: 'triton', 'cpu' or 'cuda'."""
     want = requested_backend()
+    if want == "auto":  # the usual case, first: no further checks to make
+        kind = device.type
+        if kind == "cpu":
+            return "cpu"
+        if kind == "cuda":
+            return "triton"
     if device.type == "cuda":
         if want == "cpu":
             raise RuntimeError(f"{op}: backend 'cpu' was requested but the inputs are CUDA tensors")

@@ -56,13 +56,27 @@ struct Fp32Operands {
   const float* row(int64_t j) const { return w + j * w_stride; }
 };
 
+// sum a[k] b[k] over 16 independent partial sums, added in a fixed order: a single running sum is one long
+// chain of dependent adds that the compiler may not reorder (no -ffast-math), ~4x slower at h = 64; these
+// lanes vectorise, and the result does not depend on the compiler.
+float dot(const float* a, const float* b, int64_t h) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= h; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[k + l] * b[k + l];
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  float s = acc[0];
+  for (; k < h; ++k) s += a[k] * b[k];
+  return s;
+}
+
 // z[v] of row i, and its max.
 float logits_row(const LmHeadProblem& p, const Fp32Operands& ops, const float* hrow, float* z) {
   float m = -INFINITY;
   for (int64_t j = 0; j < p.v; ++j) {
-    const float* wrow = ops.row(j);
-    float acc = 0.0f;
-    for (int64_t k = 0; k < p.h; ++k) acc += hrow[k] * wrow[k];
+    const float acc = dot(hrow, ops.row(j), p.h);
     z[j] = (acc + (ops.b != nullptr ? ops.b[j] : 0.0f)) * p.inv_t;
     m = std::max(m, z[j]);
   }
@@ -88,22 +102,25 @@ bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float
     }
     lse[i] = m + std::log(s);
     logp[i] = z[p.ids[i]] - lse[i];
-    if (with_entropy) entropy[i] = std::log(s) - t / s;
+    entropy[i] = with_entropy ? std::log(s) - t / s : 0.0f;  // zeros otherwise: the caller need not clear it
   }
   return true;
 }
 
 void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
                                          const float* entropy, float* d_hidden, float* d_weight, float* d_bias) {
+  if (p.n == 0) {  // nothing adds to the gradients: zeros
+    std::fill(d_weight, d_weight + p.v * p.h, 0.0f);
+    if (d_bias != nullptr) std::fill(d_bias, d_bias + p.v, 0.0f);
+    return;
+  }
   const Fp32Operands ops(p);
-  std::fill(d_weight, d_weight + p.v * p.h, 0.0f);
-  if (d_bias != nullptr) std::fill(d_bias, d_bias + p.v, 0.0f);
   std::vector<float> hrow(static_cast<size_t>(p.h)), z(static_cast<size_t>(p.v));
   for (int64_t i = 0; i < p.n; ++i) {
     load_row(p.hidden, p.dtype, p.stride_h, i, p.h, hrow.data());
     logits_row(p, ops, hrow.data(), z.data());
-    float* dh = d_hidden + i * p.h;
-    std::fill(dh, dh + p.h, 0.0f);
+    // z becomes d loss / d z in its own loop: the exp calls clobber every vector register, so the update loops
+    // below stay free of calls (one loop doing both: ~15% slower at n = 1, v = 128, h = 64)
     for (int64_t j = 0; j < p.v; ++j) {
       const float x = z[j] - lse[i];  // log p
       const float pj = std::exp(x);
@@ -111,15 +128,27 @@ void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g,
       // -p (log p + entropy); then the temperature's 1 / T
       float gz = j == p.ids[i] ? -std::expm1(x) * g[i] : -pj * g[i];
       if (ge != nullptr) gz -= ge[i] * pj * (x + entropy[i]);
-      gz *= p.inv_t;
-      const float* wrow = ops.row(j);
-      float* dwrow = d_weight + j * p.h;
-      for (int64_t k = 0; k < p.h; ++k) {
-        dh[k] += gz * wrow[k];
-        dwrow[k] += gz * hrow[k];
-      }
-      if (d_bias != nullptr) d_bias[j] += gz;
+      z[j] = gz * p.inv_t;
     }
+    // the first term of each sum is stored, not added: no separate pass to zero the outputs (at decode sizes
+    // that pass costs as much as the update)
+    float* dh = d_hidden + i * p.h;
+    const float* w0 = ops.row(0);
+    for (int64_t k = 0; k < p.h; ++k) dh[k] = z[0] * w0[k];
+    for (int64_t j = 1; j < p.v; ++j) {
+      const float* wrow = ops.row(j);
+      for (int64_t k = 0; k < p.h; ++k) dh[k] += z[j] * wrow[k];
+    }
+    for (int64_t j = 0; j < p.v; ++j) {
+      float* dwrow = d_weight + j * p.h;
+      if (i == 0) {
+        for (int64_t k = 0; k < p.h; ++k) dwrow[k] = z[j] * hrow[k];
+      } else {
+        for (int64_t k = 0; k < p.h; ++k) dwrow[k] += z[j] * hrow[k];
+      }
+    }
+    if (d_bias != nullptr)
+      for (int64_t j = 0; j < p.v; ++j) d_bias[j] = i == 0 ? z[j] : d_bias[j] + z[j];
   }
 }
 

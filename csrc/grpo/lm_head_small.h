@@ -20,12 +20,12 @@ struct LmHeadProblem {
   float inv_t;
 };
 
-// logp [n], lse [n], entropy [n] (written only when with_entropy) fp32. Returns false, writing nothing
+// logp [n], lse [n], entropy [n] (zeros unless with_entropy) fp32. Returns false, writing nothing
 // useful, when an id lies outside [0, v).
 bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse,
                                 float* entropy);
 
-// Gradients of sum(g * logp + ge * entropy) (ge may be null) into fp32 d_hidden [n, h], d_weight [v, h] and
+// Gradients of sum(g * logp + ge * entropy) (ge may be null; v >= 1) into fp32 d_hidden [n, h], d_weight [v, h] and
 // d_bias [v] (may be null), all dense and overwritten.
 void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
                                          const float* entropy, float* d_hidden, float* d_weight, float* d_bias);

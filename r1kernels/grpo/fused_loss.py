@@ -27,6 +27,7 @@ import torch
 from r1kernels import _alloc, _ops, backend
 from r1kernels._checks import cdiv, check_index_range, check_tensor
 from r1kernels._ops import Sample, define_op
+from r1kernels.grpo import lm_head_cpu
 from r1kernels.grpo import lm_head_logprobs as lm
 from r1kernels.grpo.kernels import logprob_grad_logits, matmul
 from r1kernels.grpo.token_loss import TokenTerms, block_gradients
@@ -79,6 +80,18 @@ def _two_pass(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with
     d_hidden, d_weight, d_bias = lm.logprob_stats_backward(g, ge, hidden, weight, bias, ids, lse, entropy,
                                                            temperature)  # fmt: skip
     return total, logp, entropy, d_hidden, d_weight, hidden.new_empty((0,)) if d_bias is None else d_bias
+
+
+def _single_pass_cpu(hidden, weight, bias, token_ids, t: TokenTerms, temperature: float, with_entropy: bool):
+    ids = token_ids.long().contiguous()
+    check_index_range("token_ids", ids, weight.shape[0], "V")
+
+    def loss_grads(logp, entropy, r0, r1):
+        return block_gradients(logp, entropy, t.rows(r0, r1))
+
+    *out, d_bias = lm_head_cpu.fused_forward_backward(hidden, weight, bias, ids, temperature, with_entropy,
+                                                      loss_grads)  # fmt: skip
+    return *out, hidden.new_empty((0,)) if d_bias is None else d_bias
 
 
 def _validate_terms(N: int, per_token: dict[str, torch.Tensor | None]) -> None:
@@ -165,7 +178,9 @@ def _fused_op(
         d_bias = hidden.new_empty((0,)) if bias is None else torch.zeros_like(bias)
         return empty.sum(), empty, empty.clone(), torch.zeros_like(hidden), torch.zeros_like(weight), d_bias
     if backend.resolve(hidden.device, _OP) == "cpu":
-        return _two_pass(hidden, weight, bias, token_ids, t, temperature, with_entropy)  # checks the ids
+        if hidden.dtype != torch.float32 or lm_head_cpu.tiny(N, weight.shape[0], hidden.shape[1]):
+            return _two_pass(hidden, weight, bias, token_ids, t, temperature, with_entropy)  # checks the ids
+        return _single_pass_cpu(hidden, weight, bias, token_ids, t, temperature, with_entropy)
     check_index_range("token_ids", token_ids, weight.shape[0], "V")
     return _single_pass_triton(hidden, weight, bias, token_ids.long(), t, temperature, with_entropy)
 

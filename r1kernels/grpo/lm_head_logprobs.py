@@ -33,6 +33,50 @@ MIN_ACCUMULATE_K = 2048
 
 
 def validate(hidden, weight, bias, token_ids, temperature) -> None:
+    """Raises, naming the argument, unless hidden [N, H], weight [V, H] (+ bias [V]) of one float dtype with unit
+    stride in the last dim, token_ids [N] int64 / int32, all on one device, and a finite temperature > 0."""
+    if _valid(hidden, weight, bias, token_ids, temperature):
+        return
+    _explain(hidden, weight, bias, token_ids, temperature)
+
+
+_TENSOR = torch.Tensor
+ID_DTYPES = (torch.int64, torch.int32)
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the fast check's; others are checked
+
+
+def _valid(hidden, weight, bias, token_ids, temperature) -> bool:
+    """The valid inputs, recognised by plain attribute reads (~1 us: a decode-sized call's budget is ~15 us); it
+    accepts nothing that ``_explain`` rejects, which runs whenever this says no and names what is wrong."""
+    if not (isinstance(hidden, _TENSOR) and isinstance(weight, _TENSOR) and isinstance(token_ids, _TENSOR)):
+        return False
+    dtype = hidden.dtype
+    if not (dtype in FLOAT_DTYPES and weight.dtype is dtype and token_ids.dtype in ID_DTYPES):
+        return False
+    try:  # unpacking checks the ranks too
+        (N, H), (V, Hw), (Ni,) = hidden.shape, weight.shape, token_ids.shape
+    except ValueError:
+        return False
+    if Hw != H or Ni != N or V == 0 or H == 0:
+        return False
+    if H > 1 and (hidden.stride(1) != 1 or weight.stride(1) != 1):
+        return False
+    if not _same_device(hidden, weight, token_ids):
+        return False
+    if bias is not None and not (isinstance(bias, _TENSOR) and bias.dtype is dtype and bias.dim() == 1
+                                 and bias.shape[0] == V and _same_device(hidden, bias)):  # fmt: skip
+        return False
+    return isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+
+
+def _same_device(first: torch.Tensor, *others: torch.Tensor) -> bool:
+    if first.is_cpu:  # a flag read; comparing torch.device objects costs ~0.3 us a pair
+        return all(t.is_cpu for t in others)
+    device = first.device
+    return all(t.device == device for t in others)
+
+
+def _explain(hidden, weight, bias, token_ids, temperature) -> None:
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("weight", weight, dtypes=(hidden.dtype,), ndim=2)
     check_tensor("token_ids", token_ids, dtypes=(torch.int64, torch.int32), ndim=1)
@@ -186,16 +230,43 @@ def logprob_stats_backward(grad_logp, grad_entropy, hidden, weight, bias, token_
     if hidden.shape[0] == 0:
         db = None if bias is None else torch.zeros_like(bias)
         return torch.zeros_like(hidden), torch.zeros_like(weight), db
-    args = (grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature)
     if backend.resolve(hidden.device, "token_logprob_stats_backward") == "cpu":
-        return lm_head_cpu.backward(*args)
-    return _backward_triton(*args[:5], token_ids.long(), *args[6:])
+        return lm_head_cpu.backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature)
+    return _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids.long(), lse, entropy, temperature)
+
+
+def _cpu_per_token(t, N: int) -> bool:
+    return isinstance(t, _TENSOR) and t.is_cpu and t.dtype in GRAD_DTYPES and t.shape == (N,)
+
+
+def validate_backward(grad_logp, grad_entropy, lse, entropy, hidden) -> None:
+    """The backward's per-token inputs: [N] floating tensors on hidden's device (grad_entropy may be None).
+    ``validate`` checks the rest; both run before the kernels read any pointer."""
+    N = hidden.shape[0]
+    if hidden.is_cpu and _cpu_per_token(grad_logp, N) and _cpu_per_token(lse, N) and _cpu_per_token(entropy, N) and (
+            grad_entropy is None or _cpu_per_token(grad_entropy, N)):  # fmt: skip
+        return
+    for name, t in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy), ("lse", lse), ("entropy", entropy)):
+        if t is None and name == "grad_entropy":
+            continue
+        if isinstance(t, _TENSOR) and t.dtype in GRAD_DTYPES and t.dim() == 1 and t.shape[0] == N and (
+                _same_device(hidden, t)):  # fmt: skip
+            continue
+        check_tensor(name, t)
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != N:
+            raise ValueError(f"{name} must have shape [N] = [{N}] (one value per hidden row), got {tuple(t.shape)}")
+        if not _same_device(hidden, t):
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
 
 
 # ---- torch.library ops ------------------------------------------------------------------------------
 
 
 def _fake_backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature):
+    validate(hidden, weight, bias, token_ids, temperature)
+    validate_backward(grad_logp, grad_entropy, lse, entropy, hidden)
     d_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
     return torch.empty_like(hidden), torch.empty_like(weight), d_bias
 
@@ -222,10 +293,12 @@ def _stats_backward_op(
     entropy: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    validate(hidden, weight, bias, token_ids, temperature)
+    validate_backward(grad_logp, grad_entropy, lse, entropy, hidden)
     dh, dw, db = logprob_stats_backward(
         grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature
     )
-    return dh, dw, (db if db is not None else hidden.new_empty((0,)))
+    return dh, dw, (db if db is not None else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
