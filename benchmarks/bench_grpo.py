@@ -24,7 +24,15 @@ import statistics
 import time
 
 import torch
-from common import H100_BF16_TFLOPS, device_name, peak_mem_mib, peak_mem_mib_fresh_process, time_ms, write_table
+from common import (
+    H100_BF16_TFLOPS,
+    Plot,
+    device_name,
+    peak_mem_mib,
+    peak_mem_mib_fresh_process,
+    time_ms,
+    write_table,
+)
 
 from r1kernels.grpo import grpo_loss
 
@@ -254,9 +262,8 @@ def run_shape(B, T, H, V, dtype: str, impls: list[str], device: str, reps: int) 
             f"{r['ms'] / liger_ms:.2f}x" if liger_ms else "n/a",
             f"{r['loss']:.7f}",
         ]  # fmt: skip
-        if device == "cuda":
-            floor_ms = floor_flop / (H100_BF16_TFLOPS * 1e12) * 1e3
-            row += [floor_flop / r["ms"] / 1e9, floor_ms, floor_ms / r["ms"]]
+        floor_ms = floor_flop / (H100_BF16_TFLOPS * 1e12) * 1e3
+        row += [floor_flop / r["ms"] / 1e9, floor_ms, floor_ms / r["ms"]]
         rows.append(row)
     return rows
 
@@ -325,26 +332,25 @@ def main() -> None:
     if device == "cuda" and (args.H, args.V) != GPU_EXTRA_SHAPE:
         shapes.append((args.B, args.T, *GPU_EXTRA_SHAPE))
     header = ["impl", "shape", "dtype", "ms", "extra peak MiB", "peak vs plain", "working MiB", "working vs plain",
-              "time vs liger", "loss"]  # fmt: skip
-    if device == "cuda":
-        header += ["TFLOP/s (6NHV)", "floor ms (H100)", "floor/achieved"]
+              "time vs liger", "loss", "TFLOP/s (6NHV)", "floor ms (H100)", "floor/achieved"]  # fmt: skip
     if args.rounds:
         return interleaved(args.B, args.T, args.H, args.V, dtypes, impls, device, args.rounds)
     rows = []
     for B, T, H, V in shapes:
         for dtype in dtypes:
             rows += run_shape(B, T, H, V, dtype, impls, device, args.reps)
-    print()
     timing = "do_bench median" if device == "cuda" else f"best of {args.reps}"
-    print(f"device: {device_name(device)}; forward + backward of the GRPO loss (beta={BETA}, eps={EPSILON}, "
-          f"loss_type={loss_type()}), {timing}")  # fmt: skip
-    print("extra peak MiB: over the inputs, including hidden.grad and weight.grad; peak vs plain / time vs liger: "
-          "this row's value divided by plain's / liger's (< 1: less / faster); working MiB: extra peak minus the "
-          "bytes of hidden.grad and weight.grad, the memory the loss itself needs")  # fmt: skip
-    if device == "cuda":
-        print(f"floor: 6*N*H*V FLOPs at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); r1k's single-pass "
-              "training path does 6*N*H*V on the GPU (the two-pass path, used for GSPO, does 8*N*H*V)")  # fmt: skip
-    write_table(f"grpo_{device}", header, rows)
+    note = (
+        f"device: {device_name(device)}; forward + backward of the GRPO loss (beta={BETA}, eps={EPSILON}, "
+        f"loss_type={loss_type()}), {timing} (the single-pass path computes its gradients in the forward, so a "
+        "forward / backward split says nothing here). Extra peak MiB: over the inputs, including hidden.grad and "
+        "weight.grad; peak vs plain / time vs liger: this row's value divided by plain's / liger's (< 1: less / "
+        "faster); working MiB: extra peak minus the bytes of hidden.grad and weight.grad. Floor: 6*N*H*V FLOPs "
+        f"at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); r1k's single-pass path does 6*N*H*V (fp32 on the "
+        "CPU, every dtype on the GPU), the two-pass path (GSPO; 16-bit on the CPU) 8*N*H*V"
+    )
+    plot = Plot(("shape", "dtype"), "impl", "ms", "GRPO loss forward + backward, ms (lower is better)")
+    write_table(f"grpo_{device}", header, rows, plot, note=note)
 
 
 if __name__ == "__main__":
