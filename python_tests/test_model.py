@@ -69,3 +69,31 @@ def test_bf16_step_through_the_triton_kernels():
     reference = _model()(ids)
     assert (logits - reference).norm() / reference.norm() < 5e-2
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fp8_recipe_covers_every_block_linear_and_keeps_hf_names():
+    """``ModelConfig(fp8=True)``: DeepSeek-V3's FP8 recipe on every linear of every block (attention projections,
+    the dense MLP, shared and routed experts), not on the embedding, LM head, norms or router; the state dict's
+    names and shapes are the unquantized model's (HF's). Through the kernels the logits match the reference path,
+    which computes those linears in float64 on the same e4m3 tiles, to accumulation order."""
+    from torch import nn
+
+    from r1kernels.fp8 import FP8Linear
+    from r1kernels.reference_mode import reference_ops
+
+    plain, fp8 = _model(), _model(fp8=True)
+    assert {k: v.shape for k, v in fp8.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    linears = {n for n, m in plain.named_modules() if isinstance(m, nn.Linear)}
+    assert {n for n, m in fp8.named_modules() if isinstance(m, FP8Linear)} == linears - {"lm_head"}
+    assert {"model.layers.0.mlp.gate_proj", "model.layers.1.mlp.shared_experts.down_proj",
+            "model.layers.1.self_attn.kv_b_proj"} <= linears  # fmt: skip
+    assert all(moe.experts.fp8 for moe in fp8.moe_layers())
+    fp8.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        got = fp8(ids)
+        with reference_ops():
+            want = fp8(ids)
+        unquantized = plain(ids)
+    assert (got - want).norm() / want.norm() < 1e-5
+    assert (got - unquantized).norm() / unquantized.norm() > 1e-3  # the FP8 recipe really ran

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from r1kernels._checks import check_tensor
+from r1kernels.fp8 import reference as fp8_reference
 from r1kernels.fp8.gemm_nt import gemm_nt
 from r1kernels.fp8.quantize_per_block import quantize_per_block
 from r1kernels.fp8.quantize_per_token_group import quantize_per_token_group
 from r1kernels.fp8.quantize_transposed import quantize_rowwise_and_transposed
 from r1kernels.fp8.wgrad_gemm import wgrad_gemm
+from r1kernels.reference_mode import use_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FEATURE_ALIGN = 16  # in and out features are each a GEMM's K in one of the three products: 16-byte e4m3 rows
@@ -154,7 +156,22 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         validate(x, self.weight, self.bias)
+        if use_reference():  # the float64 recipe on the same tiles, for whole-model validation
+            return fp8_reference.fp8_linear(x, self.weight, self.bias).to(x.dtype)
         return _apply(x, self.weight, self.bias, self.quantized_weight())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fp8=e4m3 (1x128 activations, 128x128 weights)"
+
+
+def to_fp8_linear(linear: nn.Linear) -> bool:
+    """Make a plain ``nn.Linear`` an ``FP8Linear`` in place (the same parameters, names and hooks: its state
+    dict does not change). Returns False, leaving it as it is, when its feature counts are not multiples of 16
+    or it is a subclass of ``nn.Linear`` with its own forward."""
+    if isinstance(linear, FP8Linear):
+        return True
+    if type(linear) is not nn.Linear or linear.in_features % FEATURE_ALIGN or linear.out_features % FEATURE_ALIGN:
+        return False
+    linear.__class__ = FP8Linear
+    linear._qweight, linear._qweight_key = None, None
+    return True

@@ -99,3 +99,43 @@ def quantize_transposed(x: torch.Tensor, m_indices: torch.Tensor | None = None):
 def wgrad_gemm(a, a_scales, b, b_scales) -> torch.Tensor:
     """dW = dequant(a) @ dequant(b).T in float64, both operands with 1 x 128 scales (along tokens)."""
     return dequantize_tiles(a, a_scales, 1, 128).double() @ dequantize_tiles(b, b_scales, 1, 128).double().T
+
+
+def quantize_dequantize(x: torch.Tensor, tile_m: int, tile_k: int) -> torch.Tensor:
+    """x rounded through e4m3 on ``tile_m x tile_k`` tiles, back in float64: what an FP8 GEMM operand holds."""
+    q, scales = quantize_tiles(x.reshape(-1, x.shape[-1]), tile_m, tile_k)
+    return dequantize_tiles(q, scales, tile_m, tile_k).double().view(x.shape)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """DeepSeek-V3's FP8 training recipe in float64 on the same tiles as ``r1kernels.fp8.fp8_linear``: forward
+    x 1 x 128 and W 128 x 128; input gradient dy 1 x 128 against the same W; weight gradient dy.T and x.T in
+    128 x 1 tiles along the tokens. Only the accumulation order differs from the kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        w = quantize_dequantize(weight.detach(), 128, 128)
+        ctx.save_for_backward(x, w)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        y = quantize_dequantize(x, 1, 128) @ w.T
+        return y if bias is None else y + bias.double()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dx = dw = db = None
+        if need_x:
+            dx = (quantize_dequantize(dy, 1, 128) @ w).to(ctx.dtypes[0])
+        if need_w:
+            dw = (quantize_dequantize(dy, 128, 1).T @ quantize_dequantize(x, 128, 1)).to(ctx.dtypes[1])
+        if need_b:
+            db = dy.sum(0).to(ctx.dtypes[2])
+        return dx, dw, db
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ weight [N, K].T (+ bias)`` in float64 through FP8 operands (see ``_FP8Linear``); any leading
+    shape of x; differentiable."""
+    y = _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

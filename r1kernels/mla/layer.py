@@ -27,6 +27,25 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+class AttentionCore(nn.Module):
+    """The attention core of the training path as a module of its own (no parameters, so no state-dict entry):
+    ``(q [B, S, h, dn + dr], k_nope [B, S, h, dn], k_pe [B, S, dr], v [B, S, h, dv], cu_seqlens or None)`` ->
+    ``out [B, S, h, dv]`` in q's dtype, causal, through ``mla_attention`` (the float64 reference under
+    ``reference_ops()``). Being a module lets whole-model validation check it on its own inputs."""
+
+    def __init__(self, softmax_scale: float):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, q, k_nope, k_pe, v, cu_seqlens=None) -> torch.Tensor:
+        attention = reference.mla_attention if use_reference() else mla_attention
+        out, _ = attention(q, k_nope, k_pe, v, causal=True, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens)
+        return out.to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return f"softmax_scale={self.softmax_scale:g}"
+
+
 class MLA(nn.Module):
     """Multi-head latent attention, keywords named like ``DeepseekV3Config``'s fields.
 
@@ -70,6 +89,7 @@ class MLA(nn.Module):
         if rope_scaling and rope_scaling.get("rope_type", "default") != "default" and rope_scaling.get(
                 "mscale_all_dim"):  # fmt: skip
             self.softmax_scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
+        self.attention = AttentionCore(self.softmax_scale)
 
     def _project(self, hidden, positions):
         """(q_nope [B, S, h, dn], q_rot [B, S, h, dr], latent [B, S, kv_lora_rank], k_rot [B, S, dr])."""
@@ -90,10 +110,8 @@ class MLA(nn.Module):
         q_nope, q_rot, latent, k_rot = self._project(hidden, positions)
         kv = self.kv_b_proj(latent).view(B, S, self.num_heads, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
-        attention = reference.mla_attention if use_reference() else mla_attention
-        out, _ = attention(torch.cat([q_nope, q_rot], -1), k_nope.contiguous(), k_rot.contiguous(), v.contiguous(),
-                           causal=True, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens)  # fmt: skip
-        out = out.to(hidden.dtype)
+        out = self.attention(torch.cat([q_nope, q_rot], -1), k_nope.contiguous(), k_rot.contiguous(), v.contiguous(),
+                             cu_seqlens)  # fmt: skip
         return self.o_proj(out.reshape(B, S, self.num_heads * self.dv))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,11 @@ import dataclasses
 class ModelConfig:
     """A DeepSeek-V3-shaped causal LM; the defaults are a micro model that trains on a CPU in minutes.
 
-    Field names and meanings are ``transformers.DeepseekV3Config``'s; ``fp8`` (ours) runs the routed experts'
-    GEMMs in FP8. ``kv_lora_rank`` 512 and ``qk_rope_head_dim`` 64 (DeepSeek-V3's) are what the paged-cache
-    decode kernel takes; other values train, and generate without the cache."""
+    Field names and meanings are ``transformers.DeepseekV3Config``'s; ``fp8`` (ours) runs DeepSeek-V3's FP8
+    training recipe: the routed experts' grouped GEMMs and every linear of a block (attention projections, dense
+    and shared-expert MLPs, as ``FP8Linear``) in FP8; the router, norms, embeddings and LM head stay.
+    ``kv_lora_rank`` 512 and ``qk_rope_head_dim`` 64 (DeepSeek-V3's) are what the paged-cache decode kernel
+    takes; other values train, and generate without the cache."""
 
     vocab_size: int = 64
     hidden_size: int = 64

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from r1kernels.fp8.linear import to_fp8_linear
 from r1kernels.mla import MLA, RMSNorm
 from r1kernels.model.config import ModelConfig
 from r1kernels.moe import MoE
@@ -32,6 +33,10 @@ class DecoderLayer(nn.Module):
             self.mlp.gate.float()  # the router stays fp32, as DeepSeek's
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        if c.fp8:  # the recipe's linears (the router is a parameter, not an nn.Linear, and stays fp32)
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    to_fp8_linear(module)
 
     def forward(self, h, positions, cache=None):
         """cache: None (training path) or (kv_cache, block_table, lengths) for the absorbed decode path; returns
@@ -58,7 +63,8 @@ class DeepseekV3Model(nn.Module):
 class DeepseekV3ForCausalLM(nn.Module):
     """``model.embed_tokens``, ``model.layers[i].{self_attn, mlp, input_layernorm, post_attention_layernorm}``,
     ``model.norm``, ``lm_head``: HF's names. Dense SwiGLU for the first ``first_k_dense_replace`` layers, MoE
-    after (group-limited routing with the correction bias, shared expert, FP8 experts with ``config.fp8``).
+    after (group-limited routing with the correction bias, shared expert); ``config.fp8``: the FP8 recipe for the
+    experts and every block linear (the absorbed decode path reads kv_b_proj's master weight).
 
     ``model(input_ids [B, T])`` -> logits ``[B, T, V]`` (fp32); ``hidden_states(input_ids)`` -> the final normed
     hidden states ``[B, T, H]`` that feed ``r1kernels.grpo.grpo_loss`` with ``lm_head.weight`` (no [B, T, V]

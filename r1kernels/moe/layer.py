@@ -55,7 +55,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
     Under ``reference_ops()`` the float64 reference.
     """
     if use_reference():
-        return reference.routed_experts(x, weights, ids, gate_up_proj, down_proj).to(x.dtype)
+        return reference.routed_experts(x, weights, ids, gate_up_proj, down_proj, fp8=fp8).to(x.dtype)
     align = FP8_SEGMENT if fp8 else segment_alignment(x.device)
     index = permutation_index(ids.to(torch.int32).contiguous(), gate_up_proj.shape[0], align=align)
     rows = moe_permute(x, index)

@@ -6,12 +6,18 @@ import functools
 
 import torch
 
+from r1kernels.fp8 import reference as fp8_reference
+
 
 def route(logits, correction_bias=None, *, top_k, n_group=1, topk_group=1, routed_scaling_factor=1.0,
-          norm_topk_prob=True, score_func="sigmoid"):  # fmt: skip
-    """(weights [T, k] float64, ids [T, k] int64): experts in descending biased score, ties to the lower id."""
+          norm_topk_prob=True, score_func="sigmoid", ids=None):  # fmt: skip
+    """(weights [T, k] float64, ids [T, k] int64): experts in descending biased score, ties to the lower id.
+    ``ids`` given ([T, k]): these experts' weights, no choice made (validation pins the discrete choice to the
+    kernel path's, so that a near-tie broken the other way by a last-bit difference upstream is not an error)."""
     lg = logits.double()
     scores = torch.sigmoid(lg) if score_func == "sigmoid" else torch.softmax(lg, dim=-1)
+    if ids is not None:
+        return _weights(scores, ids.long(), routed_scaling_factor, norm_topk_prob), ids.long()
     choice = scores + (correction_bias.double() if correction_bias is not None else 0.0)
     T, E = choice.shape
     if n_group > 1:
@@ -22,10 +28,14 @@ def route(logits, correction_bias=None, *, top_k, n_group=1, topk_group=1, route
         mask = torch.zeros(T, n_group, dtype=torch.bool, device=lg.device).scatter_(1, keep, True)
         choice = choice.masked_fill(~mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
     ids = torch.argsort(-choice, dim=-1, stable=True)[:, :top_k]
+    return _weights(scores, ids, routed_scaling_factor, norm_topk_prob), ids
+
+
+def _weights(scores, ids, routed_scaling_factor, norm_topk_prob):
     weights = scores.gather(1, ids)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids
+    return weights * routed_scaling_factor
 
 
 def permutation_index(expert_ids, num_experts, align=1):
@@ -81,15 +91,31 @@ def grouped_linear(x, weight, row_expert):
     return out
 
 
-def routed_experts(x, weights, ids, gate_up_proj, down_proj):
-    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) in float64, expert by expert (HF's eager loop):
-    expert(x) = down @ (silu(gate @ x) * (up @ x)), gate / up the two halves of gate_up_proj; differentiable."""
+def routed_experts(x, weights, ids, gate_up_proj, down_proj, fp8: bool = False):
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), expert by expert (HF's eager loop): expert(x) =
+    down @ (silu(gate @ x) * (up @ x)), gate / up the two halves of gate_up_proj; differentiable.
+
+    Each product and the SwiGLU are computed in float64, and each result is rounded to x's dtype where the
+    layer stores a tensor (projection outputs, the SwiGLU activations, each expert's output rows before they
+    are weighted and summed; autograd rounds the gradients at the same points). In bf16 this makes the
+    comparison measure the kernels' arithmetic rather than bf16 storage, which both paths share; in fp32
+    it changes nothing that matters. Returns ``[T, H]`` float64.
+
+    ``fp8``: each product on FP8 operands, DeepSeek-V3's recipe on the kernels' tiles
+    (``r1kernels.fp8.reference.fp8_linear``); an expert's rows are in token order with its 128-token tiles
+    starting at its first row, as the 128-aligned segments of ``fp8_grouped_linear`` lay them out."""
+    dtype = x.dtype
+
+    def linear(a, w):  # float64 result, stored in x's dtype as the grouped GEMM stores it
+        y = fp8_reference.fp8_linear(a, w) if fp8 else a.double() @ w.double().T
+        return y.to(dtype).double()
+
     out = torch.zeros(x.shape[0], down_proj.shape[1], dtype=torch.float64, device=x.device)
     inter = gate_up_proj.shape[1] // 2
     for e in torch.unique(ids[ids >= 0]).tolist():
         rows, slots = torch.nonzero(ids == e, as_tuple=True)
-        h = x[rows].double() @ gate_up_proj[e].double().T
-        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        y = act @ down_proj[e].double().T
+        h = linear(x[rows], gate_up_proj[e])
+        act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(dtype)
+        y = linear(act, down_proj[e])
         out = out.index_add(0, rows, y * weights[rows, slots, None].double())
     return out

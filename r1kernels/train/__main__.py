@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--resume", default=None, help="a checkpoint.pt to continue")
     parser.add_argument("--backend", choices=("auto", "cpu", "triton"), default="auto")
-    parser.add_argument("--fp8", action="store_true", help="the routed experts' GEMMs in FP8")
+    parser.add_argument("--fp8", action="store_true",
+                        help="DeepSeek-V3's FP8 recipe: routed experts and every block linear")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--reference-reset-every", type=int, default=0)
     args = parser.parse_args(argv)
@@ -94,6 +96,7 @@ def _run(args) -> int:
     cfg = dataclasses.replace(defaults, steps=args.steps, warmup_steps=args.warmup_steps, prompts=args.prompts,
                               group=args.group, grpo_lr=args.grpo_lr, check_every=args.check_every,
                               seed=args.seed, dtype=args.dtype, reference_reset_every=args.reference_reset_every,
+                              max_new_tokens=args.max_new_tokens,
                               model=dataclasses.replace(defaults.model, fp8=args.fp8))  # fmt: skip
     out = _out_dir(args.out) if rank == 0 else args.out
     if dist.is_initialized():  # every rank needs rank 0's folder for its checkpoint shard
