@@ -172,6 +172,10 @@ def to_fp8_linear(linear: nn.Linear) -> bool:
         return True
     if type(linear) is not nn.Linear or linear.in_features % FEATURE_ALIGN or linear.out_features % FEATURE_ALIGN:
         return False
+    # FP8Linear's own state (the cache of the quantized weight) comes from a meta-device instance, so this stays
+    # right whatever state FP8Linear keeps
+    template = FP8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     linear.__class__ = FP8Linear
-    linear._qweight, linear._qweight_key = None, None
+    for key, value in vars(template).items():
+        linear.__dict__.setdefault(key, value)
     return True

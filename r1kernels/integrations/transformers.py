@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1kernels.fp8.linear import FEATURE_ALIGN, FP8Linear
+from r1kernels.fp8.linear import FEATURE_ALIGN, to_fp8_linear
 from r1kernels.mla.attention import mla_attention
 from r1kernels.moe.layer import routed_experts
 from r1kernels.moe.route import route
@@ -211,22 +211,6 @@ def _hf_attention(module):
 # ---------------------------------------------------------------------------------------------- FP8 linears
 
 
-def _to_fp8(linear: nn.Linear) -> bool:
-    """Make an ``nn.Linear`` an ``FP8Linear`` in place (its parameters, hooks and name stay); False if its
-    features are not multiples of 16."""
-    if isinstance(linear, FP8Linear):
-        return True
-    if type(linear) is not nn.Linear or linear.in_features % FEATURE_ALIGN or linear.out_features % FEATURE_ALIGN:
-        return False
-    # FP8Linear's own state (its cache of the quantized weight) is taken from a meta-device instance, so this
-    # stays right whatever state FP8Linear keeps
-    template = FP8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-    linear.__class__ = FP8Linear
-    for key, value in vars(template).items():
-        linear.__dict__.setdefault(key, value)
-    return True
-
-
 def _recipe_linear(name: str) -> bool:
     parts = name.split(".")
     if parts[-1] == "base_layer" and len(parts) > 1:  # wrapped by an adapter (PEFT's LoRA): the linear inside
@@ -238,7 +222,7 @@ def _fp8_layer(layer: nn.Module) -> list[str]:
     """Convert a decoder layer's recipe linears to FP8; returns the names of those that stay."""
     skipped = []
     for name, module in layer.named_modules():
-        if _recipe_linear(name) and isinstance(module, nn.Linear) and not _to_fp8(module):
+        if _recipe_linear(name) and isinstance(module, nn.Linear) and not to_fp8_linear(module):
             skipped.append(name)
     return skipped
 
