@@ -140,14 +140,15 @@ def test_fp8_experts_follow_the_fp32_layer():
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
-@pytest.mark.parametrize("dtype,fp8,bar", [(torch.float32, True, 2e-5), (torch.bfloat16, True, 5e-4),
+@pytest.mark.parametrize("dtype,fp8,bar", [(torch.float32, True, 3e-3), (torch.bfloat16, True, 3e-3),
                                            (torch.bfloat16, False, 2e-3)], ids=str)  # fmt: skip
 def test_routed_experts_match_their_reference_to_accumulation_order(backend, device, dtype, fp8, bar):
     """The experts' reference (float64 per op, each result stored in x's dtype where the layer stores it; with
     ``fp8`` every product on the kernels' e4m3 tiles) against the kernels on the same routing: output and the
-    gradients of x, the routing weights and both projections agree to accumulation order (measured: 4e-6 fp32 +
-    FP8 on the C++ path, 2e-5 bf16 + FP8, 2e-4 bf16), where the plain float64 experts are 6e-2 away with FP8.
-    The same bars hold the whole-model check's ops tight enough that a 1% error in an expert GEMM fails it."""
+    gradients of x, the routing weights and both projections agree to accumulation order: typically 1e-7 to
+    4e-6 in fp32 + FP8, 2e-5 in bf16 + FP8, 2e-4 in bf16; at worst over 30 seeds 7.4e-4 with FP8, where one
+    SwiGLU activation (computed inside the op, so its last bits follow the accumulation order) lands on the
+    other side of an e4m3 rounding and moves by 1/16. The plain float64 experts are 6e-2 away with FP8."""
     from r1kernels.moe import reference
     from r1kernels.moe.layer import routed_experts
 

@@ -56,13 +56,17 @@ class Tolerances(NamedTuple):
 # them (mostly 5-20x):
 #               outputs           ops (linears, experts / attention grads)   end-to-end gradients
 #   fp32        3e-7              8e-7 / 8e-7                                5e-7
-#   fp32 + FP8  9e-6              3.1e-4 (one e4m3 flip, 7e-6 gradients)     5.8e-3
+#   fp32 + FP8  9e-6              3.1e-4 (*)                                 5.8e-3
 #   bf16        1.9e-4, Tr 2.1e-3 1.5e-5 / 1.3e-2, Tr 4.8e-3                 6.4e-3, Tr 2.8e-2
 #   bf16 + FP8  2.8e-3, Tr 8.6e-3 5.4e-5 / 4.9e-3, Tr 3.7e-3                 2.8e-2, Tr 0.34
+# (*) FP8 experts: a SwiGLU activation is computed inside the op, its last bits following the accumulation order,
+# and now and then it lands on the other side of an e4m3 rounding (a 1/16 move): up to 7.4e-4 over 30 seeds of
+# python_tests/test_moe_layer.py's 150-token case, in fp32 and bf16 alike. FP8 linears take their operands as
+# given: 2e-7 (fp32), 9e-5 (bf16).
 # The floor: with policy == reference and every completion of a group scored alike the gradient is exactly 0
 # in both paths; a few advantages give norms of 1e-3-0.5.
 TOLERANCES = {("float32", False): Tolerances(1e-3, 1e-3, 1e-4, 1e-4, 1e-4),
-              ("float32", True): Tolerances(1e-3, 3e-2, 1e-4, 2e-3, 1e-4),
+              ("float32", True): Tolerances(1e-3, 3e-2, 1e-4, 3e-3, 1e-4),
               ("bfloat16", False): Tolerances(2e-2, 0.1, 1e-2, 5e-3, 5e-2),
               ("bfloat16", True): Tolerances(5e-2, 1.0, 1e-2, 5e-3, 5e-2)}  # fmt: skip
 
