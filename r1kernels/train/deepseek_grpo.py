@@ -32,14 +32,15 @@ PROMPT = 6  # tokens per prompt ("12+07=")
 class Tolerances(NamedTuple):
     """Whole-model validation bars (``validate_step``'s arguments in order): block outputs on the same input;
     the loss and each family's end-to-end gradients; the floor under a family's gradient norm; each kernel op's
-    output, input and weight gradients on the same input and output gradient; the attention core's gradients
-    there (FlashAttention's 16-bit arithmetic)."""
+    output, input and weight gradients on the same input and output gradient; there, the attention core's
+    gradients and the FP8 experts (``r1kernels.train.op_checks.KINDS`` says why those two differ)."""
 
     outputs: float
     gradients: float
     gradient_floor: float
     ops: float
     attention_gradients: float
+    fp8_experts: float
 
 
 # By (dtype, FP8). The reference path computes each op in float64 from the same parameters and inputs, stores
@@ -50,25 +51,27 @@ class Tolerances(NamedTuple):
 # test_train_deepseek_grpo.py plants both). End to end, last-bit differences grow through the layers, and with
 # FP8 every one that flips an e4m3 rounding moves a value by up to 1/16; the KL term's gradient is a difference
 # of the two models' log-probs, as small as that noise when the policy has barely moved: those bars only catch
-# gross errors in bf16 + FP8 (a sign, a factor of 2, a NaN). Worst seen on the micro model, C++ / torch CPU
-# paths (3 seeds x 2 steps after a 20-step warm-up) and Triton in the interpreter ("Tr": 3 seeds, the CLI
-# test's 1 x 2 x 3-token batch with a policy moved 3% off its reference); the bars below leave >= 2.4x over
-# them (mostly 5-20x):
-#               outputs           ops (linears, experts / attention grads)   end-to-end gradients
-#   fp32        3e-7              8e-7 / 8e-7                                5e-7
-#   fp32 + FP8  9e-6              3.1e-4 (*)                                 5.8e-3
-#   bf16        1.9e-4, Tr 2.1e-3 1.5e-5 / 1.3e-2, Tr 4.8e-3                 6.4e-3, Tr 2.8e-2
-#   bf16 + FP8  2.8e-3, Tr 8.6e-3 5.4e-5 / 4.9e-3, Tr 3.7e-3                 2.8e-2, Tr 0.34
-# (*) FP8 experts: a SwiGLU activation is computed inside the op, its last bits following the accumulation order,
-# and now and then it lands on the other side of an e4m3 rounding (a 1/16 move): up to 7.4e-4 over 30 seeds of
-# python_tests/test_moe_layer.py's 150-token case, in fp32 and bf16 alike. FP8 linears take their operands as
-# given: 2e-7 (fp32), 9e-5 (bf16).
+# gross errors with FP8 (a sign, a factor of 2, a NaN). Worst seen on the micro model: C++ / torch CPU
+# paths (3 seeds x 2 steps after a 20-step warm-up, and 45 seeds x 2 steps of the tests' 2-step warm-up with the
+# policy moved 3% off its reference) and Triton in the interpreter ("Tr": 3 seeds, the CLI test's 1 x 2 x
+# 3-token batch, policy moved 3%); the bars below leave >= 2.4x over them (mostly 5-20x):
+#               outputs           ops / attention grads / FP8 experts        end-to-end gradients
+#   fp32        3e-7              1.1e-6 / 1.0e-6 / -                        1.3e-5
+#   fp32 + FP8  2.1e-3 (*)        3.7e-7 / 8e-7 / 3.7e-3 (*)                 9.2e-2
+#   bf16        3.7e-4, Tr 2.1e-3 1.3e-3 / 1.3e-2, Tr 4.8e-3 / -             6.4e-3, Tr 2.8e-2
+#   bf16 + FP8  6.9e-3, Tr 8.6e-3 1.0e-3 / 1.3e-2, Tr 3.7e-3 / 8.4e-4 (*)    3.7e-2, Tr 0.34
+# (*) An operand computed inside the op or block (the experts' SwiGLU activations; in a block, every projection's
+# input) has last bits that follow the accumulation order, and now and then lands on the other side of an e4m3
+# rounding (a 1/16 move of that value): up to 7.4e-4 over 30 seeds of python_tests/test_moe_layer.py's 150-token
+# experts, 3.7e-3 in a micro batch with a handful of tokens per expert. So the FP8 experts are held to 1.5e-2: a
+# 3% weight-gradient error fails them, a 1% output error may not. FP8 linears take their operands as given:
+# 2e-7 (fp32), 9e-5 (bf16) on their own.
 # The floor: with policy == reference and every completion of a group scored alike the gradient is exactly 0
 # in both paths; a few advantages give norms of 1e-3-0.5.
-TOLERANCES = {("float32", False): Tolerances(1e-3, 1e-3, 1e-4, 1e-4, 1e-4),
-              ("float32", True): Tolerances(1e-3, 3e-2, 1e-4, 3e-3, 1e-4),
-              ("bfloat16", False): Tolerances(2e-2, 0.1, 1e-2, 5e-3, 5e-2),
-              ("bfloat16", True): Tolerances(5e-2, 1.0, 1e-2, 5e-3, 5e-2)}  # fmt: skip
+TOLERANCES = {("float32", False): Tolerances(1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-4),
+              ("float32", True): Tolerances(1e-2, 0.5, 1e-4, 1e-4, 1e-4, 1.5e-2),
+              ("bfloat16", False): Tolerances(2e-2, 0.1, 1e-2, 5e-3, 5e-2, 5e-3),
+              ("bfloat16", True): Tolerances(5e-2, 1.0, 1e-2, 5e-3, 5e-2, 1.5e-2)}  # fmt: skip
 
 
 @dataclasses.dataclass

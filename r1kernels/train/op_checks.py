@@ -36,6 +36,24 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return diff / norm
 
 
+KINDS = {
+    "op": "operands as given (FP8 linears, the experts without FP8, the attention core's output)",
+    "fp8 experts": "the FP8 experts quantize the SwiGLU activations they compute themselves: last bits that follow "
+    "the accumulation order now and then land on the other side of an e4m3 rounding, a 1/16 move of one value",
+    "attention gradient": "the attention core's gradients: in 16 bits the kernel's FlashAttention arithmetic "
+    "(rowsum(dO * O) from the stored 16-bit O, probabilities rounded for the products) adds a few roundings",
+}
+
+
+def _kind(module: nn.Module) -> str:
+    from r1kernels.mla.layer import AttentionCore
+    from r1kernels.moe.layer import RoutedExperts
+
+    if isinstance(module, AttentionCore):
+        return "attention"
+    return "fp8 experts" if isinstance(module, RoutedExperts) and module.fp8 else "op"
+
+
 class _Call:
     __slots__ = ("args", "input_grads", "output", "output_grad")
 
@@ -86,17 +104,15 @@ class OpRecorder:
             h.remove()
         self._handles = []
 
-    def compare(self) -> list[tuple[float, str, str, bool]]:
-        """After the kernel path's backward: ``(relative error, op name, what, attention gradient)`` for every
-        recorded op's output, input gradients and (when the op ran once, so that ``.grad`` is its alone) weight
-        gradients. The last field marks the attention core's gradients: in 16 bits they carry the kernel's
-        FlashAttention arithmetic (``rowsum(dO * O)`` from the stored 16-bit O, probabilities rounded for the
-        products), a few times the rounding of the other ops, so validation gives them their own bar."""
-        from r1kernels.mla.layer import AttentionCore
-
+    def compare(self) -> list[tuple[float, str, str, str]]:
+        """After the kernel path's backward: ``(relative error, op name, what, kind)`` for every recorded op's
+        output, input gradients and (when the op ran once, so that ``.grad`` is its alone) weight gradients.
+        ``kind`` picks the bar (``KINDS``)."""
         found = []
         for name, module in self.modules:
-            attention = isinstance(module, AttentionCore)
+            kind = _kind(module)
+            grad_kind = "attention gradient" if kind == "attention" else kind
+            out_kind = "op" if kind == "attention" else kind
             calls = self.calls.get(name, [])
             for call in calls:
                 if call.output is None or call.output_grad is None:  # not on the loss's path
@@ -109,14 +125,14 @@ class OpRecorder:
                     out = module(*args)
                     grads = torch.autograd.grad(out, [a for _, a in inputs] + [p for _, p in params],
                                                 call.output_grad.to(out.dtype), allow_unused=True)  # fmt: skip
-                found.append((relative_error(call.output, out.detach()), name, "output", False))
+                found.append((relative_error(call.output, out.detach()), name, "output", out_kind))
                 for (i, a), g in zip(inputs, grads[: len(inputs)], strict=True):
                     got = call.input_grads.get(i)
                     got = torch.zeros_like(a) if got is None else got
                     found.append((relative_error(got, torch.zeros_like(a) if g is None else g), name,
-                                  f"gradient of input {i}", attention))  # fmt: skip
+                                  f"gradient of input {i}", grad_kind))  # fmt: skip
                 for (pname, p), g in zip(params, grads[len(inputs) :], strict=True):
                     got = torch.zeros_like(p) if p.grad is None else p.grad
                     found.append((relative_error(got, torch.zeros_like(p) if g is None else g), name,
-                                  f"gradient of {pname}", attention))  # fmt: skip
+                                  f"gradient of {pname}", grad_kind))  # fmt: skip
         return found

@@ -30,6 +30,9 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-4))
 
 
+LOGGED_AS = {"op": "ops", "attention gradient": "attention gradients", "fp8 experts": "fp8 experts"}
+
+
 class KernelMismatch(RuntimeError):
     pass
 
@@ -124,7 +127,7 @@ class PinnedRoutes:
 
 def validate_step(model: torch.nn.Module, loss_fn: Callable[[bool], torch.Tensor], tol: float = 1e-3,
                   grad_tol: float | None = 1e-3, grad_floor: float = 1e-4, op_tol: float | None = None,
-                  attention_grad_tol: float | None = None):  # fmt: skip
+                  attention_grad_tol: float | None = None, fp8_experts_tol: float | None = None):  # fmt: skip
     """Run ``loss_fn(reference)`` both ways and compare: every MLA / MoE block's output against the reference
     on the same input, every kernel op against its reference on the same input and output gradient, then the
     loss and every parameter's gradient end to end. Leaves the kernel path's gradients in ``.grad`` (the caller
@@ -135,7 +138,8 @@ def validate_step(model: torch.nn.Module, loss_fn: Callable[[bool], torch.Tensor
     - ``"<family> ops"``: each kernel op (``FP8Linear``, routed experts, MLA attention core:
       ``r1kernels.train.op_checks``) re-run through its reference from the kernel path's own input and output
       gradient; its output, input and weight gradients, bounded by ``op_tol`` (None: logged), the attention
-      core's gradients by ``attention_grad_tol`` (None: ``op_tol``).
+      core's gradients (``"mla attention gradients"``) by ``attention_grad_tol``, the FP8 experts (``"moe fp8
+      experts"``) by ``fp8_experts_tol`` (None: ``op_tol``; ``op_checks.KINDS`` says why they differ).
     - ``"<family>"``: end to end, ``||g - g_ref|| / max(||g_ref||, grad_floor)`` over all the family's
       parameters' gradients together (each parameter's error is measured against its family's gradient scale,
       so a near-zero gradient's round-off cannot dominate; the floor covers a batch with no gradient to speak
@@ -160,11 +164,13 @@ def validate_step(model: torch.nn.Module, loss_fn: Callable[[bool], torch.Tensor
                                      f"({output_where[family]}): relative error {err:.3e} > {tol:g}")  # fmt: skip
         loss.backward()
         ops, failed = {}, []
-        for err, op, what, attention_gradient in recorder.compare():
+        bars = {"op": op_tol, "attention gradient": attention_grad_tol, "fp8 experts": fp8_experts_tol}
+        for err, op, what, kind in recorder.compare():
             family = family_of(op + ".")
-            if not err <= ops.get(family, (-1.0,))[0]:  # NaN is kept
-                ops[family] = (err, f"{what} of {op}")
-            bar = attention_grad_tol if attention_gradient and attention_grad_tol is not None else op_tol
+            key = f"{family} {LOGGED_AS[kind]}"  # each kind with its bar
+            if not err <= ops.get(key, (-1.0,))[0]:  # NaN is kept
+                ops[key] = (err, f"{what} of {op}")
+            bar = op_tol if bars[kind] is None else bars[kind]
             if bar is not None and not err <= bar:
                 failed.append((err, family, f"{what} of {op}", bar))
         if failed:  # the op furthest off
@@ -204,6 +210,6 @@ def validate_step(model: torch.nn.Module, loss_fn: Callable[[bool], torch.Tensor
                                  f"relative error {err:.3e} > {grad_tol:g}")  # fmt: skip
     for family, err in outputs.items():
         worst[f"{family} outputs"] = err
-    for family, (err, _) in ops.items():
-        worst[f"{family} ops"] = err
+    for key, (err, _) in ops.items():
+        worst[key] = err
     return loss, worst
