@@ -144,8 +144,9 @@ def test_cpu_single_pass_forms(with_bias, temperature, entropy_coef, monkeypatch
     r_loss, r_metrics = ref.grpo_loss(rh, rw, ids, mask, adv, bias=rb if with_bias else None, **r_kwargs)
     r_loss.backward()
     (loss, metrics, dh, dw, db), (loss2, _, dh2, dw2, db2) = results
-    assert float(loss) == pytest.approx(float(r_loss), rel=1e-5, abs=1e-7)
-    assert float(loss2) == pytest.approx(float(loss), rel=1e-6, abs=1e-8)
+    # the per-token losses are O(1) and cancel to 1e-4..1e-2: fp32 sums in any order carry ~1e-7 absolute
+    assert float(loss) == pytest.approx(float(r_loss), rel=1e-5, abs=1e-6)
+    assert float(loss2) == pytest.approx(float(loss), rel=1e-5, abs=1e-6)
     for k in metrics:
         assert float(metrics[k]) == pytest.approx(float(r_metrics[k]), rel=1e-5, abs=1e-6), k
     pairs = [("d hidden", dh, rh.grad, dh2), ("d weight", dw, rw.grad, dw2)]
