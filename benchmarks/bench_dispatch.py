@@ -127,6 +127,49 @@ def decode_cases():
            lambda: ops.mla_decode(q, cache, table, lengths, 0.07, True, 512), None)  # fmt: skip
 
 
+def other_cases():
+    """(op, public call, torch.ops call, None) of the remaining ops at their smallest useful inputs: one token
+    through a 128 x 128 FP8 GEMM (the grouped contiguous / weight-gradient forms need 128-row segments, so
+    their math is 2M multiply-adds), a [1, 256] SwiGLU, one token's 8 rows through 8 experts' 64 x 128
+    weights, one query of a 1-head MLA with 32 + 16 dims, the fused GRPO loss op on one token (H 64, V 128)."""
+    ops, fp8, moe = torch.ops.r1k, r1kernels.fp8, r1kernels.moe
+    x, w = torch.randn(1, 128, dtype=torch.bfloat16), torch.randn(128, 128)
+    (a, sa), (b, sb) = fp8.quantize_per_token_group(x), fp8.quantize_per_block(w)
+    yield ("quantize_fp8_transposed", lambda: fp8.quantize_transposed(x),
+           lambda: ops.quantize_fp8_transposed(x, False, None), None)  # fmt: skip
+    yield ("fp8_gemm_nt", lambda: fp8.gemm_nt(a, sa, b, sb),
+           lambda: ops.fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, None), None)  # fmt: skip
+    am, sam = (t[None] for t in (a, sa))
+    masked_m, bg, sbg = torch.tensor([1], dtype=torch.int32), b[None], sb[None]
+    yield ("fp8_grouped_gemm_nt_masked", lambda: fp8.grouped_gemm_nt_masked(am, sam, bg, sbg, masked_m),
+           lambda: ops.fp8_grouped_gemm_nt_masked(am, sam, bg, sbg, masked_m, torch.bfloat16), None)  # fmt: skip
+    xt, sxt = fp8.quantize_transposed(torch.randn(16, 128, dtype=torch.bfloat16))
+    yield ("fp8_wgrad_gemm", lambda: fp8.wgrad_gemm(xt, sxt, xt, sxt),
+           lambda: ops.fp8_wgrad_gemm(xt, sxt, xt, sxt, None), None)  # fmt: skip
+    a128, s128 = fp8.quantize_per_token_group(torch.randn(128, 128))
+    m_idx = torch.zeros(128, dtype=torch.int32)
+    yield ("fp8_grouped_gemm_nt_contiguous", lambda: fp8.grouped_gemm_nt_contiguous(a128, s128, b[None], sb[None],
+           m_idx), lambda: ops.fp8_grouped_gemm_nt_contiguous(a128, s128, b[None], sb[None], m_idx, torch.bfloat16),
+           None)  # fmt: skip
+    t128, st128 = fp8.quantize_transposed(torch.randn(128, 128))
+    yield ("fp8_grouped_wgrad_gemm", lambda: fp8.grouped_wgrad_gemm(t128, st128, t128, st128, m_idx, 1),
+           lambda: ops.fp8_grouped_wgrad_gemm(t128, st128, t128, st128, m_idx, 1, None), None)  # fmt: skip
+    h = torch.randn(1, 256, dtype=torch.bfloat16)
+    yield ("moe_swiglu", lambda: moe.swiglu(h), lambda: ops.moe_swiglu(h), None)
+    index = moe.permutation_index(torch.randperm(8)[None].to(torch.int32), 8)
+    rows, ew = torch.randn(8, 128, dtype=torch.bfloat16), torch.randn(8, 64, 128, dtype=torch.bfloat16)
+    yield ("moe_grouped_linear", lambda: moe.grouped_linear(rows, ew, index),
+           lambda: ops.moe_grouped_linear(rows, ew, index.row_expert, index.offsets, index.counts), None)  # fmt: skip
+    q, kn, kp, v = (torch.randn(1, 1, 1, 48), torch.randn(1, 1, 1, 32), torch.randn(1, 1, 16), torch.randn(1, 1, 1, 32))
+    yield ("mla_attention", lambda: r1kernels.mla.mla_attention(q, kn, kp, v),
+           lambda: ops.mla_attention(q, kn, kp, v, True, 48**-0.5, None), None)  # fmt: skip
+    hid, lm, ids = torch.randn(1, 64), torch.randn(128, 64), torch.randint(0, 128, (1,))
+    one, adv = torch.ones(1), torch.randn(1)
+    terms = (one, adv, None, None, None, 1.0, 0.0, 0.2, 0.2, None, 20.0, 0.0, False, False)
+    yield ("grpo_token_loss_fused", lambda: OPS["grpo_token_loss_fused"](hid, lm, None, ids, *terms),
+           lambda: ops.grpo_token_loss_fused(hid, lm, None, ids, *terms), None)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2000)
@@ -139,7 +182,7 @@ def main() -> None:
 
     expr_us = per_call_us(expr, expr, args.reps)[0]
     rows = []
-    for name, public, dispatched, bare in (*cases(), *decode_cases()):
+    for name, public, dispatched, bare in (*cases(), *decode_cases(), *other_cases()):
         assert name in OPS
         pub, pub_ratio, pub_best = per_call_us(public, expr, args.reps)
         disp, disp_ratio, _ = per_call_us(dispatched, expr, args.reps)

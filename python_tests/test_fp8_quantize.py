@@ -179,6 +179,18 @@ def test_dequantize_matches_reference(backend, device, shape, out_dtype):
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
+def test_dequantize_decodes_every_code(backend, device):
+    """All 256 codes (subnormals, both zeros, +-448, the two NaNs) decode bit-exactly to torch's values."""
+    codes = torch.arange(256, dtype=torch.uint8).view(2, 128).view(torch.float8_e4m3fn)
+    with r1kernels.use_backend(backend):
+        d = r1kernels.fp8.dequantize_per_token_group(codes.to(device), torch.ones(2, 1, device=device),
+                                                     out_dtype=torch.float32).cpu()  # fmt: skip
+    want = codes.float()
+    assert torch.equal(d.isnan(), want.isnan()) and want.isnan().sum() == 2
+    assert torch.equal(d[~want.isnan()].view(torch.int32), want[~want.isnan()].view(torch.int32))
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
 def test_dequantize_m_major_scales(backend, device):
     x = _rand((37, 300), torch.bfloat16, device)
     with r1kernels.use_backend(backend):

@@ -16,11 +16,12 @@ def _index(T, k, E, device, align=16, drop=0.1):
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("T,k,E,H", [(37, 3, 8, 300), (5, 6, 64, 1100), (1, 1, 4, 64)], ids=str)
 def test_permute_unpermute_forward_backward(backend, device, dtype, T, k, E, H):
     _, index = _index(T, k, E, device)
-    x = torch.randn(T, H, device=device).to(dtype).requires_grad_()
+    # x strided: its rows are H elements of wider rows, so a kernel that assumes a row stride of H fails
+    x = torch.randn(T, H + 5, device=device).to(dtype)[:, :H].detach().requires_grad_()
     weights = torch.rand(T, k, device=device).requires_grad_()
     with r1kernels.use_backend(backend):
         rows = r1kernels.moe.moe_permute(x, index)
@@ -44,6 +45,23 @@ def test_permute_unpermute_forward_backward(backend, device, dtype, T, k, E, H):
                                                          atol=tol)  # fmt: skip
     assert torch.allclose(x.grad.cpu().double(), x64.grad, rtol=tol, atol=tol)
     assert torch.allclose(weights.grad.cpu().double(), w64.grad, rtol=tol, atol=tol * H**0.5)
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_weighted_rows_round_like_torch(backend, device, dtype):
+    """unpermute's row gradient is out-gradient x weight rounded once to the rows' dtype: bit-equal to torch's
+    rounding over magnitudes from subnormal to overflow (fp16 saturates to inf past 65504)."""
+    _, index = _index(16, 3, 8, device, align=1, drop=0.2)
+    magnitude = 10.0 ** torch.empty(16, 256).uniform_(-9, 5.5)
+    grad = (torch.randn(16, 256) * magnitude).to(dtype).to(device)
+    weights = torch.rand(16, 3, device=device) * 4
+    rows = torch.randn(index.source.shape[0], 256, device=device).to(dtype).requires_grad_()
+    with r1kernels.use_backend(backend):
+        r1kernels.moe.moe_unpermute(rows, index, weights).backward(grad)
+    src = index.source.cpu().long()
+    want = (grad.cpu().float()[src // 3] * weights.cpu().view(-1)[src][:, None]).to(dtype)
+    assert torch.equal(rows.grad.cpu().view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.parametrize("backend,device", backends_for())

@@ -26,12 +26,14 @@ R1K_HD uint8_t e4m3_encode(float v) {
 }
 
 R1K_HD float e4m3_decode(uint8_t q) {
+  // every case computed, one chosen by selects: no branches, so CPU loops over codes vectorize
   const uint32_t sign = static_cast<uint32_t>(q & 0x80u) << 24;
   const uint32_t exp = (q >> 3) & 0xFu;
   const uint32_t mant = q & 0x7u;
-  if (exp == 0xF && mant == 0x7) return bits_float(sign | 0x7FC00000u);
-  if (exp == 0) return bits_float(sign | float_bits(static_cast<float>(mant) * 0.001953125f));
-  return bits_float(sign | ((exp + 120u) << 23) | (mant << 20));
+  const uint32_t normal = sign | ((exp + 120u) << 23) | (mant << 20);
+  const uint32_t subnormal = sign | float_bits(static_cast<float>(mant) * 0.001953125f);  // mant * 2^-9, exact
+  const uint32_t finite = exp == 0 ? subnormal : normal;
+  return bits_float((q & 0x7Fu) == 0x7Fu ? (sign | 0x7FC00000u) : finite);
 }
 
 // |x| maximum that propagates NaN: a NaN anywhere makes the tile's scale NaN (documented behaviour).

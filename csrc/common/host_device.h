@@ -46,4 +46,29 @@ R1K_HD float fp16_to_float(uint16_t h) {
   return bits_float(sign | float_bits(mag));
 }
 
+// binary32 -> bfloat16, round to nearest even; NaN stays a (quiet) NaN.
+R1K_HD uint16_t float_to_bf16_rne(float v) {
+  const uint32_t b = float_bits(v);
+  if (v != v) return static_cast<uint16_t>((b >> 16) | 0x40u);
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+// binary32 -> IEEE binary16, round to nearest even (torch's `.half()`): overflow to inf, subnormals exact.
+R1K_HD uint16_t float_to_fp16_rne(float v) {
+  const uint32_t b = float_bits(v);
+  const uint32_t sign = (b >> 16) & 0x8000u, mag = b & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
+  if (mag >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 rounds past 65504
+  if (mag < 0x38800000u) {  // below 2^-14: a multiple of 2^-24; the scaled value is exact, so one rounding
+    const float units = bits_float(mag) * 16777216.0f;
+    const float whole = static_cast<float>(static_cast<int32_t>(units));
+    const float frac = units - whole;
+    uint32_t q = static_cast<uint32_t>(whole);
+    if (frac > 0.5f || (frac == 0.5f && (q & 1u))) ++q;
+    return static_cast<uint16_t>(sign | q);  // q == 1024 is the smallest normal's encoding
+  }
+  const uint32_t rounded = mag + 0xFFFu + ((mag >> 13) & 1u);  // to nearest even at the 13th bit
+  return static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13));
+}
+
 }  // namespace r1k

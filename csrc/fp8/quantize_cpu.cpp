@@ -54,19 +54,17 @@ void quantize_tiles(Load load, const TileGeometry& g, uint8_t* out, float* scale
   }
 }
 
-uint16_t float_to_bf16_rne(float v) {
-  const uint32_t b = float_bits(v);
-  if (v != v) return static_cast<uint16_t>((b >> 16) | 0x40u);
-  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
 template <typename Store>
 void dequantize_tiles(const uint8_t* q, const float* scales, const TileGeometry& g, Store store) {
 #pragma omp parallel for schedule(static) if (g.rows * g.cols >= kParallelElements)
   for (int64_t r = 0; r < g.rows; ++r) {
     const float* srow = scales + (r / g.tile_rows) * g.scale_stride_r;
-    for (int64_t c = 0; c < g.cols; ++c)
-      store(r * g.cols + c, e4m3_decode(q[r * g.row_stride + c]) * srow[(c / g.tile_cols) * g.scale_stride_c]);
+    const uint8_t* qrow = q + r * g.row_stride;
+    for (int64_t c0 = 0; c0 < g.cols; c0 += g.tile_cols) {  // one scale per tile: the inner loop vectorizes
+      const float s = srow[(c0 / g.tile_cols) * g.scale_stride_c];
+      const int64_t c1 = c0 + g.tile_cols < g.cols ? c0 + g.tile_cols : g.cols;
+      for (int64_t c = c0; c < c1; ++c) store(r * g.cols + c, e4m3_decode(qrow[c]) * s);
+    }
   }
 }
 

@@ -7,6 +7,7 @@
 #include "common/pybind_util.h"
 #include "moe/permutation.h"
 #include "moe/route.h"
+#include "moe/rows.h"
 
 namespace py = pybind11;
 
@@ -55,12 +56,52 @@ void register_moe(py::module_& m) {
       [](uintptr_t expert_ids, const PermutationProblem& problem, uintptr_t counts, uintptr_t offsets,
          uintptr_t row_of, uintptr_t source, uintptr_t row_expert) {
         py::gil_scoped_release release;
-        permutation_index_cpu(ptr<const int32_t>(expert_ids), problem, ptr<int32_t>(counts), ptr<int64_t>(offsets),
+        return permutation_index_cpu(ptr<const int32_t>(expert_ids), problem, ptr<int32_t>(counts), ptr<int64_t>(offsets),
                               ptr<int32_t>(row_of), ptr<int32_t>(source), ptr<int32_t>(row_expert));
       },
       py::kw_only(), py::arg("expert_ids"), py::arg("problem"), py::arg("counts"), py::arg("offsets"),
       py::arg("row_of"), py::arg("source"), py::arg("row_expert"),
-      "MoE permutation index on the CPU (stable counting sort, OpenMP).");
+      "MoE permutation index on the CPU (stable counting sort, OpenMP); False, with nothing written, when an "
+      "expert id lies outside [-1, experts).");
+
+  py::class_<RowsProblem>(m, "RowsProblem",
+                          "rows R of the expert-sorted layout, tokens T with top_k slots each, hidden H elements "
+                          "per row; row_stride: elements between rows of the strided input.")
+      .def(py::init([](int64_t rows, int64_t tokens, int64_t top_k, int64_t hidden, int64_t row_stride) {
+             return RowsProblem{rows, tokens, top_k, hidden, row_stride};
+           }),
+           py::kw_only(), py::arg("rows"), py::arg("tokens"), py::arg("top_k"), py::arg("hidden"),
+           py::arg("row_stride"));
+
+  m.def(
+      "gather_rows_cpu",
+      [](uintptr_t x, uintptr_t slots, uintptr_t weights, uintptr_t out, const RowsProblem& problem, DType dtype,
+         int64_t elem_bytes) {
+        py::gil_scoped_release release;
+        gather_rows_cpu(ptr<const void>(x), ptr<const int32_t>(slots), ptr<const float>(weights), ptr<void>(out),
+                        problem, dtype, elem_bytes);
+      },
+      py::kw_only(), py::arg("x"), py::arg("slots"), py::arg("weights"), py::arg("out"), py::arg("problem"),
+      py::arg("dtype"), py::arg("elem_bytes"), "MoE row gather on the CPU (weights 0: none).");
+  m.def(
+      "combine_rows_cpu",
+      [](uintptr_t y, uintptr_t row_of, uintptr_t weights, uintptr_t out, const RowsProblem& problem, DType dtype) {
+        py::gil_scoped_release release;
+        combine_rows_cpu(ptr<const void>(y), ptr<const int32_t>(row_of), ptr<const float>(weights), ptr<void>(out),
+                         problem, dtype);
+      },
+      py::kw_only(), py::arg("y"), py::arg("row_of"), py::arg("weights"), py::arg("out"), py::arg("problem"),
+      py::arg("dtype"), "MoE weighted row combine on the CPU (weights 0: all ones).");
+  m.def(
+      "row_dot_cpu",
+      [](uintptr_t d, DType d_dtype, uintptr_t y, DType y_dtype, uintptr_t row_of, uintptr_t out,
+         const RowsProblem& problem) {
+        py::gil_scoped_release release;
+        row_dot_cpu(ptr<const void>(d), d_dtype, ptr<const void>(y), y_dtype, ptr<const int32_t>(row_of),
+                    ptr<float>(out), problem);
+      },
+      py::kw_only(), py::arg("d"), py::arg("d_dtype"), py::arg("y"), py::arg("y_dtype"), py::arg("row_of"),
+      py::arg("out"), py::arg("problem"), "Per-slot dot products <d[t], y[row_of[t, j]]> on the CPU.");
 
 #if defined(R1K_WITH_CUDA)
   m.def("permutation_index_workspace_cuda", &permutation_index_workspace_cuda, py::kw_only(), py::arg("problem"),

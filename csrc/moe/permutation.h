@@ -25,7 +25,8 @@ R1K_HD int64_t aligned_rows(int64_t count, int64_t align) { return (count + alig
 //   row_of [slots] int32: the row of each slot, -1 when not routed
 //   source [rows] int32: the slot of each row, -1 on padding
 //   row_expert [rows] int32: the expert of each row, -1 on padding
-void permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& p, int32_t* counts,
+// Returns false, with nothing written, when an id lies outside [-1, experts).
+bool permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& p, int32_t* counts,
                            int64_t* offsets, int32_t* row_of, int32_t* source, int32_t* row_expert);
 
 #if defined(R1K_WITH_CUDA)

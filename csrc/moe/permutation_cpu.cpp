@@ -10,7 +10,7 @@
 
 namespace r1k {
 
-void permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& p, int32_t* counts,
+bool permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& p, int32_t* counts,
                            int64_t* offsets, int32_t* row_of, int32_t* source, int32_t* row_expert) {
   const int64_t E = p.experts, n = p.slots;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n / 4096)));
@@ -18,13 +18,21 @@ void permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& 
   auto range = [&](int th) {
     return std::pair<int64_t, int64_t>(n * th / threads, n * (th + 1) / threads);
   };
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  bool bad = false;  // an id outside [-1, E): nothing is written to the outputs
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(|| : bad)
   for (int th = 0; th < threads; ++th) {
     const auto [lo, hi] = range(th);
     int64_t* c = per_thread.data() + static_cast<size_t>(th) * E;
-    for (int64_t i = lo; i < hi; ++i)
-      if (expert_ids[i] >= 0) ++c[expert_ids[i]];
+    for (int64_t i = lo; i < hi; ++i) {
+      const int32_t e = expert_ids[i];
+      if (e >= E || e < -1) {
+        bad = true;
+        break;
+      }
+      if (e >= 0) ++c[e];
+    }
   }
+  if (bad) return false;
   int64_t row = 0;
   for (int64_t e = 0; e < E; ++e) {
     offsets[e] = row;
@@ -61,6 +69,7 @@ void permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& 
       row_expert[r] = e;
     }
   }
+  return true;
 }
 
 }  // namespace r1k

@@ -12,7 +12,7 @@ from r1kernels import _alloc
 from r1kernels._checks import cdiv, check_tensor
 from r1kernels._ext import ext, has_cuda_kernels
 from r1kernels._launch import cuda_stream, device_guard
-from r1kernels._ops import Sample, define_op
+from r1kernels._ops import Sample, define_op, plain_eager
 
 _OP = "moe_permutation_index"
 
@@ -52,16 +52,16 @@ def validate(expert_ids, num_experts, align, num_rows) -> None:
         raise ValueError(f"expert_ids must have fewer than 2**31 slots, got {expert_ids.numel()}")
 
 
-def _check_ids_and_rows(expert_ids, num_experts, offsets, num_rows) -> None:
-    """ids in [-1, E) and the aligned total within num_rows: on the host for CPU tensors, on the device otherwise."""
-    ok = ((expert_ids >= -1) & (expert_ids < num_experts)).all()
-    if expert_ids.device.type != "cpu":
-        torch._assert_async(ok, "expert_ids must lie in [-1, num_experts)")
-        torch._assert_async(offsets[-1] <= num_rows, "num_rows is too small for the aligned segments")
-        return
-    if expert_ids.numel() and not bool(ok):
-        lo, hi = (int(v) for v in torch.aminmax(expert_ids))
-        raise ValueError(f"expert_ids must lie in [-1, num_experts) = [-1, {num_experts}), got values in [{lo}, {hi}]")
+def _ids_error(expert_ids, num_experts) -> ValueError:
+    lo, hi = (int(v) for v in torch.aminmax(expert_ids))
+    return ValueError(f"expert_ids must lie in [-1, num_experts) = [-1, {num_experts}), got values in [{lo}, {hi}]")
+
+
+def _check_on_device(expert_ids, num_experts, offsets, num_rows) -> None:
+    """ids in [-1, E) and the aligned total within num_rows, checked on the device: no host synchronisation."""
+    torch._assert_async(((expert_ids >= -1) & (expert_ids < num_experts)).all(),
+                        "expert_ids must lie in [-1, num_experts)")  # fmt: skip
+    torch._assert_async(offsets[-1] <= num_rows, "num_rows is too small for the aligned segments")
 
 
 @functools.lru_cache(maxsize=256)
@@ -127,8 +127,8 @@ def _permutation_index_op(
                 offsets=out.offsets.data_ptr(), row_of=out.row_of.data_ptr(), source=out.source.data_ptr(),
                 row_expert=out.row_expert.data_ptr())  # fmt: skip
     if expert_ids.device.type == "cpu":
-        _check_ids_and_rows(expert_ids, num_experts, None, num_rows)
-        ext().permutation_index_cpu(**ptrs)
+        if not ext().permutation_index_cpu(**ptrs):  # checks the ids before it writes anything
+            raise _ids_error(expert_ids, num_experts)
         if int(out.offsets[-1]) > num_rows:
             raise ValueError(f"num_rows ({num_rows}) is too small: the aligned segments need {int(out.offsets[-1])}")
     elif has_cuda_kernels():
@@ -137,10 +137,10 @@ def _permutation_index_op(
                                   device=expert_ids.device)  # fmt: skip
             ext().permutation_index_cuda(**ptrs, workspace=scratch.data_ptr(), workspace_bytes=scratch.numel(),
                                          stream=cuda_stream(expert_ids.device))  # fmt: skip
-        _check_ids_and_rows(expert_ids, num_experts, out.offsets, num_rows)
+        _check_on_device(expert_ids, num_experts, out.offsets, num_rows)
     else:
         _torch_index(expert_ids, num_experts, align, out)
-        _check_ids_and_rows(expert_ids, num_experts, out.offsets, num_rows)
+        _check_on_device(expert_ids, num_experts, out.offsets, num_rows)
     return tuple(out)
 
 
@@ -159,10 +159,11 @@ def permutation_index(
 
     Returns a ``PermutationIndex``. Within an expert, rows follow the flat slot order ``t * k + j``.
     """
-    if expert_ids.device.type == "cpu" and num_rows is None and not torch.compiler.is_compiling():
-        keys = expert_ids[expert_ids >= 0].long()
-        counts = torch.bincount(keys, minlength=num_experts) if keys.numel() else torch.zeros(1, dtype=torch.long)
-        num_rows = int(((counts + align - 1) // align * align).sum())
-    elif num_rows is None:
+    exact = num_rows is None and expert_ids.device.type == "cpu" and plain_eager((expert_ids,))
+    if num_rows is None:
         num_rows = max_rows(expert_ids.numel(), num_experts, align)
-    return PermutationIndex(*_permutation_index_op(expert_ids, num_experts, align, num_rows))
+    index = PermutationIndex(*_permutation_index_op(expert_ids, num_experts, align, num_rows))
+    if exact:  # on the CPU the total is known without a synchronisation: drop the bound's padding tail
+        used = int(index.offsets[-1])
+        index = index._replace(source=index.source[:used], row_expert=index.row_expert[:used])
+    return index

@@ -1,13 +1,16 @@
 """Launchers of the row-movement kernels, shared by ``moe_permute`` and ``moe_unpermute`` (each one's backward is
-the other's forward kernel): pick the backend, allocate, launch. CPU tensors take the same gathers in torch
-ops (fp32 sums in slot order, so the CPU results are deterministic too)."""
+the other's forward kernel): pick the backend, allocate, launch. CPU tensors take the C++ twins
+(``csrc/moe/rows_cpu.cpp``: fp32 sums in slot order, so the CPU results are deterministic too)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv
+from r1kernels._ext import cpp_dtype, ext
 from r1kernels._launch import launch
 from r1kernels.moe.kernels import rows as kernels
 
@@ -17,30 +20,13 @@ def _codes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-def _gather_rows_cpu(x, slots, top_k, weights, out) -> None:
-    """One index_select into ``out`` (the CPU layout has padding rows only where slots are unrouted)."""
-    all_valid = bool((slots >= 0).all())
-    src = slots.long() if all_valid else slots.clamp_min(0).long()
-    torch.index_select(_codes(x), 0, src // top_k, out=_codes(out))
-    if weights is not None:
-        w = weights.reshape(-1).index_select(0, src)
-        out.copy_(out.float().mul_(w[:, None]) if out.dtype != torch.float32 else out.mul_(w[:, None]))
-    if not all_valid:
-        _codes(out)[slots < 0] = 0
+@functools.lru_cache(maxsize=256)
+def _problem(rows: int, tokens: int, top_k: int, hidden: int, row_stride: int):
+    return ext().RowsProblem(rows=rows, tokens=tokens, top_k=top_k, hidden=hidden, row_stride=row_stride)
 
 
-def _combine_rows_cpu(y, row_of, weights) -> torch.Tensor:
-    """[T, H] fp32: each token's k rows gathered at once, then a batched [1, k] x [k, H] product (deterministic
-    on the CPU); an unrouted slot's weight is 0 and its row is never gathered from a real slot."""
-    T, k = row_of.shape
-    routed = row_of >= 0
-    if not bool(routed.any()):  # nothing routed here (y may have no rows at all)
-        return torch.zeros(T, y.shape[1])
-    w = routed.float() if weights is None else torch.where(routed, weights, 0.0)
-    rows = y.index_select(0, row_of.clamp_min(0).view(-1).long()).view(T, k, -1)
-    if not bool(routed.all()):
-        rows = torch.where(routed[:, :, None], rows, torch.zeros((), dtype=rows.dtype))
-    return torch.bmm(w.view(T, 1, k), rows.float() if rows.dtype != torch.float32 else rows).view(T, -1)
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def gather_rows(x: torch.Tensor, slots: torch.Tensor, top_k: int, weights: torch.Tensor | None, op: str):
@@ -50,7 +36,11 @@ def gather_rows(x: torch.Tensor, slots: torch.Tensor, top_k: int, weights: torch
     if out.numel() == 0:
         return out
     if backend.resolve(x.device, op) == "cpu":
-        _gather_rows_cpu(x, slots, top_k, weights, out)
+        # unweighted rows are copied as bytes (FP8 codes, float32 scales): dtype is then not read
+        dtype = cpp_dtype(x.dtype) if weights is not None else ext().DType.float32
+        ext().gather_rows_cpu(x=x.data_ptr(), slots=slots.data_ptr(), weights=_ptr(weights), out=out.data_ptr(),
+                              problem=_problem(R, 0, top_k, H, x.stride(0)), dtype=dtype,
+                              elem_bytes=x.element_size())  # fmt: skip
         return out
     cfg = kernels.config(H)
     grid = (cdiv(R, cfg["BLOCK_R"]), cdiv(H, cfg["BLOCK_H"]))
@@ -67,7 +57,9 @@ def combine_rows(y: torch.Tensor, row_of: torch.Tensor, weights: torch.Tensor | 
     if out.numel() == 0:
         return out
     if backend.resolve(y.device, op) == "cpu":
-        return out.copy_(_combine_rows_cpu(y, row_of, weights))
+        ext().combine_rows_cpu(y=y.data_ptr(), row_of=row_of.data_ptr(), weights=_ptr(weights), out=out.data_ptr(),
+                               problem=_problem(0, T, k, H, y.stride(0)), dtype=cpp_dtype(y.dtype))  # fmt: skip
+        return out
     cfg = kernels.combine_config(H)
     grid = (cdiv(T, cfg["BLOCK_T"]), cdiv(H, cfg["BLOCK_H"]))
     args = (y, row_of, weights if weights is not None else row_of, out, T, H, k, y.stride(0), out.stride(0))
@@ -84,9 +76,10 @@ def row_dot(d: torch.Tensor, y: torch.Tensor, row_of: torch.Tensor, op: str) -> 
     if H == 0 or y.shape[0] == 0:
         return out.zero_()
     if backend.resolve(d.device, op) == "cpu":
-        rows = y.index_select(0, row_of.clamp_min(0).view(-1).long()).view(T, k, H).float()
-        dots = torch.einsum("th,tkh->tk", d.float(), rows)
-        return out.copy_(torch.where(row_of >= 0, dots, 0.0))
+        ext().row_dot_cpu(d=d.data_ptr(), d_dtype=cpp_dtype(d.dtype), y=y.data_ptr(), y_dtype=cpp_dtype(y.dtype),
+                          row_of=row_of.data_ptr(), out=out.data_ptr(),
+                          problem=_problem(0, T, k, H, y.stride(0)))  # fmt: skip
+        return out
     cfg = kernels.row_dot_config()
     launch(kernels.row_dot_kernel, (cdiv(T, cfg["BLOCK_T"]),), (d, y, row_of, out, T, H, k, d.stride(0), y.stride(0)),
            cfg, d.device)  # fmt: skip
