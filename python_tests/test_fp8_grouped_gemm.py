@@ -42,9 +42,12 @@ def _check(backend, device, G, N, K, segments, out_dtype=torch.float32):
 
 @pytest.mark.parametrize("backend,device", backends_for())
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_segments_with_padding_and_an_empty_expert(backend, device, out_dtype):
-    # expert 1 has no rows; expert 3's 5 rows leave a 64-row tile that is all padding
-    _check(backend, device, 4, 257, 208, [(2, 90), (0, 128), (3, 5)], out_dtype)
+@pytest.mark.parametrize("segments", [[(2, 90), (0, 128), (3, 5)], [(2, 3), (0, 1), (3, 12)]],
+                         ids=["full", "decode"])  # fmt: skip
+def test_segments_with_padding_and_an_empty_expert(backend, device, out_dtype, segments):
+    # expert 1 has no rows; expert 3's rows leave a 64-row tile that is all padding. "decode": few real rows
+    # (the CPU computes them from the codes, row blocks split where the expert changes)
+    _check(backend, device, 4, 257, 208, segments, out_dtype)
 
 
 def test_sm80_decode_and_tma_paths(kernel_device, monkeypatch):
@@ -87,17 +90,18 @@ def _masked_operands(G, M, N, K, device):
 
 @pytest.mark.parametrize("backend,device", backends_for())
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_masked_layout(backend, device, out_dtype):
+@pytest.mark.parametrize("M,counts", [(80, [80, 0, 33]), (6, [6, 0, 2])], ids=["full", "decode"])
+def test_masked_layout(backend, device, out_dtype, M, counts):
     """Full, empty and partial groups; rows past masked_m come back 0."""
-    a, sa, b, sb = _masked_operands(3, 80, 257, 208, device)
-    masked_m = torch.tensor([80, 0, 33], dtype=torch.int32, device=device)
+    a, sa, b, sb = _masked_operands(3, M, 257, 208, device)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
     with r1kernels.use_backend(backend):
         d = r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b, sb, masked_m, out_dtype=out_dtype)
     r = ref.grouped_gemm_nt_masked(a.cpu(), sa.cpu(), b.cpu(), sb.cpu(), masked_m.cpu())
-    assert d.shape == (3, 80, 257) and not torch.isnan(d).any()
+    assert d.shape == (3, M, 257) and not torch.isnan(d).any()
     assert float((d.double().cpu() - r).norm() / r.norm()) < (1e-6 if out_dtype == torch.float32 else 4e-3)
-    assert torch.equal(d[1].cpu(), torch.zeros(80, 257, dtype=out_dtype))
-    assert torch.equal(d[2, 33:].cpu(), torch.zeros(47, 257, dtype=out_dtype))
+    assert torch.equal(d[1].cpu(), torch.zeros(M, 257, dtype=out_dtype))
+    assert torch.equal(d[2, counts[2] :].cpu(), torch.zeros(M - counts[2], 257, dtype=out_dtype))
 
 
 @pytest.mark.skipif(HAS_GPU, reason="forces the sm_90a descriptor path on CPU tensors; on a GPU the arch decides")

@@ -59,7 +59,7 @@ def test_padding_rows_are_zeroed_and_nan_propagates(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
-@pytest.mark.parametrize("T,N,K", [(37, 130, 144), (300, 70, 208), (256, 257, 16)], ids=str)
+@pytest.mark.parametrize("T,N,K", [(37, 130, 144), (300, 70, 208), (256, 257, 16), (5, 12, 48)], ids=str)
 def test_wgrad_matches_reference(backend, device, T, N, K):
     dy, x = torch.randn(T, N), torch.randn(T, K)
     with r1kernels.use_backend(backend):

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/pybind_util.h"
+#include "fp8/gemm_small.h"
 #include "fp8/quantize.h"
 
 namespace py = pybind11;
@@ -29,6 +30,37 @@ void register_fp8(py::module_& m) {
       .def_readonly("tile_cols", &TileGeometry::tile_cols)
       .def_readonly("scale_stride_r", &TileGeometry::scale_stride_r)
       .def_readonly("scale_stride_c", &TileGeometry::scale_stride_c);
+
+  py::class_<Fp8GemmProblem>(m, "Fp8GemmProblem",
+                             "groups x ([m, k] x [n, k]) block-scaled FP8 products; b_tile_rows rows of b per "
+                             "scale; strides in elements (_g: between groups / experts).")
+      .def(py::init([](int64_t groups, int64_t m, int64_t n, int64_t k, int64_t b_tile_rows, int64_t a_stride_g,
+                       int64_t a_stride_m, int64_t b_stride_g, int64_t b_stride_n, int64_t sa_stride_g,
+                       int64_t sa_stride_m, int64_t sa_stride_k, int64_t sb_stride_g, int64_t sb_stride_n,
+                       int64_t sb_stride_k, int64_t c_stride_m, int64_t out_stride_g, int64_t out_stride_m) {
+             return Fp8GemmProblem{groups,      m,           n,           k,           b_tile_rows, a_stride_g,
+                                   a_stride_m,  b_stride_g,  b_stride_n,  sa_stride_g, sa_stride_m, sa_stride_k,
+                                   sb_stride_g, sb_stride_n, sb_stride_k, c_stride_m,  out_stride_g, out_stride_m};
+           }),
+           py::kw_only(), py::arg("groups"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("b_tile_rows"),
+           py::arg("a_stride_g"), py::arg("a_stride_m"), py::arg("b_stride_g"), py::arg("b_stride_n"),
+           py::arg("sa_stride_g"), py::arg("sa_stride_m"), py::arg("sa_stride_k"), py::arg("sb_stride_g"),
+           py::arg("sb_stride_n"), py::arg("sb_stride_k"), py::arg("c_stride_m"), py::arg("out_stride_g"),
+           py::arg("out_stride_m"));
+
+  m.def(
+      "fp8_gemm_small_cpu",
+      [](uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales, uintptr_t c, DType c_dtype, uintptr_t out,
+         DType out_dtype, uintptr_t row_expert, uintptr_t masked_m, const Fp8GemmProblem& problem) {
+        py::gil_scoped_release release;
+        fp8_gemm_small_cpu(ptr<const uint8_t>(a), ptr<const float>(a_scales), ptr<const uint8_t>(b),
+                           ptr<const float>(b_scales), ptr<const void>(c), c_dtype, ptr<void>(out), out_dtype,
+                           ptr<const int32_t>(row_expert), ptr<const int32_t>(masked_m), problem);
+      },
+      py::kw_only(), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("c"),
+      py::arg("c_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("row_expert"), py::arg("masked_m"),
+      py::arg("problem"),
+      "Few-row block-scaled FP8 GEMM on the CPU straight from the codes (c, row_expert, masked_m: 0 for none).");
 
   m.def(
       "quantize_fp8_tiles_cpu",

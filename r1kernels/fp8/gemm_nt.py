@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_tensor
+from r1kernels._ext import cpp_dtype, ext
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.kernels import gemm_nt as kernel
@@ -15,6 +18,9 @@ from r1kernels.fp8.tiles import dequantize_tiles
 OUT_DTYPES = (torch.bfloat16, torch.float32)
 BLOCK = kernel.SCALE_BLOCK
 CPU_CHUNK_ROWS = 1024  # rows of a and b dequantized at a time on the CPU: bounded fp32 copies
+# Few rows (decode): the CPU computes from the codes (csrc/fp8/gemm_small_cpu.cpp) instead of dequantizing b
+# to fp32 for a matmul that reads each weight once per row anyway. Above ~16 rows the fp32 matmul wins.
+CPU_SMALL_ROWS = 16
 
 
 def validate(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows=BLOCK) -> None:
@@ -53,11 +59,49 @@ def validate(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows=BLOCK) -> None:
             raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
 
 
+@functools.lru_cache(maxsize=512)
+def _small_problem(*dims: int):
+    names = ("groups", "m", "n", "k", "b_tile_rows", "a_stride_g", "a_stride_m", "b_stride_g", "b_stride_n",
+             "sa_stride_g", "sa_stride_m", "sa_stride_k", "sb_stride_g", "sb_stride_n", "sb_stride_k", "c_stride_m",
+             "out_stride_g", "out_stride_m")  # fmt: skip
+    return ext().Fp8GemmProblem(**dict(zip(names, dims, strict=True)))
+
+
+def cpu_gemm_small(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK, row_expert=None, masked_m=None):
+    """``cpu_gemm`` from the codes, for few rows: a [M, K] or [G, M, K] with masked_m (out [G, M, N]); b [N, K]
+    or [E, N, K] with row_expert (one expert per row of a, -1 a zero row) or masked_m (expert = group)."""
+    G = a.shape[0] if a.dim() == 3 else 1
+    (M, K), N = a.shape[-2:], b.shape[-2]
+
+    def strides(t, rows_only=False):  # (between groups: 0 when 2-D, between rows, between columns)
+        g = t.stride(0) if t.dim() == 3 else 0
+        return (g, t.stride(-2)) if rows_only else (g, t.stride(-2), t.stride(-1))
+
+    dims = (G, M, N, K, b_tile_rows, *strides(a, True), *strides(b, True), *strides(a_scales), *strides(b_scales),
+            c.stride(0) if c is not None else 0, *strides(out, True))  # fmt: skip
+    ext().fp8_gemm_small_cpu(
+        a=a.data_ptr(),
+        a_scales=a_scales.data_ptr(),
+        b=b.data_ptr(),
+        b_scales=b_scales.data_ptr(),
+        c=0 if c is None else c.data_ptr(),
+        c_dtype=cpp_dtype((out if c is None else c).dtype),
+        out=out.data_ptr(),
+        out_dtype=cpp_dtype(out.dtype),
+        row_expert=0 if row_expert is None else row_expert.data_ptr(),
+        masked_m=0 if masked_m is None else masked_m.data_ptr(),
+        problem=_small_problem(*dims),
+    )
+
+
 def cpu_gemm(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK) -> None:
     """out = a @ b.T (+ c) on the CPU: tile-wise dequantize (the C++ kernel) + fp32 matmul, CPU_CHUNK_ROWS rows
-    of each operand at a time (the grouped GEMMs' CPU paths run it per expert). ``b_tile_rows``: rows per b
-    scale, 128 for weight blocks, 1 for the weight gradient's row scales."""
+    of each operand at a time (the grouped GEMMs' CPU paths run it per expert); few rows straight from the
+    codes (``cpu_gemm_small``). ``b_tile_rows``: rows per b scale, 128 for weight blocks, 1 for the weight
+    gradient's row scales."""
     M, N = out.shape
+    if M <= CPU_SMALL_ROWS:
+        return cpu_gemm_small(a, a_scales, b, b_scales, out, c, b_tile_rows)
     for n0 in range(0, N, CPU_CHUNK_ROWS):  # a multiple of 128: whole weight-scale blocks
         n1 = min(N, n0 + CPU_CHUNK_ROWS)
         sb = b_scales[n0 // b_tile_rows : cdiv(n1, b_tile_rows)]

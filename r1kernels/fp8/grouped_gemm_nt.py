@@ -9,7 +9,7 @@ import torch
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_tensor
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import cpu_gemm, launch_gemm
+from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, cpu_gemm, cpu_gemm_small, launch_gemm
 from r1kernels.fp8.gemm_nt import validate as validate_dense
 
 SEGMENT = 128  # expert segments start on multiples of this many rows (the GEMM's row tile)
@@ -50,6 +50,8 @@ def check_segment_ids(m_indices: torch.Tensor, G: int) -> None:
 
 
 def _cpu(a, a_scales, b, b_scales, m_indices, out) -> None:
+    if int((m_indices >= 0).sum()) <= CPU_SMALL_ROWS:  # few real rows among the padding
+        return cpu_gemm_small(a, a_scales, b, b_scales, out, row_expert=m_indices)
     out.zero_()
     for e in torch.unique(m_indices).tolist():
         if e >= 0:

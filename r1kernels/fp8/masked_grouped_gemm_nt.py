@@ -9,7 +9,7 @@ import torch
 from r1kernels import _alloc, backend
 from r1kernels._checks import check_tensor
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import cpu_gemm, launch_gemm
+from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, cpu_gemm, cpu_gemm_small, launch_gemm
 from r1kernels.fp8.gemm_nt import validate as validate_dense
 
 
@@ -41,6 +41,8 @@ def _check_counts(masked_m: torch.Tensor, M: int) -> None:
 
 
 def _cpu(a, a_scales, b, b_scales, masked_m, out) -> None:
+    if a.shape[1] <= CPU_SMALL_ROWS:  # decode-sized groups: every group in one call
+        return cpu_gemm_small(a, a_scales, b, b_scales, out, masked_m=masked_m)
     out.zero_()
     for g, m in enumerate(masked_m.tolist()):
         cpu_gemm(a[g, :m], a_scales[g, :m], b[g], b_scales[g], out[g, :m])
