@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/pybind_util.h"
+#include "moe/grouped_linear_small.h"
 #include "moe/permutation.h"
 #include "moe/route.h"
 #include "moe/rows.h"
@@ -102,6 +103,21 @@ void register_moe(py::module_& m) {
       },
       py::kw_only(), py::arg("d"), py::arg("d_dtype"), py::arg("y"), py::arg("y_dtype"), py::arg("row_of"),
       py::arg("out"), py::arg("problem"), "Per-slot dot products <d[t], y[row_of[t, j]]> on the CPU.");
+
+  py::class_<GroupedLinearProblem>(m, "GroupedLinearProblem",
+                                   "x [rows, k] through weight [experts, n, k], one expert per row.")
+      .def(py::init([](int64_t rows, int64_t n, int64_t k) { return GroupedLinearProblem{rows, n, k}; }),
+           py::kw_only(), py::arg("rows"), py::arg("n"), py::arg("k"));
+  m.def(
+      "grouped_linear_small_cpu",
+      [](uintptr_t x, uintptr_t weight, uintptr_t row_expert, uintptr_t out, DType dtype,
+         const GroupedLinearProblem& problem) {
+        py::gil_scoped_release release;
+        grouped_linear_small_cpu(ptr<const void>(x), ptr<const void>(weight), ptr<const int32_t>(row_expert),
+                                 ptr<void>(out), dtype, problem);
+      },
+      py::kw_only(), py::arg("x"), py::arg("weight"), py::arg("row_expert"), py::arg("out"), py::arg("dtype"),
+      py::arg("problem"), "Few-row MoE expert linear on the CPU (out[r] = x[r] @ weight[row_expert[r]].T).");
 
 #if defined(R1K_WITH_CUDA)
   m.def("permutation_index_workspace_cuda", &permutation_index_workspace_cuda, py::kw_only(), py::arg("problem"),

@@ -3,10 +3,13 @@ with autograd (the input gradient grouped the same way, the weight gradient redu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_tensor
+from r1kernels._ext import cpp_dtype, ext
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
 from r1kernels.moe.kernels import grouped_gemm as kernel
@@ -14,6 +17,12 @@ from r1kernels.moe.permutation import PermutationIndex
 
 _OP = "moe_grouped_linear"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CPU_SMALL_ROWS = 16  # rows (decode) up to which the CPU forward runs csrc/moe/grouped_linear_small_cpu.cpp
+
+
+@functools.lru_cache(maxsize=256)
+def _small_problem(rows: int, n: int, k: int):
+    return ext().GroupedLinearProblem(rows=rows, n=n, k=k)
 
 
 def _validate(x, weight, row_expert, offsets, counts) -> None:
@@ -63,6 +72,11 @@ def _forward(x, weight, row_expert, offsets, counts, transpose_weight=False):
     if x.shape[1] == 0:
         return out.zero_()
     if backend.resolve(x.device, _OP) == "cpu":
+        if not transpose_weight and x.shape[0] <= CPU_SMALL_ROWS:  # decode: no per-expert loop in Python
+            problem = _small_problem(x.shape[0], N, x.shape[1])
+            ext().grouped_linear_small_cpu(x=x.data_ptr(), weight=weight.data_ptr(), row_expert=row_expert.data_ptr(),
+                                           out=out.data_ptr(), dtype=cpp_dtype(x.dtype), problem=problem)  # fmt: skip
+            return out
         starts, ns = offsets[:-1].tolist(), counts.tolist()
         if sum(ns) != out.shape[0]:  # padding rows (an aligned layout): they stay 0
             out.zero_()
