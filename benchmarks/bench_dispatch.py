@@ -5,9 +5,12 @@ expression (``x.abs().amax()`` on the same tiny tensor) in the same process:
 
 - ``public``: the public function (validation once, backend choice, eager call of the implementation);
 - ``torch.ops``: the registered op through torch.library's dispatcher (what torch.compile graphs call);
-- ``bare``: the kernel alone (the C++ / CPU-path function on pre-allocated outputs), no validation;
+- ``bare``: the implementation alone (the C++ call or the CPU path's function the op runs after its checks,
+  on pre-allocated outputs where it takes them), no validation, backend choice or dispatch;
 - ``public / expr``: the target is at most 5x (median of the ratios of alternating timing rounds, robust to
-  noise; beside it the ratio of each one's fastest round).
+  noise; beside it the ratio of each one's fastest round);
+- ``(public - bare) / expr``: the host-side overhead alone, for ops whose smallest input already holds more math
+  than the expression (the 128-row grouped GEMMs, attention, the loss).
 
 Below the FP8 and LM-head ops, the other ops of a decode step at one token's size (``decode_cases``).
 
@@ -17,6 +20,7 @@ Below the FP8 and LM-head ops, the other ops of a decode step at one token's siz
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 
@@ -30,6 +34,18 @@ from r1kernels._ext import cpp_dtype, ext
 from r1kernels._ops import OPS
 from r1kernels.fp8.tiles import tile_geometry
 from r1kernels.grpo import lm_head_cpu
+from r1kernels.grpo.token_loss import TokenTerms
+from r1kernels.moe import row_launchers
+
+# the implementations behind the ops (the "bare" column); some share a name with a function the package exports
+gemm_module, grouped_module, masked_module, grouped_wgrad_module, quantize_transposed_module = (
+    importlib.import_module(f"r1kernels.fp8.{m}")
+    for m in ("gemm_nt", "grouped_gemm_nt", "masked_grouped_gemm_nt", "grouped_wgrad_gemm", "quantize_transposed")
+)
+swiglu_module, grouped_linear_module, mla_attention_module, mla_decode_module, fused_loss_module = (
+    importlib.import_module(f"r1kernels.{m}")
+    for m in ("moe.swiglu", "moe.grouped_linear", "mla.attention", "mla.decode", "grpo.fused_loss")
+)
 
 
 def _loop_us(fn, reps: int) -> float:
@@ -107,24 +123,38 @@ def decode_cases():
     so the ratios bound the overhead from above."""
     ops = torch.ops.r1k
     logits, bias = torch.randn(1, 256), torch.randn(256)
+    route_out = torch.empty(1, 8), torch.empty(1, 8, dtype=torch.int32)
+    route_problem = ext().RouteProblem(tokens=1, experts=256, top_k=8, n_group=8, topk_group=4,
+                                       routed_scaling_factor=2.5, norm_topk_prob=True, softmax=False)  # fmt: skip
     yield ("moe_route", lambda: r1kernels.moe.route(logits, bias, top_k=8, n_group=8, topk_group=4,
                                                     routed_scaling_factor=2.5),
-           lambda: ops.moe_route(logits, bias, 8, 8, 4, 2.5, True, "sigmoid"), None)  # fmt: skip
+           lambda: ops.moe_route(logits, bias, 8, 8, 4, 2.5, True, "sigmoid"),
+           lambda: ext().route_cpu(logits=logits.data_ptr(), dtype=cpp_dtype(logits.dtype), bias=bias.data_ptr(),
+                                   problem=route_problem, weights=route_out[0].data_ptr(),
+                                   ids=route_out[1].data_ptr()))  # fmt: skip
     expert_ids = r1kernels.moe.route(logits, bias, top_k=8, n_group=8, topk_group=4)[1]
-    yield ("moe_permutation_index", lambda: r1kernels.moe.permutation_index(expert_ids, 256),
-           lambda: ops.moe_permutation_index(expert_ids, 256, 1, 8), None)  # fmt: skip
     index = r1kernels.moe.permutation_index(expert_ids, 256)
+    index_out = {n: torch.empty_like(t) for n, t in index._asdict().items()}
+    perm_problem = ext().PermutationProblem(slots=8, experts=256, align=1, rows=8)
+    yield ("moe_permutation_index", lambda: r1kernels.moe.permutation_index(expert_ids, 256),
+           lambda: ops.moe_permutation_index(expert_ids, 256, 1, 8),
+           lambda: ext().permutation_index_cpu(expert_ids=expert_ids.data_ptr(), problem=perm_problem,
+                                               **{n: t.data_ptr() for n, t in index_out.items()}))  # fmt: skip
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     yield ("moe_permute", lambda: r1kernels.moe.moe_permute(x, index),
-           lambda: ops.moe_permute(x, index.source, index.row_of), None)  # fmt: skip
+           lambda: ops.moe_permute(x, index.source, index.row_of),
+           lambda: row_launchers.gather_rows(x, index.source, 8, None, "moe_permute"))  # fmt: skip
     rows, weights = r1kernels.moe.moe_permute(x, index), torch.rand(1, 8)
     yield ("moe_unpermute", lambda: r1kernels.moe.moe_unpermute(rows, index, weights),
-           lambda: ops.moe_unpermute(rows, index.source, index.row_of, weights), None)  # fmt: skip
+           lambda: ops.moe_unpermute(rows, index.source, index.row_of, weights),
+           lambda: row_launchers.combine_rows(rows, index.row_of, weights, "moe_unpermute"))  # fmt: skip
     q = torch.randn(1, 1, 16, 576, dtype=torch.bfloat16)
     cache = torch.randn(2, 64, 576, dtype=torch.bfloat16)
     table, lengths = torch.tensor([[1]], dtype=torch.int32), torch.tensor([64], dtype=torch.int32)
+    out, lse = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16), torch.empty(1, 16, 1)
     yield ("mla_decode", lambda: r1kernels.mla.mla_decode(q, cache, table, lengths, softmax_scale=0.07),
-           lambda: ops.mla_decode(q, cache, table, lengths, 0.07, True, 512), None)  # fmt: skip
+           lambda: ops.mla_decode(q, cache, table, lengths, 0.07, True, 512),
+           lambda: mla_decode_module._decode_torch(q, cache, table, lengths, 0.07, True, out, lse))  # fmt: skip
 
 
 def other_cases():
@@ -136,38 +166,51 @@ def other_cases():
     x, w = torch.randn(1, 128, dtype=torch.bfloat16), torch.randn(128, 128)
     (a, sa), (b, sb) = fp8.quantize_per_token_group(x), fp8.quantize_per_block(w)
     yield ("quantize_fp8_transposed", lambda: fp8.quantize_transposed(x),
-           lambda: ops.quantize_fp8_transposed(x, False, None), None)  # fmt: skip
+           lambda: ops.quantize_fp8_transposed(x, False, None),
+           lambda: quantize_transposed_module._cpu(x, None, False))  # fmt: skip
+    out = torch.empty(1, 128, dtype=torch.bfloat16)
     yield ("fp8_gemm_nt", lambda: fp8.gemm_nt(a, sa, b, sb),
-           lambda: ops.fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, None), None)  # fmt: skip
+           lambda: ops.fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, None),
+           lambda: gemm_module.cpu_gemm(a, sa, b, sb, out))  # fmt: skip
     am, sam = (t[None] for t in (a, sa))
     masked_m, bg, sbg = torch.tensor([1], dtype=torch.int32), b[None], sb[None]
     yield ("fp8_grouped_gemm_nt_masked", lambda: fp8.grouped_gemm_nt_masked(am, sam, bg, sbg, masked_m),
-           lambda: ops.fp8_grouped_gemm_nt_masked(am, sam, bg, sbg, masked_m, torch.bfloat16), None)  # fmt: skip
+           lambda: ops.fp8_grouped_gemm_nt_masked(am, sam, bg, sbg, masked_m, torch.bfloat16),
+           lambda: masked_module._cpu(am, sam, bg, sbg, masked_m, out[None]))  # fmt: skip
     xt, sxt = fp8.quantize_transposed(torch.randn(16, 128, dtype=torch.bfloat16))
+    out32 = torch.empty(128, 128)
     yield ("fp8_wgrad_gemm", lambda: fp8.wgrad_gemm(xt, sxt, xt, sxt),
-           lambda: ops.fp8_wgrad_gemm(xt, sxt, xt, sxt, None), None)  # fmt: skip
+           lambda: ops.fp8_wgrad_gemm(xt, sxt, xt, sxt, None),
+           lambda: gemm_module.cpu_gemm(xt, sxt, xt, sxt, out32, None, b_tile_rows=1))  # fmt: skip
     a128, s128 = fp8.quantize_per_token_group(torch.randn(128, 128))
-    m_idx = torch.zeros(128, dtype=torch.int32)
-    yield ("fp8_grouped_gemm_nt_contiguous", lambda: fp8.grouped_gemm_nt_contiguous(a128, s128, b[None], sb[None],
-           m_idx), lambda: ops.fp8_grouped_gemm_nt_contiguous(a128, s128, b[None], sb[None], m_idx, torch.bfloat16),
-           None)  # fmt: skip
+    m_idx, out128 = torch.zeros(128, dtype=torch.int32), torch.empty(128, 128, dtype=torch.bfloat16)
+    yield ("fp8_grouped_gemm_nt_contiguous", lambda: fp8.grouped_gemm_nt_contiguous(a128, s128, bg, sbg, m_idx),
+           lambda: ops.fp8_grouped_gemm_nt_contiguous(a128, s128, bg, sbg, m_idx, torch.bfloat16),
+           lambda: grouped_module._cpu(a128, s128, bg, sbg, m_idx, out128))  # fmt: skip
     t128, st128 = fp8.quantize_transposed(torch.randn(128, 128))
+    out_g = torch.empty(1, 128, 128)
     yield ("fp8_grouped_wgrad_gemm", lambda: fp8.grouped_wgrad_gemm(t128, st128, t128, st128, m_idx, 1),
-           lambda: ops.fp8_grouped_wgrad_gemm(t128, st128, t128, st128, m_idx, 1, None), None)  # fmt: skip
+           lambda: ops.fp8_grouped_wgrad_gemm(t128, st128, t128, st128, m_idx, 1, None),
+           lambda: grouped_wgrad_module._cpu(t128, st128, t128, st128, grouped_wgrad_module.token_ranges(m_idx, 1),
+                                             out_g, None))  # fmt: skip
     h = torch.randn(1, 256, dtype=torch.bfloat16)
-    yield ("moe_swiglu", lambda: moe.swiglu(h), lambda: ops.moe_swiglu(h), None)
+    yield ("moe_swiglu", lambda: moe.swiglu(h), lambda: ops.moe_swiglu(h), lambda: swiglu_module._run(h))
     index = moe.permutation_index(torch.randperm(8)[None].to(torch.int32), 8)
     rows, ew = torch.randn(8, 128, dtype=torch.bfloat16), torch.randn(8, 64, 128, dtype=torch.bfloat16)
     yield ("moe_grouped_linear", lambda: moe.grouped_linear(rows, ew, index),
-           lambda: ops.moe_grouped_linear(rows, ew, index.row_expert, index.offsets, index.counts), None)  # fmt: skip
+           lambda: ops.moe_grouped_linear(rows, ew, index.row_expert, index.offsets, index.counts),
+           lambda: grouped_linear_module._forward(rows, ew, index.row_expert, index.offsets, index.counts))  # fmt: skip
     q, kn, kp, v = (torch.randn(1, 1, 1, 48), torch.randn(1, 1, 1, 32), torch.randn(1, 1, 16), torch.randn(1, 1, 1, 32))
     yield ("mla_attention", lambda: r1kernels.mla.mla_attention(q, kn, kp, v),
-           lambda: ops.mla_attention(q, kn, kp, v, True, 48**-0.5, None), None)  # fmt: skip
+           lambda: ops.mla_attention(q, kn, kp, v, True, 48**-0.5, None),
+           lambda: mla_attention_module._forward(q, kn, kp, v, True, 48**-0.5, None))  # fmt: skip
     hid, lm, ids = torch.randn(1, 64), torch.randn(128, 64), torch.randint(0, 128, (1,))
     one, adv = torch.ones(1), torch.randn(1)
     terms = (one, adv, None, None, None, 1.0, 0.0, 0.2, 0.2, None, 20.0, 0.0, False, False)
+    token_terms = TokenTerms(one, adv, None, None, None, 0.0, 0.2, 0.2, None, 20.0, 0.0, False)
     yield ("grpo_token_loss_fused", lambda: OPS["grpo_token_loss_fused"](hid, lm, None, ids, *terms),
-           lambda: ops.grpo_token_loss_fused(hid, lm, None, ids, *terms), None)  # fmt: skip
+           lambda: ops.grpo_token_loss_fused(hid, lm, None, ids, *terms),
+           lambda: fused_loss_module._two_pass(hid, lm, None, ids, token_terms, 1.0, False))  # fmt: skip
 
 
 def main() -> None:
@@ -188,10 +231,11 @@ def main() -> None:
         disp, disp_ratio, _ = per_call_us(dispatched, expr, args.reps)
         b = per_call_us(bare, expr, args.reps)[0] if bare is not None else float("nan")
         rows.append([name, round(pub, 1), round(disp, 1), round(b, 1), round(pub_ratio, 2), round(pub_best, 2),
-                     round(disp_ratio, 2)])  # fmt: skip
+                     round((pub - b) / expr_us, 2), round(disp_ratio, 2)])  # fmt: skip
     print(f"x.abs().amax() on [1, 128] bf16: {expr_us:.1f} us per call")
     write_table("dispatch_cpu", ["op", "public us", "torch.ops us", "bare us", "public / expr",
-                                 "public / expr (fastest rounds)", "torch.ops / expr"], rows)  # fmt: skip
+                                 "public / expr (fastest rounds)", "(public - bare) / expr", "torch.ops / expr"],
+                rows)  # fmt: skip
 
 
 if __name__ == "__main__":
