@@ -6,6 +6,7 @@
 #include "common/dtype.h"
 #include "fp8/bindings.h"
 #include "grpo/bindings.h"
+#include "mla/bindings.h"
 #include "moe/bindings.h"
 
 namespace py = pybind11;
@@ -25,4 +26,5 @@ PYBIND11_MODULE(_C, m) {
   r1k::register_fp8(m);
   r1k::register_grpo(m);
   r1k::register_moe(m);
+  r1k::register_mla(m);
 }

@@ -31,7 +31,7 @@ def _paths():
     out = []
     for p in backends_for():
         backend, device = p.values
-        dtypes = (torch.bfloat16,) if backend == "triton" else (torch.float32, torch.bfloat16)
+        dtypes = (torch.bfloat16,) if backend == "triton" else (torch.float32, torch.bfloat16, torch.float16)
         out += [pytest.param(backend, device, dt, id=f"{backend}-{str(dt)[6:]}") for dt in dtypes]
     return out
 
@@ -75,6 +75,13 @@ def test_bad_input():
         decode(q, cache[:, :8].contiguous(), table, lengths, softmax_scale=0.1)
     with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, block_table"):
         decode(q, cache, table, torch.tensor([20, 40], dtype=torch.int32), softmax_scale=0.1)
+    bad_table = table.clone()
+    bad_table[1, 0] = cache.shape[0]  # a page sequence 1 uses
+    with pytest.raises(ValueError, match=r"block_table's used entries must lie in \[0, num_blocks\)"):
+        decode(q, cache, bad_table, lengths, softmax_scale=0.1)
+    bad_table[1, 0], bad_table[0, 1] = table[1, 0], -1  # sequence 0 uses 2 pages of 16: its second is used too
+    with pytest.raises(ValueError, match="block_table's used entries"):
+        decode(q, cache, bad_table, lengths, softmax_scale=0.1)
     with pytest.raises(ValueError, match="576 columns"):
         decode(q[..., :512].contiguous(), cache, table, lengths, softmax_scale=0.1)
     with pytest.raises(ValueError, match="head_dim_v must be 512"):

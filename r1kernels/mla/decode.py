@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_tensor
+from r1kernels._ext import cpp_dtype, ext
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
 from r1kernels.mla.kernels import decode as kernel
@@ -80,6 +83,26 @@ def _decode_torch(q, kv_cache, block_table, cache_seqlens, scale, causal, out, l
     lse.copy_(torch.where(empty, float("inf"), row_lse).view(B, s_q, H).transpose(1, 2))
 
 
+@functools.lru_cache(maxsize=256)
+def _cpu_problem(batch, s_q, heads, page, max_blocks, num_blocks, scale, causal):
+    return ext().MlaDecodeProblem(batch=batch, s_q=s_q, heads=heads, page=page, max_blocks=max_blocks,
+                                  num_blocks=num_blocks, scale=scale, causal=causal)  # fmt: skip
+
+
+def _decode_cpu(q, kv_cache, block_table, cache_seqlens, scale, causal, out, lse) -> None:
+    """The C++ twin (csrc/mla/decode_cpu.cpp); it checks the lengths and the used table entries first."""
+    B, s_q, H, _ = q.shape
+    (num_blocks, page, _), max_blocks = kv_cache.shape, block_table.shape[1]
+    status = ext().mla_decode_cpu(q=q.data_ptr(), kv_cache=kv_cache.data_ptr(), dtype=cpp_dtype(q.dtype),
+                                  block_table=block_table.data_ptr(), cache_seqlens=cache_seqlens.data_ptr(),
+                                  out=out.data_ptr(), lse=lse.data_ptr(),
+                                  problem=_cpu_problem(B, s_q, H, page, max_blocks, num_blocks, float(scale),
+                                                       bool(causal)))  # fmt: skip
+    if status != ext().MlaDecodeStatus.ok:
+        check_lengths(cache_seqlens, block_table, page, num_blocks)  # raises the error that names the argument
+        raise AssertionError(f"mla_decode_cpu reported {status} but the inputs pass the checks")
+
+
 def _decode_triton(q, kv_cache, block_table, cache_seqlens, scale, causal, out, lse) -> None:
     B, s_q, H, _ = q.shape
     R, page = s_q * H, kv_cache.shape[1]
@@ -128,10 +151,12 @@ def _decode_op(
     lse = _alloc.empty((B, H, s_q), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
+    if backend.resolve(q.device, _OP) == "cpu":
+        _decode_cpu(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, out, lse)
+        return out, lse
     check_lengths(cache_seqlens, block_table, kv_cache.shape[1], kv_cache.shape[0])
-    triton_path = q.dtype != torch.float32 and backend.resolve(q.device, _OP) != "cpu"
-    (_decode_triton if triton_path else _decode_torch)(q, kv_cache, block_table, cache_seqlens, softmax_scale,
-                                                       causal, out, lse)  # fmt: skip
+    decode = _decode_torch if q.dtype == torch.float32 else _decode_triton
+    decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, out, lse)
     return out, lse
 
 
@@ -158,7 +183,8 @@ def mla_decode(
 
     Returns ``(out [B, s_q, H, 512] in q's dtype, lse [B, H, s_q] float32)``; rows with nothing to attend give
     out 0 and lse +inf. GPU (16-bit): Triton split-KV (8 splits per sequence, 64 (query, head) rows per
-    program) and a combine; CPU and fp32: torch, all sequences at once.
+    program) and a combine; fp32 on a GPU: torch, all sequences at once; CPU: C++ (an online softmax over
+    64-key blocks in fp32, OpenMP over sequences).
     """
     return _decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), causal, head_dim_v)
 
