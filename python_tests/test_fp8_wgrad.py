@@ -41,6 +41,18 @@ def test_transposed_and_rowwise_bytes_match_reference(backend, device, T, C, dty
 
 
 @pytest.mark.parametrize("backend,device", backends_for())
+def test_transposed_reads_row_strided_input(backend, device):
+    wide = torch.randn(150, 200).to(torch.bfloat16)
+    x = wide[:, 30:174]  # row stride 200, 144 columns
+    with r1kernels.use_backend(backend):
+        q, s, qt, st = r1kernels.fp8.quantize_rowwise_and_transposed(x.to(device))
+    rq, rs = ref.quantize_per_token_group(x.contiguous())
+    rqt, rst = ref.quantize_transposed(x.contiguous())
+    assert torch.equal(_bytes(q), _bytes(rq)) and torch.equal(s.cpu(), rs)
+    assert torch.equal(_bytes(qt), _bytes(rqt)) and torch.equal(st.cpu(), rst)
+
+
+@pytest.mark.parametrize("backend,device", backends_for())
 def test_padding_rows_are_zeroed_and_nan_propagates(backend, device):
     x = torch.randn(200, 144)
     ids = torch.tensor([0] * 150 + [-1] * 50, dtype=torch.int32)

@@ -64,12 +64,31 @@ void register_fp8(py::module_& m) {
 
   m.def(
       "quantize_fp8_tiles_cpu",
-      [](uintptr_t x, DType dtype, const TileGeometry& geometry, uintptr_t out, uintptr_t scales, bool pow2) {
+      [](uintptr_t x, DType dtype, const TileGeometry& geometry, uintptr_t out, uintptr_t scales, bool pow2,
+         uintptr_t m_indices) {
         py::gil_scoped_release release;
-        quantize_fp8_tiles_cpu(ptr<const void>(x), dtype, geometry, ptr<uint8_t>(out), ptr<float>(scales), pow2);
+        quantize_fp8_tiles_cpu(ptr<const void>(x), dtype, geometry, ptr<uint8_t>(out), ptr<float>(scales), pow2,
+                               ptr<const int32_t>(m_indices));
       },
       py::kw_only(), py::arg("x"), py::arg("dtype"), py::arg("geometry"), py::arg("out"), py::arg("scales"),
-      py::arg("pow2"), "Quantize a row-major matrix to FP8 E4M3 with one fp32 scale per tile (OpenMP).");
+      py::arg("pow2"), py::arg("m_indices") = 0,
+      "Quantize a row-major matrix to FP8 E4M3 with one fp32 scale per tile (OpenMP); rows whose m_indices entry "
+      "is negative quantize as zeros.");
+
+  m.def(
+      "quantize_fp8_transposed_cpu",
+      [](uintptr_t x, DType dtype, const TileGeometry& geometry, uintptr_t m_indices, uintptr_t out,
+         int64_t out_stride, uintptr_t scales) {
+        if (geometry.tile_cols != 1) throw std::invalid_argument("geometry.tile_cols must be 1");
+        if (out_stride < geometry.rows) throw std::invalid_argument("out_stride must be at least geometry.rows");
+        py::gil_scoped_release release;
+        quantize_fp8_transposed_cpu(ptr<const void>(x), dtype, geometry, ptr<const int32_t>(m_indices),
+                                    ptr<uint8_t>(out), out_stride, ptr<float>(scales));
+      },
+      py::kw_only(), py::arg("x"), py::arg("dtype"), py::arg("geometry"), py::arg("m_indices"), py::arg("out"),
+      py::arg("out_stride"), py::arg("scales"),
+      "x [rows, cols] -> x.T [cols, out_stride] in FP8 E4M3 (zero codes past rows), one fp32 scale per "
+      "tile_rows x 1 tile of x; rows whose m_indices entry is negative (m_indices 0: none) quantize as zeros.");
 
   m.def(
       "dequantize_fp8_tiles_cpu",

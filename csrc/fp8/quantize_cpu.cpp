@@ -17,8 +17,9 @@ constexpr int64_t kParallelElements = 1 << 15;
 
 // Each tile row segment is converted to fp32 once into a small buffer; the amax and encode loops over
 // it are branch-free and vectorize.
+// Rows whose id in `ids` (when given) is negative load as zeros: MoE padding rows.
 template <typename Load>
-void quantize_tiles(Load load, const TileGeometry& g, uint8_t* out, float* scales, bool pow2) {
+void quantize_tiles(Load load, const TileGeometry& g, const int32_t* ids, uint8_t* out, float* scales, bool pow2) {
   const int64_t tiles_r = (g.rows + g.tile_rows - 1) / g.tile_rows;
   const int64_t tiles_c = (g.cols + g.tile_cols - 1) / g.tile_cols;
 #pragma omp parallel if (g.rows * g.cols >= kParallelElements)
@@ -35,7 +36,8 @@ void quantize_tiles(Load load, const TileGeometry& g, uint8_t* out, float* scale
         for (int64_t r = 0; r < nr; ++r) {
           float* row = buf.data() + r * nc;
           const int64_t src = (r0 + r) * g.row_stride + c0;
-          for (int64_t c = 0; c < nc; ++c) row[c] = load(src + c);
+          const bool zero = ids != nullptr && ids[r0 + r] < 0;
+          for (int64_t c = 0; c < nc; ++c) row[c] = zero ? 0.0f : load(src + c);
           for (int64_t c = 0; c < nc; ++c) {
             const float a = std::fabs(row[c]);
             amax = a > amax ? a : amax;
@@ -54,6 +56,51 @@ void quantize_tiles(Load load, const TileGeometry& g, uint8_t* out, float* scale
   }
 }
 
+// x.T quantized with tiles of g.tile_rows tokens x 1 channel (g describes x: rows = tokens, cols = channels).
+// Per block of tokens x kChannels channels, the block is read row by row once into a buffer (contiguous loads),
+// each channel's amax taken, and each channel's codes written as one contiguous run of x.T's row. The padding
+// columns [rows, out_stride) of every x.T row are zero codes.
+template <typename Load>
+void quantize_transposed(Load load, const TileGeometry& g, const int32_t* ids, uint8_t* out, int64_t out_stride,
+                         float* scales) {
+  constexpr int64_t kChannels = 64;
+  const int64_t groups = (g.rows + g.tile_rows - 1) / g.tile_rows;
+  const int64_t chunks = (g.cols + kChannels - 1) / kChannels;
+#pragma omp parallel if (g.rows * g.cols >= kParallelElements)
+  {
+    std::vector<float> buf(static_cast<size_t>(std::min(g.tile_rows, g.rows) * std::min(kChannels, g.cols)));
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t tg = 0; tg < groups; ++tg) {
+      for (int64_t cc = 0; cc < chunks; ++cc) {
+        const int64_t t0 = tg * g.tile_rows, nt = std::min(g.rows, t0 + g.tile_rows) - t0;
+        const int64_t c0 = cc * kChannels, nc = std::min(g.cols, c0 + kChannels) - c0;
+        float amax[kChannels] = {}, scale[kChannels];
+        int has_nan[kChannels] = {};
+        for (int64_t t = 0; t < nt; ++t) {
+          float* row = buf.data() + t * nc;
+          const int64_t src = (t0 + t) * g.row_stride + c0;
+          const bool zero = ids != nullptr && ids[t0 + t] < 0;
+          for (int64_t c = 0; c < nc; ++c) row[c] = zero ? 0.0f : load(src + c);
+          for (int64_t c = 0; c < nc; ++c) {
+            const float a = std::fabs(row[c]);
+            amax[c] = a > amax[c] ? a : amax[c];
+            has_nan[c] |= row[c] != row[c];
+          }
+        }
+        for (int64_t c = 0; c < nc; ++c) {
+          scale[c] = tile_scale(has_nan[c] ? std::nanf("") : amax[c], false);
+          scales[tg * g.scale_stride_r + (c0 + c) * g.scale_stride_c] = scale[c];
+        }
+        for (int64_t c = 0; c < nc; ++c) {
+          uint8_t* dst = out + (c0 + c) * out_stride + t0;
+          for (int64_t t = 0; t < nt; ++t) dst[t] = e4m3_encode(buf[t * nc + c] / scale[c]);
+        }
+      }
+    }
+  }
+  for (int64_t c = 0; c < g.cols; ++c) std::fill(out + c * out_stride + g.rows, out + (c + 1) * out_stride, 0);
+}
+
 template <typename Store>
 void dequantize_tiles(const uint8_t* q, const float* scales, const TileGeometry& g, Store store) {
   const float* decode = e4m3_table();
@@ -69,24 +116,35 @@ void dequantize_tiles(const uint8_t* q, const float* scales, const TileGeometry&
   }
 }
 
-}  // namespace
-
-void quantize_fp8_tiles_cpu(const void* x, DType dtype, const TileGeometry& g, uint8_t* out, float* scales,
-                            bool pow2) {
+// Calls quantize(load) with x's element loader for its dtype.
+template <typename Quantize>
+void with_loader(const void* x, DType dtype, Quantize quantize) {
   switch (dtype) {
     case DType::kFloat32: {
       const float* p = static_cast<const float*>(x);
-      return quantize_tiles([p](int64_t i) { return p[i]; }, g, out, scales, pow2);
+      return quantize([p](int64_t i) { return p[i]; });
     }
     case DType::kFloat16: {
       const uint16_t* p = static_cast<const uint16_t*>(x);
-      return quantize_tiles([p](int64_t i) { return fp16_to_float(p[i]); }, g, out, scales, pow2);
+      return quantize([p](int64_t i) { return fp16_to_float(p[i]); });
     }
     case DType::kBFloat16: {
       const uint16_t* p = static_cast<const uint16_t*>(x);
-      return quantize_tiles([p](int64_t i) { return bf16_to_float(p[i]); }, g, out, scales, pow2);
+      return quantize([p](int64_t i) { return bf16_to_float(p[i]); });
     }
   }
+}
+
+}  // namespace
+
+void quantize_fp8_tiles_cpu(const void* x, DType dtype, const TileGeometry& g, uint8_t* out, float* scales,
+                            bool pow2, const int32_t* ids) {
+  with_loader(x, dtype, [&](auto load) { quantize_tiles(load, g, ids, out, scales, pow2); });
+}
+
+void quantize_fp8_transposed_cpu(const void* x, DType dtype, const TileGeometry& g, const int32_t* ids, uint8_t* out,
+                                 int64_t out_stride, float* scales) {
+  with_loader(x, dtype, [&](auto load) { quantize_transposed(load, g, ids, out, out_stride, scales); });
 }
 
 void dequantize_fp8_tiles_cpu(const uint8_t* q, const float* scales, const TileGeometry& g, void* out,

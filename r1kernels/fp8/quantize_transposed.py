@@ -8,11 +8,12 @@ import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_tensor
+from r1kernels._ext import cpp_dtype, ext
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.kernels import quantize_transposed as kernel
 from r1kernels.fp8.kernels.e4m3 import hw_fp8_convert
-from r1kernels.fp8.tiles import INPUT_DTYPES, quantize_outputs, quantize_tiles
+from r1kernels.fp8.tiles import INPUT_DTYPES, cached_geometry, quantize_outputs, tile_geometry
 
 _OP = "quantize_fp8_transposed"
 TILE = kernel.TILE
@@ -39,20 +40,24 @@ def _outputs(x: torch.Tensor, rowwise: bool):
     T, C = x.shape
     qt = _alloc.empty((C, padded_tokens(T)), torch.float8_e4m3fn, x.device)
     st = _alloc.empty((C, cdiv(T, TILE)), torch.float32, x.device)
-    q, s = quantize_outputs(x if rowwise else x[:0, :0], 1, TILE, False)
-    return q, s, qt, st
+    if rowwise:
+        return *quantize_outputs(x, 1, TILE, False), qt, st
+    # the op always returns four tensors; without the row-wise pair they are empty
+    return torch.empty((0, 0), dtype=qt.dtype, device=x.device), torch.empty((0, 0), device=x.device), qt, st
 
 
 def _cpu(x, m_indices, rowwise):
-    """The C++ per-token-group quantizer on a zero-padded transposed copy (one copy of x, in x's dtype)."""
-    T = x.shape[0]
-    if m_indices is not None:
-        x = torch.where((m_indices >= 0)[:, None], x, 0)
-    xt = x.new_zeros((x.shape[1], padded_tokens(T)))
-    xt[:, :T] = x.T
-    qt, st = quantize_tiles(xt, 1, TILE, False, False, op=_OP)  # zero padding leaves every amax as is
-    q, s = quantize_tiles(x if rowwise else x[:0, :0], 1, TILE, False, False, op=_OP)
-    return q, s, qt, st
+    """Both quantizations in C++ straight from x (padding rows read as zeros), no transposed copy."""
+    q, s, qt, st = outputs = _outputs(x, rowwise)
+    T, C = x.shape
+    ids = 0 if m_indices is None else m_indices.data_ptr()
+    ext().quantize_fp8_transposed_cpu(x=x.data_ptr(), dtype=cpp_dtype(x.dtype), geometry=cached_geometry(T, C,
+                                      x.stride(0) if T > 1 else C, TILE, 1, 1, st.stride(0)), m_indices=ids,
+                                      out=qt.data_ptr(), out_stride=qt.shape[1], scales=st.data_ptr())  # fmt: skip
+    if rowwise:
+        ext().quantize_fp8_tiles_cpu(x=x.data_ptr(), dtype=cpp_dtype(x.dtype), geometry=tile_geometry(x, 1, TILE, s),
+                                     out=q.data_ptr(), scales=s.data_ptr(), pow2=False, m_indices=ids)  # fmt: skip
+    return outputs
 
 
 def _fake(x, rowwise, m_indices):

@@ -39,11 +39,11 @@ def validate_quantize_input(name: str, x: torch.Tensor, tile: int, tile_arg: str
 def tile_geometry(x: torch.Tensor, tile_m: int, tile_k: int, scales: torch.Tensor):
     """The C++ kernels' TileGeometry of a [M, K] matrix (unit column stride) and its scales."""
     M, K = x.shape
-    return _geometry(M, K, x.stride(0) if M > 1 else K, tile_m, tile_k, scales.stride(0), scales.stride(1))
+    return cached_geometry(M, K, x.stride(0) if M > 1 else K, tile_m, tile_k, scales.stride(0), scales.stride(1))
 
 
 @functools.lru_cache(maxsize=1024)
-def _geometry(rows, cols, row_stride, tile_rows, tile_cols, scale_stride_r, scale_stride_c):
+def cached_geometry(rows, cols, row_stride, tile_rows, tile_cols, scale_stride_r, scale_stride_c):
     # cached: building the pybind11 struct costs a few microseconds, a visible share of a decode-sized call
     return ext().TileGeometry(rows=rows, cols=cols, row_stride=row_stride, tile_rows=tile_rows, tile_cols=tile_cols,
                               scale_stride_r=scale_stride_r, scale_stride_c=scale_stride_c)  # fmt: skip
