@@ -3,6 +3,7 @@
 // (tensor.data_ptr()) and named arguments; Python has validated dtype, shape, device and contiguity first.
 #include <pybind11/pybind11.h>
 
+#include "common/bindings.h"
 #include "common/dtype.h"
 #include "fp8/bindings.h"
 #include "grpo/bindings.h"
@@ -23,6 +24,7 @@ PYBIND11_MODULE(_C, m) {
       .value("float16", r1k::DType::kFloat16)
       .value("bfloat16", r1k::DType::kBFloat16);
 
+  r1k::register_common(m);
   r1k::register_fp8(m);
   r1k::register_grpo(m);
   r1k::register_moe(m);

@@ -21,6 +21,12 @@ loaded or shared machine a few milliseconds of timing are noise, so the choice w
 and results with it, and the gap it would have to find (30x or more) is exactly what the flags predict.
 
 ``R1K_CPU_BF16_GEMM=1`` or ``0`` forces the choice either way (read on every call, so tests may set it).
+
+bf16 GEMMs with fp32 results (``amx_bf16``). PyTorch's CPU matmul rounds a bf16 product to bf16, so results
+that must stay fp32 (the LM-head logits) were GEMMs on fp32 copies. Where this process can run AMX-BF16 tiles
+(the CPU has them and Linux granted the tile permission: asked by the C++ extension itself, so the answer is
+the one that holds when the kernel runs), ``csrc/common/amx_bf16_gemm.cpp`` computes them from the bf16 values
+(exact products, fp32 sums). ``R1K_CPU_AMX=0`` switches it off (the fp32-copy path), for tests and comparisons.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 import torch
 
 ENV = "R1K_CPU_BF16_GEMM"
+AMX_ENV = "R1K_CPU_AMX"
 # Native bf16 dot products: x86 AVX512-BF16 and AMX-BF16; Arm's BF16 extension (BFDOT / BFMMLA), named "bf16"
 # both by torch.cpu.get_capabilities and in the Features line of /proc/cpuinfo.
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16")
@@ -90,9 +97,26 @@ def fast_bf16_gemm() -> bool:
     return _detect()[0] if forced is None else forced
 
 
+@functools.cache
+def _amx_usable() -> bool:
+    from r1kernels._ext import ext  # the extension asks the OS for the tile permission on first use
+
+    return bool(ext().amx_bf16_usable())
+
+
+def amx_bf16() -> bool:
+    """True when bf16 GEMMs with fp32 results run on AMX tiles here; ``R1K_CPU_AMX=0`` switches them off."""
+    value = os.environ.get(AMX_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{AMX_ENV} must be 0 (off) or 1 / unset (use AMX where usable), got {value!r}")
+    return value != "0" and _amx_usable()
+
+
 def bf16_gemm_path() -> str:
     """The choice and its reason, for benchmark tables: e.g. "bf16 GEMMs (avx512_bf16; torch kernels: AVX512)",
     "fp32 GEMMs (no native bf16; torch kernels: AVX2)", "fp32 GEMMs (forced by R1K_CPU_BF16_GEMM=0; ...)"."""
     forced = _override()
     fast, why = _detect() if forced is None else (forced, f"forced by {ENV}={int(forced)}")
-    return f"{'bf16' if fast else 'fp32'} GEMMs ({why}; torch kernels: {torch.backends.cpu.get_cpu_capability()})"
+    amx = "; fp32-output bf16 GEMMs on AMX" if amx_bf16() else ""
+    return (f"{'bf16' if fast else 'fp32'} GEMMs ({why}; torch kernels: {torch.backends.cpu.get_cpu_capability()})"
+            f"{amx}")  # fmt: skip

@@ -1,15 +1,17 @@
 """CPU path of the fused LM-head log-prob: PyTorch over (vocab tile x token chunk) blocks.
 
-The loops run vocab tiles outermost, so each tile of the weight is converted to fp32 once and its
-``d weight`` rows are accumulated in fp32 once; a token chunk's logits block is the only logits-shaped
-memory alive (``CPU_SCRATCH_BYTES``). Logits, log-sum-exp and log-probs are fp32 for every input dtype.
+The loops run vocab tiles outermost, so each tile of the weight is prepared once (converted to fp32, or for
+bf16 on a CPU with AMX packed for ``csrc/common/amx_bf16_gemm.cpp``, whose GEMM reads the bf16 values and
+writes fp32 logits at ~5x the fp32 GEMM's rate) and its ``d weight`` rows are accumulated in fp32 once; a
+token chunk's logits block is the only logits-shaped memory alive (``CPU_SCRATCH_BYTES``). Logits, log-sum-exp
+and log-probs are fp32 for every input dtype.
 
 For bf16 inputs the dtype of the two gradient GEMMs (``d hidden += d logits @ W``, ``d W += d logits^T @ hidden``)
 follows the CPU the code runs on (``r1kernels.cpu_caps.fast_bf16_gemm``; ``R1K_CPU_BF16_GEMM=1|0`` forces it):
 - native bf16 dot products through oneDNN (AVX512-BF16, AMX-BF16, Arm BF16): bf16 GEMMs on the bf16-rounded
   ``d logits``, as the GPU kernels do, each block's product added into the fp32 sums;
-- otherwise fp32 GEMMs on the fp32 ``d logits`` and the fp32 copies of the weight tile and the hidden chunk
-  that the logits recompute already holds, so no memory beyond the bf16 form's. There bf16 GEMMs would be
+- otherwise fp32 GEMMs on the fp32 ``d logits`` and fp32 copies of the weight tile and the hidden chunk
+  (a chunk-sized and a tile-sized buffer beside the bf16 form's memory). There bf16 GEMMs would be
   emulated, 30-60x slower (forward + backward at N=512, H=1024, V=32000 on an AVX2-only EPYC: 47 s, against
   1.5 s in fp32). This form skips both bf16 roundings and is the more accurate one.
 The one-shot form for small problems runs its GEMMs in fp32 for every CPU.
@@ -87,6 +89,28 @@ def _float(t):
     return None if t is None else t.float()
 
 
+def _tile_logits(w: torch.Tensor, b: torch.Tensor | None, inv_t: float):
+    """``logits(h) = (h @ w.T + b) * inv_t`` in fp32 for the vocab tile ``w [vt, H]``, as a function of a token
+    chunk ``h``, and the tile's fp32 copy (None when not made). bf16 on AMX: the tile is packed once for every
+    chunk and the GEMM reads the bf16 values (same products, fp32 sums); otherwise the fp32 copy is the operand."""
+    b32 = _float(b)
+    if w.dtype is not torch.bfloat16 or not cpu_caps.amx_bf16():
+        w32 = w.float()
+        return (lambda h: _logits(h.float(), w32, b32, inv_t)), w32
+    (vt, H), lib = w.shape, ext()
+    packed = torch.empty(lib.amx_packed_b_words(n=vt, k=H), dtype=torch.int32)
+    lib.amx_pack_b_nt(b=w.data_ptr(), ldb=w.stride(0) if vt > 1 else H, n=vt, k=H, packed=packed.data_ptr())
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        z = torch.empty(h.shape[0], vt)
+        lib.amx_bf16_gemm_nt(a=h.data_ptr(), lda=h.stride(0) if h.shape[0] > 1 else H, m=h.shape[0],
+                             packed_b=packed.data_ptr(), n=vt, k=H, bias=0 if b32 is None else b32.data_ptr(),
+                             alpha=inv_t, c=z.data_ptr(), ldc=vt)  # fmt: skip
+        return z
+
+    return logits, None
+
+
 def _forward_small(hidden, weight, bias, ids, inv_t: float, with_entropy: bool):
     z = _logits(hidden.float(), weight.float(), _float(bias), inv_t)
     log_p = torch.log_softmax(z, dim=1)  # one fused op; torch.logsumexp is several times slower at this size
@@ -143,11 +167,10 @@ def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: b
     s, zy, t = torch.zeros(N), torch.zeros(N), torch.zeros(N)
     for v0 in range(0, V, vt):
         v1 = min(V, v0 + vt)
-        w32 = weight[v0:v1].float()
-        b32 = None if bias is None else bias[v0:v1].float()
+        logits, _ = _tile_logits(weight[v0:v1], None if bias is None else bias[v0:v1], inv_t)
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
-            z = _logits(hidden[r0:r1].float(), w32, b32, inv_t)
+            z = logits(hidden[r0:r1])
             hit, col = _targets_in_tile(ids[r0:r1], v0, v1)
             zy[r0:r1][hit] = z[hit, col]
             m_new = torch.maximum(m[r0:r1], z.amax(dim=1))
@@ -185,15 +208,15 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
     for v0 in range(0, V, vt):
         v1 = min(V, v0 + vt)
         w = weight[v0:v1]
-        w32 = w.float()
-        b32 = None if bias is None else bias[v0:v1].float()
+        logits, w32 = _tile_logits(w, None if bias is None else bias[v0:v1], inv_t)
+        if w32 is None and not gemm_in_bf16:  # the gradient GEMMs still take the fp32 copies
+            w32 = w.float()
         # fp32 weights accumulate straight into their gradient; others into an fp32 tile
         d_w32 = d_weight[v0:v1].zero_() if weight.dtype == torch.float32 else torch.zeros((v1 - v0, H))
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
             h = hidden[r0:r1]
-            h32 = h.float()
-            log_p = _logits(h32, w32, b32, inv_t).sub_(lse[r0:r1, None])
+            log_p = logits(h).sub_(lse[r0:r1, None])
             hit, col = _targets_in_tile(ids[r0:r1], v0, v1)
             # g * (onehot - softmax); at the target 1 - p is -expm1(logp), exact even when p -> 1
             target = -torch.expm1(log_p[hit, col]) * g[r0:r1][hit]
@@ -213,7 +236,7 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
                 d_w32 += gz16.T @ h
             else:
                 d_hidden32[r0:r1].addmm_(gz, w32)
-                d_w32.addmm_(gz.T, h32)
+                d_w32.addmm_(gz.T, _f32(h))
         if d_w32.data_ptr() != d_weight[v0:v1].data_ptr():
             d_weight[v0:v1] = d_w32
     d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
