@@ -17,7 +17,10 @@ tokens can be finished once its log-sum-exp over the whole vocabulary is known.
   recompute. GSPO's sequence-level ratio couples a sequence's tokens, so it keeps the two-pass path.
 - CPU: the forward statistics, the loss gradient, then the blocked CPU backward, 8NHV. A single pass on a
   CPU needs the fp32 logits of a token block over the whole vocabulary, and blocks small enough for the
-  memory budget make the fp32 d-weight update memory-bound (benchmarks/NOTES.md).
+  memory budget (64 rows at V = 32000) stream the weight and the fp32 d weight through memory once per
+  block: a 6NHV single pass built that way was measured slower than these 8NHV (4.19 vs 3.65 s at N 4096,
+  H 1024, V 32000 fp32 on 2 cores; 6.70 vs 6.30 s on another machine), whose vocab tiles stay in cache
+  (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import torch
 from r1kernels import _alloc, _ops, backend
 from r1kernels._checks import cdiv, check_index_range, check_tensor
 from r1kernels._ops import Sample, define_op
-from r1kernels.grpo import lm_head_cpu
 from r1kernels.grpo import lm_head_logprobs as lm
 from r1kernels.grpo.kernels import logprob_grad_logits, matmul
 from r1kernels.grpo.token_loss import TokenTerms, block_gradients
@@ -80,18 +82,6 @@ def _two_pass(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with
     d_hidden, d_weight, d_bias = lm.logprob_stats_backward(g, ge, hidden, weight, bias, ids, lse, entropy,
                                                            temperature)  # fmt: skip
     return total, logp, entropy, d_hidden, d_weight, hidden.new_empty((0,)) if d_bias is None else d_bias
-
-
-def _single_pass_cpu(hidden, weight, bias, token_ids, t: TokenTerms, temperature: float, with_entropy: bool):
-    ids = token_ids.long().contiguous()
-    check_index_range("token_ids", ids, weight.shape[0], "V")
-
-    def loss_grads(logp, entropy, r0, r1):
-        return block_gradients(logp, entropy, t.rows(r0, r1))
-
-    *out, d_bias = lm_head_cpu.fused_forward_backward(hidden, weight, bias, ids, temperature, with_entropy,
-                                                      loss_grads)  # fmt: skip
-    return *out, hidden.new_empty((0,)) if d_bias is None else d_bias
 
 
 def _validate_terms(N: int, per_token: dict[str, torch.Tensor | None]) -> None:
@@ -178,9 +168,7 @@ def _fused_op(
         d_bias = hidden.new_empty((0,)) if bias is None else torch.zeros_like(bias)
         return empty.sum(), empty, empty.clone(), torch.zeros_like(hidden), torch.zeros_like(weight), d_bias
     if backend.resolve(hidden.device, _OP) == "cpu":
-        if hidden.dtype != torch.float32 or lm_head_cpu.tiny(N, weight.shape[0], hidden.shape[1]):
-            return _two_pass(hidden, weight, bias, token_ids, t, temperature, with_entropy)  # checks the ids
-        return _single_pass_cpu(hidden, weight, bias, token_ids, t, temperature, with_entropy)
+        return _two_pass(hidden, weight, bias, token_ids, t, temperature, with_entropy)  # checks the ids
     check_index_range("token_ids", token_ids, weight.shape[0], "V")
     return _single_pass_triton(hidden, weight, bias, token_ids.long(), t, temperature, with_entropy)
 

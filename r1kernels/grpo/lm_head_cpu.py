@@ -25,7 +25,7 @@ from r1kernels import cpu_caps
 from r1kernels._checks import check_index_range
 from r1kernels._ext import cpp_dtype, ext
 
-VOCAB_TILE = 2048
+VOCAB_TILE = 1024
 CPU_SCRATCH_BYTES = 16 * 2**20  # one fp32 [rows, VOCAB_TILE] logits block
 # Problems whose whole [N, V] fp32 logits fit in this many elements (256 KiB) take a one-shot path: at decode
 # sizes the blocked loops' few dozen small torch ops cost more than the math.
@@ -241,102 +241,3 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
             d_weight[v0:v1] = d_w32
     d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
     return d_hidden32.to(hidden.dtype), d_weight, d_bias
-
-
-# ---- single pass (training): the loss's gradients during the forward -------------------------------------
-
-# The [rows, V] fp32 logits of one token block, the only logits-shaped memory of the single pass. 8 MiB is 64
-# rows at V = 32000: the whole working memory stays near 0.06x of the plain loss's (the 10% bound of issue 7
-# minus the gradients themselves), and the d-weight update (K = 64) still runs at the GEMM rate, not the
-# memory rate: measured ~190 GFLOP/s against the 34 GB/s its 2 x V x H x 4 bytes per block would need to limit
-# it (benchmarks/NOTES.md).
-CPU_FUSED_SCRATCH_BYTES = 8 * 2**20
-MIN_FUSED_ROWS = 16  # below this the GEMMs lose more to their edges than the scratch saves (large V)
-# Elementwise work of the entropy form runs over row chunks of about this many elements: its second operand
-# (exp of the block) then lives in a chunk-sized temporary, not a block-sized one.
-ENTROPY_CHUNK = 1 << 18
-
-
-def fused_rows(N: int, V: int) -> int:
-    """Token rows per block of the single pass: the fp32 [rows, V] logits within CPU_FUSED_SCRATCH_BYTES,
-    a multiple of 16 when that many fit (GEMM edges), at least MIN_FUSED_ROWS, at most N."""
-    rows = CPU_FUSED_SCRATCH_BYTES // (4 * V)
-    rows = rows // 16 * 16 if rows >= 16 else rows
-    return max(1, min(N, max(rows, MIN_FUSED_ROWS)))
-
-
-def fused_forward_backward(hidden, weight, bias, ids, temperature: float, with_entropy: bool, loss_grads):
-    """fp32 inputs. One pass over token blocks: each block's logits over the whole vocabulary, its log-probs
-    (and entropy), ``loss_grads(logp, entropy, r0, r1) -> (loss part, d/d logp, d/d entropy or None)``, then
-    its logit gradients in the logits' own memory and the two gradient GEMMs: 6NHV FLOPs against the two-pass
-    8NHV. d hidden rows are final per block; d weight (and d bias) accumulate straight into the returned
-    fp32 gradient (no accumulator beside it). Returns (loss, logp, entropy, d_hidden, d_weight, d_bias)."""
-    (N, H), V = hidden.shape, weight.shape[0]
-    inv_t = 1.0 / temperature
-    rows = fused_rows(N, V)
-    scratch = torch.empty(rows * V)
-    d_hidden, d_weight = torch.empty((N, H)), torch.empty((V, H))
-    d_bias = None if bias is None else torch.empty(V)
-    logp, entropy = torch.empty(N), torch.zeros(N)
-    total = torch.zeros(())
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        h, col = hidden[r0:r1], ids[r0:r1, None]
-        z = scratch[: (r1 - r0) * V].view(r1 - r0, V)
-        if bias is None and inv_t == 1.0:
-            torch.mm(h, weight.T, out=z)
-        else:  # (h W^T + b) / T in the GEMM's own epilogue; beta = 0 never reads z's stale values
-            torch.addmm(z if bias is None else bias, h, weight.T, beta=0.0 if bias is None else inv_t, alpha=inv_t,
-                        out=z)  # fmt: skip
-        # z becomes log p in place: one fused pass per row (max, sum of exp, subtract) where the separate ops
-        # would stream the block through memory four times. The row is read whole before it is written.
-        torch.ops.aten._log_softmax.out(z, 1, False, out=z)
-        lp = z.gather(1, col).squeeze(1)
-        ent = _entropy(z) if with_entropy else entropy[r0:r1]
-        part, g, ge = loss_grads(lp, ent, r0, r1)
-        # d loss / d z = (g (onehot - p) - ge p (log p + E)) / T; at the target 1 - p = -expm1(log p), exact
-        # even when p -> 1
-        at_target = torch.expm1(lp).mul_(-g)
-        if ge is None:
-            z.exp_().mul_((g * -inv_t)[:, None])
-        else:
-            at_target.sub_(ge * torch.exp(lp) * (lp + ent))
-            _entropy_grad(z, g, ge, ent, inv_t)
-        z.scatter_(1, col, at_target.mul_(inv_t)[:, None])
-        torch.mm(z, weight, out=d_hidden[r0:r1])
-        if r0 == 0:  # the first block writes the accumulators, the rest add to them
-            torch.mm(z.T, h, out=d_weight)
-            if d_bias is not None:
-                torch.sum(z, dim=0, out=d_bias)
-        else:
-            d_weight.addmm_(z.T, h)
-            if d_bias is not None:
-                d_bias += z.sum(dim=0)
-        logp[r0:r1] = lp
-        if with_entropy:
-            entropy[r0:r1] = ent
-        total += part
-    return total, logp, entropy, d_hidden, d_weight, d_bias
-
-
-def _row_chunks(z: torch.Tensor):
-    step = max(1, ENTROPY_CHUNK // z.shape[1])
-    for c0 in range(0, z.shape[0], step):
-        yield c0, min(z.shape[0], c0 + step)
-
-
-def _entropy(log_p: torch.Tensor) -> torch.Tensor:
-    """-sum p log p of each row of ``log_p``; p lives only in a chunk-sized temporary. Every term has one sign:
-    no cancellation."""
-    out = torch.empty(log_p.shape[0])
-    for c0, c1 in _row_chunks(log_p):
-        torch.sum(log_p[c0:c1].exp().mul_(log_p[c0:c1]), dim=1, out=out[c0:c1])
-    return out.neg_()
-
-
-def _entropy_grad(log_p: torch.Tensor, g, ge, ent, inv_t: float) -> None:
-    """log_p becomes -p (g + ge (log p + E)) / T, in place, chunk by chunk."""
-    for c0, c1 in _row_chunks(log_p):
-        z = log_p[c0:c1]
-        p = z.exp()
-        z.add_(ent[c0:c1, None]).mul_(ge[c0:c1, None]).add_(g[c0:c1, None]).mul_(p).mul_(-inv_t)

@@ -159,8 +159,9 @@ def grpo_loss(
             sequence level), which makes the KL gradient the unbiased reverse-KL one (DeepSeek-V3.2; TRL's
             ``use_bias_correction_kl``). The ``kl`` metric is then the weighted value too.
         single_pass: with token-level ratios and a gradient wanted, compute the gradients during this forward
-            (``fused_loss``: 6NHV FLOPs on the GPU instead of 8NHV, at the cost of a larger logits scratch; the
-            backward only scales them, and a second backward through the same graph raises). False: the
+            (``fused_loss``: 6NHV FLOPs on the GPU instead of 8NHV, at the cost of a larger logits scratch; on
+            the CPU both passes run in this forward, 8NHV, measured faster there than a memory-bound 6NHV
+            pass; the backward only scales them, and a second backward through the same graph raises). False: the
             two-pass path (forward statistics now, a recomputing backward later), as GSPO always uses.
 
     Returns:
