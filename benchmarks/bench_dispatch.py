@@ -154,7 +154,7 @@ def decode_cases():
     out, lse = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16), torch.empty(1, 16, 1)
     yield ("mla_decode", lambda: r1kernels.mla.mla_decode(q, cache, table, lengths, softmax_scale=0.07),
            lambda: ops.mla_decode(q, cache, table, lengths, 0.07, True, 512),
-           lambda: mla_decode_module._decode_torch(q, cache, table, lengths, 0.07, True, out, lse))  # fmt: skip
+           lambda: mla_decode_module._decode_cpu(q, cache, table, lengths, 0.07, True, out, lse))  # fmt: skip
 
 
 def other_cases():

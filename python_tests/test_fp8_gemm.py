@@ -141,3 +141,23 @@ def test_k_must_be_a_multiple_of_16():
     b = torch.zeros(3, 40).to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="K must be a multiple of 16"):
         r1kernels.fp8.gemm_nt(a, torch.ones(2, 1), b, torch.ones(1, 1))
+
+
+@pytest.mark.parametrize("hot_offset", [0, 16], ids=["lanes-0-15", "lanes-16-31"])
+def test_few_row_cpu_path_decodes_every_code_in_every_lane(hot_offset):
+    """The few-row CPU GEMM decodes b's codes in runs of 16 (AVX-512 where present): row i of a is one-hot at
+    column i + hot_offset, so out[i, j] is b[j]'s code in that column, decoded. Every non-NaN code visits every
+    lane; a NaN code poisons only its own row of b."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)  # the 254 numbers
+    n = codes.numel()
+    b = codes[(torch.arange(n)[:, None] + torch.arange(32)[None, :]) % n].view(torch.float8_e4m3fn)
+    a = torch.zeros(16, 32)
+    a[torch.arange(16), torch.arange(16) + hot_offset] = 1.0
+    a = a.to(torch.float8_e4m3fn)
+    b[7, 30] = torch.tensor(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)  # NaN in b's row 7
+    with r1kernels.use_backend("cpu"):
+        out = r1kernels.fp8.gemm_nt(a, torch.ones(16, 1), b, torch.ones(2, 1), out_dtype=torch.float32)
+    want = b.float()[:, torch.arange(16) + hot_offset].T  # [16, n]
+    assert torch.isnan(out[:, 7]).all()
+    keep = [j for j in range(n) if j != 7]
+    assert torch.equal(out[:, keep], want[:, keep])

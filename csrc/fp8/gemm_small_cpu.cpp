@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/e4m3.h"
+#include "common/e4m3_decode_cpu.h"
 #include "fp8/gemm_small.h"
 
 namespace r1k {
@@ -48,7 +49,6 @@ void fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, con
                         const Fp8GemmProblem& p) {
   const int64_t M = p.m, N = p.n, K = p.k, kblocks = (K + kBlock - 1) / kBlock;
   std::vector<float> rows_f32(static_cast<size_t>(kRows * K));
-  const float* decode = e4m3_table();
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t live = masked_m != nullptr ? std::clamp<int64_t>(masked_m[g], 0, M) : M;
     const int64_t out_g = g * p.out_stride_g;
@@ -64,10 +64,8 @@ void fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, con
         m0 = m1;
         continue;
       }
-      for (int64_t i = 0; i < rows; ++i) {
-        const uint8_t* src = a + g * p.a_stride_g + (m0 + i) * p.a_stride_m;
-        for (int64_t k = 0; k < K; ++k) rows_f32[i * K + k] = decode[src[k]];
-      }
+      for (int64_t i = 0; i < rows; ++i)
+        e4m3_decode_run(a + g * p.a_stride_g + (m0 + i) * p.a_stride_m, K, rows_f32.data() + i * K);
       const uint8_t* b_e = b + e * p.b_stride_g;
       const float* sb_e = sb + e * p.sb_stride_g;
       const float* sa_g = sa + g * p.sa_stride_g;
@@ -79,7 +77,7 @@ void fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, con
         const float* sb_row = sb_e + (j / p.b_tile_rows) * p.sb_stride_n;
         for (int64_t kb = 0; kb < kblocks; ++kb) {
           const int64_t k0 = kb * kBlock, len = std::min(kBlock, K - k0);
-          for (int64_t k = 0; k < len; ++k) codes[k] = decode[brow[k0 + k]];
+          e4m3_decode_run(brow + k0, len, codes);
           const float scale_b = sb_row[kb * p.sb_stride_k];
           for (int64_t i = 0; i < rows; ++i)
             acc[i] += dot(rows_f32.data() + i * K + k0, codes, len) *

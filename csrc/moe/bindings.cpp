@@ -62,8 +62,9 @@ void register_moe(py::module_& m) {
       },
       py::kw_only(), py::arg("expert_ids"), py::arg("problem"), py::arg("counts"), py::arg("offsets"),
       py::arg("row_of"), py::arg("source"), py::arg("row_expert"),
-      "MoE permutation index on the CPU (stable counting sort, OpenMP); False, with nothing written, when an "
-      "expert id lies outside [-1, experts).");
+      "MoE permutation index on the CPU (stable counting sort, OpenMP). Returns the aligned total of rows "
+      "(offsets[experts]; rows past problem.rows are not written), or -1, with nothing written, when an expert id "
+      "lies outside [-1, experts).");
 
   py::class_<RowsProblem>(m, "RowsProblem",
                           "rows R of the expert-sorted layout, tokens T with top_k slots each, hidden H elements "

@@ -25,9 +25,10 @@ R1K_HD int64_t aligned_rows(int64_t count, int64_t align) { return (count + alig
 //   row_of [slots] int32: the row of each slot, -1 when not routed
 //   source [rows] int32: the slot of each row, -1 on padding
 //   row_expert [rows] int32: the expert of each row, -1 on padding
-// Returns false, with nothing written, when an id lies outside [-1, experts).
-bool permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& p, int32_t* counts,
-                           int64_t* offsets, int32_t* row_of, int32_t* source, int32_t* row_expert);
+// Returns offsets[experts], the aligned total of rows (rows past p.rows are not written: the caller compares),
+// or -1, with nothing written, when an id lies outside [-1, experts).
+int64_t permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& p, int32_t* counts,
+                              int64_t* offsets, int32_t* row_of, int32_t* source, int32_t* row_expert);
 
 #if defined(R1K_WITH_CUDA)
 // Scratch bytes permutation_index_cuda needs (CUB radix sort and scan); allocate it on the device.

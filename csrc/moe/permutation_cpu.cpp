@@ -10,8 +10,8 @@
 
 namespace r1k {
 
-bool permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& p, int32_t* counts,
-                           int64_t* offsets, int32_t* row_of, int32_t* source, int32_t* row_expert) {
+int64_t permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& p, int32_t* counts,
+                              int64_t* offsets, int32_t* row_of, int32_t* source, int32_t* row_expert) {
   const int64_t E = p.experts, n = p.slots;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n / 4096)));
   std::vector<int64_t> per_thread(static_cast<size_t>(threads) * E, 0);  // [thread][expert] counts, then starts
@@ -32,7 +32,7 @@ bool permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& 
       if (e >= 0) ++c[e];
     }
   }
-  if (bad) return false;
+  if (bad) return -1;
   int64_t row = 0;
   for (int64_t e = 0; e < E; ++e) {
     offsets[e] = row;
@@ -69,7 +69,7 @@ bool permutation_index_cpu(const int32_t* expert_ids, const PermutationProblem& 
       row_expert[r] = e;
     }
   }
-  return true;
+  return row;
 }
 
 }  // namespace r1k

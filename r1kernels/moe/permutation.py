@@ -104,6 +104,32 @@ def _torch_index(expert_ids, num_experts, align, out) -> None:
             0, rows, values.to(torch.int32))[:-1])  # fmt: skip
 
 
+def _index_cpu(expert_ids, num_experts, num_rows, ptrs) -> int:
+    """The C++ sort (it checks the ids before writing anything); returns the aligned total of rows."""
+    used = ext().permutation_index_cpu(**ptrs)
+    if used < 0:
+        raise _ids_error(expert_ids, num_experts)
+    if used > num_rows:
+        raise ValueError(f"num_rows ({num_rows}) is too small: the aligned segments need {used}")
+    return used
+
+
+def _exact_on_cpu(expert_ids, num_experts, align) -> PermutationIndex:
+    """Eager CPU call without ``num_rows``: the sort into outputs sized by the bound, then ``source`` and
+    ``row_expert`` narrowed to the aligned total (known on the CPU without a synchronisation)."""
+    num_rows = max_rows(expert_ids.numel(), num_experts, align)
+    validate(expert_ids, num_experts, align, num_rows)
+    out = _outputs(expert_ids, num_experts, num_rows)
+    used = _index_cpu(expert_ids, num_experts, num_rows, _pointers(expert_ids, num_experts, align, num_rows, out))
+    return PermutationIndex(out.counts, out.offsets, out.row_of, out.source[:used], out.row_expert[:used])
+
+
+def _pointers(expert_ids, num_experts, align, num_rows, out) -> dict:
+    return dict(expert_ids=expert_ids.data_ptr(), problem=_problem(expert_ids.numel(), num_experts, align, num_rows),
+                counts=out.counts.data_ptr(), offsets=out.offsets.data_ptr(), row_of=out.row_of.data_ptr(),
+                source=out.source.data_ptr(), row_expert=out.row_expert.data_ptr())  # fmt: skip
+
+
 def _fake(expert_ids, num_experts, align, num_rows):
     validate(expert_ids, num_experts, align, num_rows)
     return tuple(_outputs(expert_ids, num_experts, num_rows))
@@ -122,18 +148,12 @@ def _permutation_index_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     validate(expert_ids, num_experts, align, num_rows)
     out = _outputs(expert_ids, num_experts, num_rows)
-    problem = _problem(expert_ids.numel(), num_experts, align, num_rows)
-    ptrs = dict(expert_ids=expert_ids.data_ptr(), problem=problem, counts=out.counts.data_ptr(),
-                offsets=out.offsets.data_ptr(), row_of=out.row_of.data_ptr(), source=out.source.data_ptr(),
-                row_expert=out.row_expert.data_ptr())  # fmt: skip
+    ptrs = _pointers(expert_ids, num_experts, align, num_rows, out)
     if expert_ids.device.type == "cpu":
-        if not ext().permutation_index_cpu(**ptrs):  # checks the ids before it writes anything
-            raise _ids_error(expert_ids, num_experts)
-        if int(out.offsets[-1]) > num_rows:
-            raise ValueError(f"num_rows ({num_rows}) is too small: the aligned segments need {int(out.offsets[-1])}")
+        _index_cpu(expert_ids, num_experts, num_rows, ptrs)
     elif has_cuda_kernels():
         with device_guard(expert_ids.device):
-            scratch = torch.empty(ext().permutation_index_workspace_cuda(problem=problem), dtype=torch.uint8,
+            scratch = torch.empty(ext().permutation_index_workspace_cuda(problem=ptrs["problem"]), dtype=torch.uint8,
                                   device=expert_ids.device)  # fmt: skip
             ext().permutation_index_cuda(**ptrs, workspace=scratch.data_ptr(), workspace_bytes=scratch.numel(),
                                          stream=cuda_stream(expert_ids.device))  # fmt: skip
@@ -159,11 +179,8 @@ def permutation_index(
 
     Returns a ``PermutationIndex``. Within an expert, rows follow the flat slot order ``t * k + j``.
     """
-    exact = num_rows is None and expert_ids.device.type == "cpu" and plain_eager((expert_ids,))
+    if num_rows is None and expert_ids.device.type == "cpu" and plain_eager((expert_ids,)):
+        return _exact_on_cpu(expert_ids, num_experts, align)
     if num_rows is None:
         num_rows = max_rows(expert_ids.numel(), num_experts, align)
-    index = PermutationIndex(*_permutation_index_op(expert_ids, num_experts, align, num_rows))
-    if exact:  # on the CPU the total is known without a synchronisation: drop the bound's padding tail
-        used = int(index.offsets[-1])
-        index = index._replace(source=index.source[:used], row_expert=index.row_expert[:used])
-    return index
+    return PermutationIndex(*_permutation_index_op(expert_ids, num_experts, align, num_rows))

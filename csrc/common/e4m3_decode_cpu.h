@@ -1,0 +1,11 @@
+#pragma once
+// E4M3 codes -> fp32 for a run of codes on the CPU: AVX-512 where the CPU has it (16 codes per ~8
+// instructions, through the fp16 converter), else the 256-entry table. Chosen once per process at run time:
+// the build targets baseline x86-64, where the table is the fastest form.
+#include <cstdint>
+
+namespace r1k {
+
+void e4m3_decode_run(const uint8_t* codes, int64_t n, float* out);
+
+}  // namespace r1k
