@@ -159,9 +159,10 @@ def decode_cases():
 
 def other_cases():
     """(op, public call, torch.ops call, None) of the remaining ops at their smallest useful inputs: one token
-    through a 128 x 128 FP8 GEMM (the grouped contiguous / weight-gradient forms need 128-row segments, so
-    their math is 2M multiply-adds), a [1, 256] SwiGLU, one token's 8 rows through 8 experts' 64 x 128
-    weights, one query of a 1-head MLA with 32 + 16 dims, the fused GRPO loss op on one token (H 64, V 128)."""
+    through a 128 x 128 FP8 GEMM (the contiguous grouped form: one real row in a 128-row segment, as a decode
+    step routes one token to an expert; the grouped weight gradient needs 128 real tokens, 2M multiply-adds),
+    a [1, 256] SwiGLU, one token's 8 rows through 8 experts' 64 x 128 weights, one query of a 1-head MLA with
+    32 + 16 dims, the fused GRPO loss op on one token (H 64, V 128)."""
     ops, fp8, moe = torch.ops.r1k, r1kernels.fp8, r1kernels.moe
     x, w = torch.randn(1, 128, dtype=torch.bfloat16), torch.randn(128, 128)
     (a, sa), (b, sb) = fp8.quantize_per_token_group(x), fp8.quantize_per_block(w)
@@ -184,9 +185,11 @@ def other_cases():
            lambda: gemm_module.cpu_gemm(xt, sxt, xt, sxt, out32, None, b_tile_rows=1))  # fmt: skip
     a128, s128 = fp8.quantize_per_token_group(torch.randn(128, 128))
     m_idx, out128 = torch.zeros(128, dtype=torch.int32), torch.empty(128, 128, dtype=torch.bfloat16)
-    yield ("fp8_grouped_gemm_nt_contiguous", lambda: fp8.grouped_gemm_nt_contiguous(a128, s128, bg, sbg, m_idx),
-           lambda: ops.fp8_grouped_gemm_nt_contiguous(a128, s128, bg, sbg, m_idx, torch.bfloat16),
-           lambda: grouped_module._cpu(a128, s128, bg, sbg, m_idx, out128))  # fmt: skip
+    one_real = torch.full((128,), -1, dtype=torch.int32)
+    one_real[0] = 0  # decode: one token routed to the expert, its segment padded to 128 rows
+    yield ("fp8_grouped_gemm_nt_contiguous", lambda: fp8.grouped_gemm_nt_contiguous(a128, s128, bg, sbg, one_real),
+           lambda: ops.fp8_grouped_gemm_nt_contiguous(a128, s128, bg, sbg, one_real, torch.bfloat16),
+           lambda: grouped_module._cpu(a128, s128, bg, sbg, one_real, out128, 1))  # fmt: skip
     t128, st128 = fp8.quantize_transposed(torch.randn(128, 128))
     out_g = torch.empty(1, 128, 128)
     yield ("fp8_grouped_wgrad_gemm", lambda: fp8.grouped_wgrad_gemm(t128, st128, t128, st128, m_idx, 1),

@@ -64,6 +64,7 @@ def test_sm80_decode_and_tma_paths(kernel_device, monkeypatch):
     [
         ([0] * 100 + [3] * 28, r"m_indices must lie in \[-1, G\)"),
         ([0] * 64 + [1] * 64, "one expert"),
+        ([-1] * 64 + [1] * 64, "one expert"),  # a segment's expert is its first row's: padding comes last
         ([-2] * 128, r"m_indices must lie in \[-1, G\)"),
     ],
 )

@@ -7,6 +7,7 @@
 #include "common/pybind_util.h"
 #include "fp8/gemm_small.h"
 #include "fp8/quantize.h"
+#include "fp8/segments.h"
 
 namespace py = pybind11;
 
@@ -47,6 +48,15 @@ void register_fp8(py::module_& m) {
            py::arg("sa_stride_g"), py::arg("sa_stride_m"), py::arg("sa_stride_k"), py::arg("sb_stride_g"),
            py::arg("sb_stride_n"), py::arg("sb_stride_k"), py::arg("c_stride_m"), py::arg("out_stride_g"),
            py::arg("out_stride_m"));
+
+  m.def(
+      "contiguous_segments_cpu",
+      [](uintptr_t m_indices, int64_t rows, int64_t experts, int64_t segment) {
+        return contiguous_segments_cpu(ptr<const int32_t>(m_indices), rows, experts, segment);
+      },
+      py::kw_only(), py::arg("m_indices"), py::arg("rows"), py::arg("experts"), py::arg("segment"),
+      "Real rows (id >= 0) of a contiguous grouped layout, or -1 when an id lies outside [-1, experts) or a "
+      "segment mixes experts (each segment: its first row's expert, or -1).");
 
   m.def(
       "fp8_gemm_small_cpu",

@@ -8,6 +8,7 @@ import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_tensor
+from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, cpu_gemm, cpu_gemm_small, launch_gemm
 from r1kernels.fp8.gemm_nt import validate as validate_dense
@@ -37,20 +38,24 @@ def validate(a, a_scales, b, b_scales, m_indices, out_dtype) -> None:
                          f"{b.stride()}")  # fmt: skip
 
 
-def check_segment_ids(m_indices: torch.Tensor, G: int) -> None:
-    """Every id in [-1, G) and each 128-row segment one expert (or padding): on the host for CPU tensors, on the
-    device (no synchronisation) for CUDA ones."""
+def check_segment_ids(m_indices: torch.Tensor, G: int) -> int | None:
+    """Every id in [-1, G) and each 128-row segment its first row's expert or padding: in one C++ pass for CPU
+    tensors (returns the number of real rows), on the device (no synchronisation; returns None) for CUDA ones."""
+    if m_indices.device.type == "cpu":
+        real = ext().contiguous_segments_cpu(m_indices=m_indices.data_ptr(), rows=m_indices.shape[0], experts=G,
+                                             segment=SEGMENT)  # fmt: skip
+        if real < 0:
+            raise ValueError(f"m_indices must lie in [-1, G) = [-1, {G}) with one expert (or -1) per {SEGMENT}-row "
+                             "segment")  # fmt: skip
+        return real
     tiles = m_indices.view(-1, SEGMENT)
     ok = ((m_indices >= -1) & (m_indices < G)).all() & ((tiles == tiles[:, :1]) | (tiles == -1)).all()
-    if m_indices.device.type != "cpu":
-        torch._assert_async(ok, "m_indices must lie in [-1, G) with one expert per 128-row segment")
-    elif not bool(ok):
-        raise ValueError(f"m_indices must lie in [-1, G) = [-1, {G}) with one expert (or -1) per {SEGMENT}-row "
-                         "segment")  # fmt: skip
+    torch._assert_async(ok, "m_indices must lie in [-1, G) with one expert per 128-row segment")
+    return None
 
 
-def _cpu(a, a_scales, b, b_scales, m_indices, out) -> None:
-    if int((m_indices >= 0).sum()) <= CPU_SMALL_ROWS:  # few real rows among the padding
+def _cpu(a, a_scales, b, b_scales, m_indices, out, real_rows: int) -> None:
+    if real_rows <= CPU_SMALL_ROWS:  # few real rows among the padding
         return cpu_gemm_small(a, a_scales, b, b_scales, out, row_expert=m_indices)
     out.zero_()
     for e in torch.unique(m_indices).tolist():
@@ -90,9 +95,9 @@ def _grouped_op(
     out = _alloc.empty((a.shape[0], b.shape[1]), out_dtype, a.device)
     if out.numel() == 0:
         return out
-    check_segment_ids(m_indices, b.shape[0])
+    real_rows = check_segment_ids(m_indices, b.shape[0])
     if backend.resolve(a.device, "fp8_grouped_gemm_nt_contiguous") == "cpu":
-        _cpu(a, a_scales, b, b_scales, m_indices, out)
+        _cpu(a, a_scales, b, b_scales, m_indices, out, real_rows)
     else:
         launch_gemm(a, a_scales, b, b_scales, out, None, m_indices)
     return out
