@@ -342,12 +342,12 @@ def main() -> None:
     timing = "do_bench median" if device == "cuda" else f"best of {args.reps}"
     note = (
         f"device: {device_name(device)}; forward + backward of the GRPO loss (beta={BETA}, eps={EPSILON}, "
-        f"loss_type={loss_type()}), {timing} (the single-pass path computes its gradients in the forward, so a "
+        f"loss_type={loss_type()}), {timing} (grpo_loss computes its gradients in the forward, so a "
         "forward / backward split says nothing here). Extra peak MiB: over the inputs, including hidden.grad and "
         "weight.grad; peak vs plain / time vs liger: this row's value divided by plain's / liger's (< 1: less / "
         "faster); working MiB: extra peak minus the bytes of hidden.grad and weight.grad. Floor: 6*N*H*V FLOPs "
-        f"at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); r1k's single-pass path does 6*N*H*V (fp32 on the "
-        "CPU, every dtype on the GPU), the two-pass path (GSPO; 16-bit on the CPU) 8*N*H*V"
+        f"at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); r1k's single-pass path (GPU) does 6*N*H*V, the "
+        "two-pass path (GSPO on the GPU; every dtype on the CPU, where it is the faster form) 8*N*H*V"
     )
     plot = Plot(("shape", "dtype"), "impl", "ms", "GRPO loss forward + backward, ms (lower is better)")
     write_table(f"grpo_{device}", header, rows, plot, note=note)
