@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_vector.h"
 #include "common/e4m3.h"
 #include "common/e4m3_decode_cpu.h"
 #include "fp8/gemm_small.h"
@@ -14,15 +15,6 @@ namespace {
 constexpr int64_t kBlock = 128;  // K per scale
 constexpr int64_t kRows = 16;    // rows of a per pass over b
 constexpr int64_t kParallelWork = 1 << 18;  // multiply-adds below which the calling thread works alone
-
-float dot(const float* x, const float* y, int64_t n) {
-  float part[8] = {};  // eight fixed lanes: vectorizable, and the same order on every run
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) part[l] += x[i + l] * y[i + l];
-  for (; i < n; ++i) part[i % 8] += x[i] * y[i];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
 
 float load(const void* base, DType dtype, int64_t i) {
   return dtype == DType::kFloat32 ? static_cast<const float*>(base)[i]
@@ -80,7 +72,7 @@ void fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, con
           e4m3_decode_run(brow + k0, len, codes);
           const float scale_b = sb_row[kb * p.sb_stride_k];
           for (int64_t i = 0; i < rows; ++i)
-            acc[i] += dot(rows_f32.data() + i * K + k0, codes, len) *
+            acc[i] += dot8(rows_f32.data() + i * K + k0, codes, len) *
                       (sa_g[(m0 + i) * p.sa_stride_m + kb * p.sa_stride_k] * scale_b);
         }
         for (int64_t i = 0; i < rows; ++i) {

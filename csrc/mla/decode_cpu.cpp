@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_vector.h"
 #include "common/host_device.h"
 
 namespace r1k {
@@ -16,12 +17,6 @@ namespace {
 
 constexpr int64_t kWidth = 576, kLatent = 512;
 constexpr int64_t kKeys = 64;  // keys per block
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define R1K_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define R1K_VECTOR_CLONES
-#endif
 
 R1K_VECTOR_CLONES float dot(const float* x, const float* y, int64_t n) {
   float part[16] = {};  // fixed lanes: vectorizable, and the same order on every run

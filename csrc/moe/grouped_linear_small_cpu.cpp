@@ -3,6 +3,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cpu_vector.h"
 #include "common/host_device.h"
 #include "moe/grouped_linear_small.h"
 
@@ -35,21 +36,12 @@ void store(void* base, DType dtype, int64_t i, float v) {
   }
 }
 
-float dot(const float* x, const float* y, int64_t n) {
-  float part[8] = {};  // eight fixed lanes: vectorizable, and the same order on every run
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) part[l] += x[i + l] * y[i + l];
-  for (; i < n; ++i) part[i % 8] += x[i] * y[i];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
 }  // namespace
 
 void grouped_linear_small_cpu(const void* x, const void* weight, const int32_t* row_expert, void* out, DType dtype,
                               const GroupedLinearProblem& p) {
   const int64_t N = p.n, K = p.k;
-  std::vector<float> rows_f32(static_cast<size_t>(kRows * K));
+  std::vector<float> rows_f32(static_cast<size_t>(kRows * K)), w_serial(static_cast<size_t>(K));
   for (int64_t m0 = 0; m0 < p.rows;) {
     const int32_t e = row_expert[m0];
     int64_t m1 = m0 + 1;
@@ -61,14 +53,21 @@ void grouped_linear_small_cpu(const void* x, const void* weight, const int32_t* 
       continue;
     }
     to_float(x, dtype, m0 * K, rows * K, rows_f32.data());
-#pragma omp parallel if (rows * N * K >= kParallelWork)
-    {
-      std::vector<float> w(static_cast<size_t>(K));
+    auto column = [&](int64_t j, float* w) {  // output column j of these rows: one row of the expert's weight
+      to_float(weight, dtype, (e * N + j) * K, K, w);
+      for (int64_t i = 0; i < rows; ++i) store(out, dtype, (m0 + i) * N + j, dot8(rows_f32.data() + i * K, w, K));
+    };
+    // A parallel region costs its set-up even when its if() clause keeps it on one thread: decode-sized
+    // experts (one row each, a few dozen per call) run without one.
+    if (rows * N * K >= kParallelWork) {
+#pragma omp parallel
+      {
+        std::vector<float> w(static_cast<size_t>(K));
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < N; ++j) {
-        to_float(weight, dtype, (e * N + j) * K, K, w.data());
-        for (int64_t i = 0; i < rows; ++i) store(out, dtype, (m0 + i) * N + j, dot(rows_f32.data() + i * K, w.data(), K));
+        for (int64_t j = 0; j < N; ++j) column(j, w.data());
       }
+    } else {
+      for (int64_t j = 0; j < N; ++j) column(j, w_serial.data());
     }
     m0 = m1;
   }
