@@ -16,6 +16,7 @@ from r1kernels.fp8.kernels.e4m3 import hw_fp8_convert
 from r1kernels.fp8.tiles import dequantize_tiles
 
 OUT_DTYPES = (torch.bfloat16, torch.float32)
+FP8, SCALES = (torch.float8_e4m3fn,), (torch.float32,)
 BLOCK = kernel.SCALE_BLOCK
 CPU_CHUNK_ROWS = 1024  # rows of a and b dequantized at a time on the CPU: bounded fp32 copies
 # Few rows (decode): the CPU computes from the codes (csrc/fp8/gemm_small_cpu.cpp) instead of dequantizing b
@@ -25,38 +26,47 @@ CPU_SMALL_ROWS = 16
 
 def validate(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows=BLOCK) -> None:
     """``b_tile_rows``: 128 for weight blocks (b_scales [ceil(N/128), ceil(K/128)]), 1 for row scales like a's."""
-    check_tensor("a", a, dtypes=(torch.float8_e4m3fn,), ndim=2)
-    check_tensor("b", b, dtypes=(torch.float8_e4m3fn,), ndim=2)
-    check_tensor("a_scales", a_scales, dtypes=(torch.float32,), ndim=2)
-    check_tensor("b_scales", b_scales, dtypes=(torch.float32,), ndim=2)
-    (M, K), N = a.shape, b.shape[0]
-    if b.shape[1] != K:
-        raise ValueError(f"b must be [N, K] with K = a.shape[1] = {K}, got {tuple(b.shape)}")
+    for name, t in (("a", a), ("b", b)):
+        check_tensor(name, t, dtypes=FP8, ndim=2)
+    for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):
+        check_tensor(name, t, dtypes=SCALES, ndim=2)
+    validate_matrices(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows)
+
+
+def validate_matrices(a, a_scales, b, b_scales, out_dtype, c=None, b_tile_rows=BLOCK) -> None:
+    """The dense GEMM's rules on the last two dimensions of each operand (dtypes and ranks checked by the
+    caller), so that the grouped forms check one expert's operands without indexing one out (~1 us a view)."""
+    (M, K), (N, Kb) = a.shape[-2:], b.shape[-2:]
+    if Kb != K:
+        raise ValueError(f"b must be [N, K] with K = a.shape[-1] = {K}, got {tuple(b.shape[-2:])}")
     if K % 16:
         raise ValueError(f"K must be a multiple of 16 (16-byte rows of e4m3), got K = {K}")
-    for name, t in (("a", a), ("b", b)):
-        if t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) % 16):
+    for name, t, rows in (("a", a, M), ("b", b, N)):
+        strides = t.stride()
+        if strides[-1] != 1 or (rows > 1 and strides[-2] % 16):
             raise ValueError(f"{name} must be row-major with a row stride that is a multiple of 16 elements, got "
-                             f"strides {t.stride()}; call .contiguous() first")  # fmt: skip
-    if tuple(a_scales.shape) != (M, cdiv(K, BLOCK)):
-        raise ValueError(f"a_scales must be [M, ceil(K/128)] = {(M, cdiv(K, BLOCK))} (1 x 128 groups), "
-                         f"got {tuple(a_scales.shape)}")  # fmt: skip
-    if tuple(b_scales.shape) != (cdiv(N, b_tile_rows), cdiv(K, BLOCK)):
+                             f"strides {strides}; call .contiguous() first")  # fmt: skip
+    k_blocks = cdiv(K, BLOCK)
+    if a_scales.shape[-2:] != (M, k_blocks):
+        raise ValueError(f"a_scales must be [M, ceil(K/128)] = {(M, k_blocks)} (1 x 128 groups), "
+                         f"got {tuple(a_scales.shape[-2:])}")  # fmt: skip
+    if b_scales.shape[-2:] != (cdiv(N, b_tile_rows), k_blocks):
         what = "[ceil(N/128), ceil(K/128)]", "128 x 128 blocks"
         what = ("[N, ceil(K/128)]", "1 x 128 groups") if b_tile_rows == 1 else what
-        raise ValueError(f"b_scales must be {what[0]} = {(cdiv(N, b_tile_rows), cdiv(K, BLOCK))} ({what[1]}), "
-                         f"got {tuple(b_scales.shape)}")  # fmt: skip
+        raise ValueError(f"b_scales must be {what[0]} = {(cdiv(N, b_tile_rows), k_blocks)} ({what[1]}), "
+                         f"got {tuple(b_scales.shape[-2:])}")  # fmt: skip
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
-    tensors = {"a_scales": a_scales, "b": b, "b_scales": b_scales}
+    device = a.device
+    for name, t in (("a_scales", a_scales), ("b", b), ("b_scales", b_scales)):
+        if t.device != device:
+            raise ValueError(f"{name} must be on a's device {device}, got {t.device}")
     if c is not None:
         check_tensor("c", c, dtypes=OUT_DTYPES, ndim=2)
-        if tuple(c.shape) != (M, N) or c.stride(1) != 1:
+        if c.shape != (M, N) or c.stride(1) != 1:
             raise ValueError(f"c must be [M, N] = {(M, N)} with unit column stride, got {tuple(c.shape)}")
-        tensors["c"] = c
-    for name, t in tensors.items():
-        if t.device != a.device:
-            raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
+        if c.device != device:
+            raise ValueError(f"c must be on a's device {device}, got {c.device}")
 
 
 @functools.lru_cache(maxsize=512)

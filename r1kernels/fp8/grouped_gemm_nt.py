@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 
 from r1kernels import _alloc, backend
-from r1kernels._checks import cdiv, check_tensor
+from r1kernels._checks import check_tensor
 from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, cpu_gemm, cpu_gemm_small, launch_gemm
-from r1kernels.fp8.gemm_nt import validate as validate_dense
+from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, FP8, SCALES, cpu_gemm, cpu_gemm_small, launch_gemm, validate_matrices
 
 SEGMENT = 128  # expert segments start on multiples of this many rows (the GEMM's row tile)
 
@@ -20,13 +19,13 @@ def validate(a, a_scales, b, b_scales, m_indices, out_dtype) -> None:
     check_tensor("b", b, dtypes=(torch.float8_e4m3fn,), ndim=3)
     check_tensor("b_scales", b_scales, dtypes=(torch.float32,), ndim=3)
     check_tensor("m_indices", m_indices, dtypes=(torch.int32,), ndim=1, contiguous=True)
-    G, _, K = b.shape
+    G = b.shape[0]
     if b_scales.shape[0] != G:
         raise ValueError(f"b_scales must have one [ceil(N/128), ceil(K/128)] block grid per expert ({G}), "
                          f"got shape {tuple(b_scales.shape)}")  # fmt: skip
-    # one expert's operands satisfy the dense GEMM's rules (this also checks a, a_scales, K and out_dtype)
-    validate_dense(a, a_scales, b[0] if G else b.new_empty((0, K)), b_scales[0] if G else b_scales.new_empty(
-        (0, cdiv(K, 128))), out_dtype, None)  # fmt: skip
+    check_tensor("a", a, dtypes=FP8, ndim=2)
+    check_tensor("a_scales", a_scales, dtypes=SCALES, ndim=2)
+    validate_matrices(a, a_scales, b, b_scales, out_dtype)  # each expert's operands: the dense GEMM's rules
     if a.shape[0] % SEGMENT:
         raise ValueError(f"a must have a multiple of {SEGMENT} rows (expert segments padded to {SEGMENT}), "
                          f"got {a.shape[0]}")  # fmt: skip

@@ -9,8 +9,7 @@ import torch
 from r1kernels import _alloc, backend
 from r1kernels._checks import check_tensor
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, cpu_gemm, cpu_gemm_small, launch_gemm
-from r1kernels.fp8.gemm_nt import validate as validate_dense
+from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, cpu_gemm, cpu_gemm_small, launch_gemm, validate_matrices
 
 
 def validate(a, a_scales, b, b_scales, masked_m, out_dtype) -> None:
@@ -25,8 +24,7 @@ def validate(a, a_scales, b, b_scales, masked_m, out_dtype) -> None:
             raise ValueError(f"{name} must have one entry per group (G = a.shape[0] = {G}), got {tuple(t.shape)}")
         if t.device != a.device:
             raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
-    if G:  # one group's operands follow the dense GEMM's rules (shapes, K % 16, strides, out_dtype)
-        validate_dense(a[0], a_scales[0], b[0], b_scales[0], out_dtype, None)
+    validate_matrices(a, a_scales, b, b_scales, out_dtype)  # each group's operands: the dense GEMM's rules
     for name, t in (("a", a), ("b", b)):
         if t.stride(0) % 16:
             raise ValueError(f"{name}'s group stride must be a multiple of 16 elements, got strides {t.stride()}")
