@@ -116,10 +116,13 @@ def test_masked_layout_tma_path_in_the_interpreter(monkeypatch):
     assert float((d.double() - r).norm() / r.norm()) < 1e-6 and torch.equal(d[0, 5:], torch.zeros(65, 130))
 
 
-def test_masked_counts_are_checked():
-    a, sa, b, sb = _masked_operands(2, 16, 130, 144, "cpu")
+@pytest.mark.parametrize("M", [16, 40], ids=["few-rows-c++", "blocked"])
+@pytest.mark.parametrize("bad", ["too-many", "negative"])
+def test_masked_counts_are_checked(M, bad):
+    a, sa, b, sb = _masked_operands(2, M, 130, 144, "cpu")
+    counts = [3, M + 1] if bad == "too-many" else [-1, 3]
     with pytest.raises(ValueError, match=r"masked_m must lie in \[0, M\]"):
-        r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b, sb, torch.tensor([3, 17], dtype=torch.int32))
+        r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b, sb, torch.tensor(counts, dtype=torch.int32))
     with pytest.raises(ValueError, match="one entry per group"):
         r1kernels.fp8.grouped_gemm_nt_masked(a, sa, b[:1], sb[:1], torch.tensor([3, 4], dtype=torch.int32))
 

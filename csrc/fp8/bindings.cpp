@@ -63,14 +63,15 @@ void register_fp8(py::module_& m) {
       [](uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales, uintptr_t c, DType c_dtype, uintptr_t out,
          DType out_dtype, uintptr_t row_expert, uintptr_t masked_m, const Fp8GemmProblem& problem) {
         py::gil_scoped_release release;
-        fp8_gemm_small_cpu(ptr<const uint8_t>(a), ptr<const float>(a_scales), ptr<const uint8_t>(b),
+        return fp8_gemm_small_cpu(ptr<const uint8_t>(a), ptr<const float>(a_scales), ptr<const uint8_t>(b),
                            ptr<const float>(b_scales), ptr<const void>(c), c_dtype, ptr<void>(out), out_dtype,
                            ptr<const int32_t>(row_expert), ptr<const int32_t>(masked_m), problem);
       },
       py::kw_only(), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("c"),
       py::arg("c_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("row_expert"), py::arg("masked_m"),
       py::arg("problem"),
-      "Few-row block-scaled FP8 GEMM on the CPU straight from the codes (c, row_expert, masked_m: 0 for none).");
+      "Few-row block-scaled FP8 GEMM on the CPU straight from the codes (c, row_expert, masked_m: 0 for none). "
+      "False, with nothing written, when a masked_m entry lies outside [0, m].");
 
   m.def(
       "quantize_fp8_tiles_cpu",

@@ -19,8 +19,9 @@ struct Fp8GemmProblem {
 
 // out[g, m, :] = (a[g, m] * sa) @ (b[e] * sb).T (+ c[m, :]) with e = row_expert[m] when row_expert is given (the
 // contiguous grouped layout; e < 0: a zero row), else e = g. With masked_m, rows m >= masked_m[g] are zero.
-// c (c_dtype) and out (out_dtype): float32 or bfloat16; c may be null.
-void fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, const void* c,
+// c (c_dtype) and out (out_dtype): float32 or bfloat16; c may be null. Returns false, with nothing written, when a
+// masked_m entry lies outside [0, m].
+bool fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, const void* c,
                         DType c_dtype, void* out, DType out_dtype, const int32_t* row_expert, const int32_t* masked_m,
                         const Fp8GemmProblem& p);
 

@@ -36,13 +36,17 @@ void zero_rows(void* out, DType dtype, int64_t base, int64_t first, int64_t end,
 
 }  // namespace
 
-void fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, const void* c,
+bool fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, const void* c,
                         DType c_dtype, void* out, DType out_dtype, const int32_t* row_expert, const int32_t* masked_m,
                         const Fp8GemmProblem& p) {
   const int64_t M = p.m, N = p.n, K = p.k, kblocks = (K + kBlock - 1) / kBlock;
+  if (masked_m != nullptr) {  // checked here, for the price of a loop, instead of four torch ops on the host
+    for (int64_t g = 0; g < p.groups; ++g)
+      if (masked_m[g] < 0 || masked_m[g] > M) return false;
+  }
   std::vector<float> rows_f32(static_cast<size_t>(kRows * K));
   for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t live = masked_m != nullptr ? std::clamp<int64_t>(masked_m[g], 0, M) : M;
+    const int64_t live = masked_m != nullptr ? masked_m[g] : M;
     const int64_t out_g = g * p.out_stride_g;
     zero_rows(out, out_dtype, out_g, live, M, N, p.out_stride_m);
     for (int64_t m0 = 0; m0 < live;) {
@@ -84,6 +88,7 @@ void fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, con
       m0 = m1;
     }
   }
+  return true;
 }
 
 }  // namespace r1k

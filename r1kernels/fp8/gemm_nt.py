@@ -77,9 +77,10 @@ def _small_problem(*dims: int):
     return ext().Fp8GemmProblem(**dict(zip(names, dims, strict=True)))
 
 
-def cpu_gemm_small(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK, row_expert=None, masked_m=None):
+def cpu_gemm_small(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK, row_expert=None, masked_m=None) -> bool:
     """``cpu_gemm`` from the codes, for few rows: a [M, K] or [G, M, K] with masked_m (out [G, M, N]); b [N, K]
-    or [E, N, K] with row_expert (one expert per row of a, -1 a zero row) or masked_m (expert = group)."""
+    or [E, N, K] with row_expert (one expert per row of a, -1 a zero row) or masked_m (expert = group). False,
+    with nothing written, when a masked_m entry lies outside [0, M]."""
     G = a.shape[0] if a.dim() == 3 else 1
     (M, K), N = a.shape[-2:], b.shape[-2]
 
@@ -89,7 +90,7 @@ def cpu_gemm_small(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK, row
 
     dims = (G, M, N, K, b_tile_rows, *strides(a, True), *strides(b, True), *strides(a_scales), *strides(b_scales),
             c.stride(0) if c is not None else 0, *strides(out, True))  # fmt: skip
-    ext().fp8_gemm_small_cpu(
+    return ext().fp8_gemm_small_cpu(
         a=a.data_ptr(),
         a_scales=a_scales.data_ptr(),
         b=b.data_ptr(),

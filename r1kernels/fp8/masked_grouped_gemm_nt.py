@@ -39,8 +39,12 @@ def _check_counts(masked_m: torch.Tensor, M: int) -> None:
 
 
 def _cpu(a, a_scales, b, b_scales, masked_m, out) -> None:
-    if a.shape[1] <= CPU_SMALL_ROWS:  # decode-sized groups: every group in one call
-        return cpu_gemm_small(a, a_scales, b, b_scales, out, masked_m=masked_m)
+    M = a.shape[1]
+    if M <= CPU_SMALL_ROWS:  # decode-sized groups: every group in one call, which checks the counts first
+        if not cpu_gemm_small(a, a_scales, b, b_scales, out, masked_m=masked_m):
+            _check_counts(masked_m, M)  # a count is out of range: raises, naming them
+        return
+    _check_counts(masked_m, M)
     out.zero_()
     for g, m in enumerate(masked_m.tolist()):
         cpu_gemm(a[g, :m], a_scales[g, :m], b[g], b_scales[g], out[g, :m])
@@ -77,10 +81,10 @@ def _masked_op(
     out = _alloc.empty((G, M, b.shape[1]), out_dtype, a.device)
     if out.numel() == 0:
         return out
-    _check_counts(masked_m, M)
     if backend.resolve(a.device, "fp8_grouped_gemm_nt_masked") == "cpu":
-        _cpu(a, a_scales, b, b_scales, masked_m, out)
+        _cpu(a, a_scales, b, b_scales, masked_m, out)  # checks the counts
     else:
+        _check_counts(masked_m, M)
         launch_gemm(a, a_scales, b, b_scales, out, None, masked_m=masked_m)
     return out
 
