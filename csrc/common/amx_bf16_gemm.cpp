@@ -5,7 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
@@ -146,11 +146,12 @@ bool amx_bf16_usable() {
 void amx_bf16_gemm_nt(const uint16_t* a, int64_t lda, int64_t m, const uint32_t* packed_b, int64_t n, int64_t k,
                       const float* bias, float alpha, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
-  std::vector<uint16_t> packed_a(static_cast<size_t>(round_up(m, kBlock) * round_up(k, kK)));
+  // uninitialised: pack_a writes every element, zeros included (a vector would zero it first, once per call)
+  std::unique_ptr<uint16_t[]> packed_a(new uint16_t[static_cast<size_t>(round_up(m, kBlock) * round_up(k, kK))]);
 #pragma omp parallel if (m * n * k >= (1 << 20))
   {
-    pack_a(a, lda, m, k, packed_a.data());  // ends with the barrier of its omp for
-    gemm_blocks(packed_a.data(), m, packed_b, n, k, bias, alpha, c, ldc);
+    pack_a(a, lda, m, k, packed_a.get());  // ends with the barrier of its omp for
+    gemm_blocks(packed_a.get(), m, packed_b, n, k, bias, alpha, c, ldc);
   }
 }
 

@@ -64,8 +64,8 @@ void register_fp8(py::module_& m) {
          DType out_dtype, uintptr_t row_expert, uintptr_t masked_m, const Fp8GemmProblem& problem) {
         py::gil_scoped_release release;
         return fp8_gemm_small_cpu(ptr<const uint8_t>(a), ptr<const float>(a_scales), ptr<const uint8_t>(b),
-                           ptr<const float>(b_scales), ptr<const void>(c), c_dtype, ptr<void>(out), out_dtype,
-                           ptr<const int32_t>(row_expert), ptr<const int32_t>(masked_m), problem);
+                                  ptr<const float>(b_scales), ptr<const void>(c), c_dtype, ptr<void>(out), out_dtype,
+                                  ptr<const int32_t>(row_expert), ptr<const int32_t>(masked_m), problem);
       },
       py::kw_only(), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("c"),
       py::arg("c_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("row_expert"), py::arg("masked_m"),

@@ -4,8 +4,9 @@
 namespace r1k {
 
 // DeepGEMM's contiguous grouped layout: m_indices [rows] int32, every id in [-1, experts), each run of
-// `segment` rows the expert of its first row or padding (-1); a segment that starts with -1 is all padding. Returns the number of real rows (id >= 0), or -1 when the ids
-// break the layout. One pass, for decode-sized calls that would otherwise pay a dozen torch ops to check.
+// `segment` rows the expert of its first row or padding (-1); a segment that starts with -1 is all padding.
+// Returns the number of real rows (id >= 0), or -1 when the ids break the layout. One pass, for decode-sized
+// calls that would otherwise pay a dozen torch ops to check.
 int64_t contiguous_segments_cpu(const int32_t* m_indices, int64_t rows, int64_t experts, int64_t segment);
 
 }  // namespace r1k
