@@ -1,7 +1,8 @@
 // MLA decode on the CPU (see decode.h). Per sequence: the (query, head) rows in fp32, then per block of 64 keys
-// (converted to fp32 once, shared by all rows) and per row: the scores (dots of 576), an online softmax, and the
-// block's values added into the row's fp32 accumulator. The dot and the scaled add are compiled for AVX-512,
-// AVX2 and baseline x86-64, picked at load time. (Tiles of 4 rows sharing each key load were tried: no faster.)
+// (converted to fp32 once, shared by all rows): the scores of groups of 8 rows, which share every key load, then
+// per 4 rows an online softmax and the block's values added into the rows' fp32 accumulators, 64 columns of
+// each held in registers across the block's keys. The vector functions are compiled for AVX-512, AVX2 and
+// baseline x86-64, picked at load time.
 #include "mla/decode.h"
 
 #include <algorithm>
@@ -17,27 +18,52 @@ namespace {
 
 constexpr int64_t kWidth = 576, kLatent = 512;
 constexpr int64_t kKeys = 64;  // keys per block
+constexpr int kGroup = 8;  // rows whose scores are formed together (the rows are padded to a multiple)
+constexpr int kPair = 4;  // rows whose value sums are formed together (divides kGroup)
 
-R1K_VECTOR_CLONES float dot(const float* x, const float* y, int64_t n) {
-  float part[16] = {};  // fixed lanes: vectorizable, and the same order on every run
-  for (int64_t i = 0; i < n; i += 16)  // n is a multiple of 16 here (576)
-    for (int l = 0; l < 16; ++l) part[l] += x[i + l] * y[i + l];
-  float s = 0.0f;
-  for (float v : part) s += v;
-  return s;
-}
-
-// acc = acc * keep + sum_j w[j] * values[j] over the block's keys (values rows kWidth apart)
-R1K_VECTOR_CLONES void rescale_add(float* acc, float keep, const float* w, const float* values, int64_t keys) {
-  for (int64_t i = 0; i < kLatent; ++i) acc[i] *= keep;
-  for (int64_t j = 0; j < keys; ++j) {
-    const float wj = w[j];
-    const float* v = values + j * kWidth;
-    for (int64_t i = 0; i < kLatent; ++i) acc[i] += wj * v[i];
+// The scaled scores of kGroup rows x (kWidth apart) against one key, written kKeys apart from s. The rows share
+// every load of the key; each row sums in 16 fixed lanes, then pairwise (the same result on every CPU and run),
+// and the group's horizontal sums are independent, so they overlap instead of each waiting on the last.
+R1K_VECTOR_CLONES void scores_of_group(const float* x, const float* key, float scale, float* s) {
+  float part[kGroup][16] = {};
+  for (int64_t i = 0; i < kWidth; i += 16)
+    for (int r = 0; r < kGroup; ++r)
+      for (int l = 0; l < 16; ++l) part[r][l] += x[r * kWidth + i + l] * key[i + l];
+  for (int r = 0; r < kGroup; ++r) {
+    float* v = part[r];
+    for (int l = 0; l < 8; ++l) v[l] += v[l + 8];
+    for (int l = 0; l < 4; ++l) v[l] += v[l + 4];
+    s[r * kKeys] = ((v[0] + v[2]) + (v[1] + v[3])) * scale;
   }
 }
 
-void to_float(const void* base, DType dtype, int64_t offset, int64_t n, float* out) {
+// acc[t] = acc[t] * keep[t] + sum_{j < keys[t]} w[t][j] * values[j] for the kPair rows t (accumulators kLatent
+// apart, weights kKeys apart, values rows kWidth apart). 64 columns of every row stay in registers across the
+// keys, and the rows share each value load: the block's values are read once per kPair rows and 64 columns.
+R1K_VECTOR_CLONES void rescale_add(float* acc, const float* keep, const float* w, const int64_t* keys,
+                                   const float* values) {
+  int64_t all = keys[0];
+  for (int t = 1; t < kPair; ++t) all = std::min(all, keys[t]);
+  for (int64_t i0 = 0; i0 < kLatent; i0 += 64) {
+    float c[kPair][64];
+    for (int t = 0; t < kPair; ++t)
+      for (int l = 0; l < 64; ++l) c[t][l] = acc[t * kLatent + i0 + l] * keep[t];
+    for (int64_t j = 0; j < all; ++j) {
+      const float* v = values + j * kWidth + i0;
+      for (int t = 0; t < kPair; ++t) {
+        const float u = w[t * kKeys + j];
+        for (int l = 0; l < 64; ++l) c[t][l] += u * v[l];
+      }
+    }
+    for (int t = 0; t < kPair; ++t)  // keys only some rows see: never 0 x value (Inf values stay unseen)
+      for (int64_t j = all; j < keys[t]; ++j)
+        for (int l = 0; l < 64; ++l) c[t][l] += w[t * kKeys + j] * values[j * kWidth + i0 + l];
+    for (int t = 0; t < kPair; ++t)
+      for (int l = 0; l < 64; ++l) acc[t * kLatent + i0 + l] = c[t][l];
+  }
+}
+
+R1K_VECTOR_CLONES void to_float(const void* base, DType dtype, int64_t offset, int64_t n, float* out) {
   if (dtype == DType::kFloat32) {
     const float* p = static_cast<const float*>(base) + offset;
     std::copy(p, p + n, out);
@@ -62,40 +88,55 @@ void store(const float* row, int64_t n, float factor, DType dtype, void* base, i
     p[i] = dtype == DType::kBFloat16 ? float_to_bf16_rne(row[i] * factor) : float_to_fp16_rne(row[i] * factor);
 }
 
+// One row's online-softmax step over the block: scores s (the first `visible` used) -> weights in s; returns the
+// factor that rescales the row's previous accumulator.
+float softmax_step(float* s, int64_t visible, float& max_score, float& sum) {
+  float block_max = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, s[j]);
+  const float m = std::max(max_score, block_max);
+  const float keep = std::exp(max_score - m);  // 0 on the row's first block (exp(-inf))
+  float block_sum = 0.0f;
+  for (int64_t j = 0; j < visible; ++j) {
+    s[j] = std::exp(s[j] - m);
+    block_sum += s[j];
+  }
+  sum = sum * keep + block_sum;
+  max_score = m;
+  return keep;
+}
+
 void decode_sequence(const void* q, const void* kv, DType dtype, const int32_t* table, int64_t len, int64_t b,
                      void* out, float* lse, const MlaDecodeProblem& p) {
-  const int64_t R = p.s_q * p.heads;
-  std::vector<float> rows(static_cast<size_t>(R * kWidth)), acc(static_cast<size_t>(R * kLatent), 0.0f);
-  std::vector<float> keys(static_cast<size_t>(kKeys * kWidth)), w(static_cast<size_t>(kKeys));
-  std::vector<float> max_score(static_cast<size_t>(R), -std::numeric_limits<float>::infinity());
-  std::vector<float> sum(static_cast<size_t>(R), 0.0f);
+  const int64_t R = p.s_q * p.heads, padded = (R + kGroup - 1) / kGroup * kGroup;  // padding rows: zero, unseen
+  std::vector<float> rows(static_cast<size_t>(padded * kWidth), 0.0f), acc(static_cast<size_t>(padded * kLatent), 0.0f);
+  std::vector<float> keys(static_cast<size_t>(kKeys * kWidth)), scores(static_cast<size_t>(padded * kKeys));
+  std::vector<float> max_score(static_cast<size_t>(padded), -std::numeric_limits<float>::infinity());
+  std::vector<float> sum(static_cast<size_t>(padded), 0.0f);
   to_float(q, dtype, b * R * kWidth, R * kWidth, rows.data());
   for (int64_t j0 = 0; j0 < len; j0 += kKeys) {
     const int64_t n = std::min(kKeys, len - j0);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t pos = j0 + j;
       const int64_t block = table[b * p.max_blocks + pos / p.page];
-      to_float(kv, dtype, (block * p.page + pos % p.page) * kWidth, kWidth, keys.data() + j * kWidth);
+      float* key = keys.data() + j * kWidth;
+      to_float(kv, dtype, (block * p.page + pos % p.page) * kWidth, kWidth, key);
+      for (int64_t g = 0; g < padded; g += kGroup)
+        scores_of_group(rows.data() + g * kWidth, key, p.scale, scores.data() + g * kKeys + j);
     }
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t last = p.causal ? len - p.s_q + r / p.heads : len - 1;  // the row's last visible key
-      const int64_t visible = std::clamp<int64_t>(last - j0 + 1, 0, n);
-      if (visible == 0) continue;
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < visible; ++j) {
-        w[j] = dot(rows.data() + r * kWidth, keys.data() + j * kWidth, kWidth) * p.scale;
-        block_max = std::max(block_max, w[j]);
+    for (int64_t r0 = 0; r0 < padded; r0 += kPair) {
+      int64_t visible[kPair];
+      float keep[kPair];
+      bool any = false;
+      for (int t = 0; t < kPair; ++t) {
+        const int64_t r = r0 + t;
+        const int64_t last = p.causal ? len - p.s_q + r / p.heads : len - 1;  // the row's last visible key
+        visible[t] = r < R ? std::clamp<int64_t>(last - j0 + 1, 0, n) : 0;
+        // a row with nothing visible in this block keeps its state: factor 1, no keys added
+        keep[t] = visible[t] ? softmax_step(scores.data() + r * kKeys, visible[t], max_score[r], sum[r]) : 1.0f;
+        any = any || visible[t] > 0;
       }
-      const float m = std::max(max_score[r], block_max);
-      const float keep = std::exp(max_score[r] - m);  // 0 on the row's first block (exp(-inf))
-      float block_sum = 0.0f;
-      for (int64_t j = 0; j < visible; ++j) {
-        w[j] = std::exp(w[j] - m);
-        block_sum += w[j];
-      }
-      sum[r] = sum[r] * keep + block_sum;
-      max_score[r] = m;
-      rescale_add(acc.data() + r * kLatent, keep, w.data(), keys.data(), visible);
+      if (any)
+        rescale_add(acc.data() + r0 * kLatent, keep, scores.data() + r0 * kKeys, visible, keys.data());
     }
   }
   for (int64_t r = 0; r < R; ++r) {
