@@ -3,6 +3,7 @@
 
 #include "common/pybind_util.h"
 #include "grpo/lm_head_small.h"
+#include "grpo/token_loss.h"
 
 namespace py = pybind11;
 
@@ -76,6 +77,25 @@ void register_grpo(py::module_& m) {
       py::arg("v"), py::arg("h"), py::arg("stride_h"), py::arg("stride_w"), py::arg("inv_t"), py::arg("g"),
       py::arg("ge"), py::arg("lse"), py::arg("entropy"), py::arg("d_hidden"), py::arg("d_weight"), py::arg("d_bias"),
       "lm_head_logprobs_small_backward_cpu with LmHeadProblem's fields as leading arguments (the hot path).");
+  // Flat arguments, callable positionally: this runs once per loss call, where a struct built through keywords
+  // would cost as much as the loop at decode sizes.
+  m.def(
+      "grpo_token_loss_grad_cpu",
+      [](int64_t n, uintptr_t logp, uintptr_t entropy, uintptr_t weight, uintptr_t adv, uintptr_t old, uintptr_t ref,
+         uintptr_t is_ratio, float beta, float epsilon_low, float epsilon_high, float delta, bool has_delta,
+         float clamp, float entropy_coef, bool unbiased_kl, uintptr_t total, uintptr_t d_logp, uintptr_t d_entropy) {
+        const TokenLossTerms terms{ptr<const float>(weight), ptr<const float>(adv), ptr<const float>(old),
+                                   ptr<const float>(ref), ptr<const float>(is_ratio), beta, epsilon_low, epsilon_high,
+                                   delta, has_delta, clamp, entropy_coef, unbiased_kl};
+        grpo_token_loss_grad_cpu(n, ptr<const float>(logp), ptr<const float>(entropy), terms, ptr<float>(total),
+                                 ptr<float>(d_logp), ptr<float>(d_entropy));
+      },
+      py::arg("n"), py::arg("logp"), py::arg("entropy"), py::arg("weight"), py::arg("adv"), py::arg("old"),
+      py::arg("ref"), py::arg("is_ratio"), py::arg("beta"), py::arg("epsilon_low"), py::arg("epsilon_high"),
+      py::arg("delta"), py::arg("has_delta"), py::arg("clamp"), py::arg("entropy_coef"), py::arg("unbiased_kl"),
+      py::arg("total"), py::arg("d_logp"), py::arg("d_entropy"),
+      "total = sum(weight * token_loss) (0-d) and weight * d token_loss / d logp [n] (and d_entropy [n] when entropy_coef != 0) "
+      "of the GRPO loss, fp32 (0 for an absent old / ref / is_ratio).");
 }
 
 }  // namespace r1k

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from r1kernels._ext import ext
+
 
 class TokenTerms(NamedTuple):
     """The per-token inputs ([N] fp32, or None) and scalars of the loss, besides logp and entropy."""
@@ -97,10 +99,37 @@ def _clamp_passes(x: torch.Tensor, low: float | None, high: float | None) -> tor
 def block_gradients(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
     """(sum of weighted token losses, d/d logp, d/d entropy or None) of a block of tokens, fp32.
 
-    The single-pass op runs this inside its kernel implementation, where autograd does not record (a custom
-    op's kernel runs below the autograd dispatch key), so the derivative of ``token_loss`` is written out here,
+    The fused op runs this inside its kernel implementation, where autograd does not record (a custom op's
+    kernel runs below the autograd dispatch key), so the derivative of ``token_loss`` is written out here,
     following torch's own conventions (clamp passes the gradient at its bounds; minimum splits it at a tie).
-    ``test_fused_loss.py`` checks it against autograd through ``token_loss``."""
+    CPU tensors go to its C++ twin (csrc/grpo/token_loss_cpu.cpp: one loop instead of ~30 ops, ~100 us at
+    decode sizes); ``test_fused_loss.py`` checks both forms against autograd through ``token_loss``."""
+    if logp.device.type == "cpu":
+        return _block_gradients_cpu(logp, entropy, t)
+    return block_gradients_torch(logp, entropy, t)
+
+
+def _ptr(x: torch.Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def _block_gradients_cpu(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
+    per_token = [x if x is None or x.is_contiguous() else x.contiguous() for x in (logp, entropy, *t[:5])]
+    logp, entropy, weight, adv, old, ref, is_ratio = per_token
+    n, with_entropy = logp.shape[0], t.entropy_coef != 0.0
+    total, d_logp = torch.empty(()), torch.empty(n)
+    d_entropy = torch.empty(n) if with_entropy else None
+    ext().grpo_token_loss_grad_cpu(
+        n, logp.data_ptr(), _ptr(entropy) if with_entropy else 0, weight.data_ptr(), adv.data_ptr(), _ptr(old),
+        _ptr(ref if t.beta > 0 else None), _ptr(is_ratio), t.beta, t.epsilon_low, t.epsilon_high,
+        0.0 if t.delta is None else t.delta, t.delta is not None, t.clamp, t.entropy_coef, t.unbiased_kl,
+        total.data_ptr(), d_logp.data_ptr(), _ptr(d_entropy),
+    )  # fmt: skip
+    return total, d_logp, d_entropy
+
+
+def block_gradients_torch(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
+    """``block_gradients`` in torch ops (GPU tensors, and the formulation the C++ twin follows line for line)."""
     log_ratio = token_log_ratio(logp, t.old, t.clamp)
     raw = logp - logp if t.old is None else logp - t.old
     ratio = torch.exp(log_ratio)
