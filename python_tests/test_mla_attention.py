@@ -1,12 +1,14 @@
 """MLA training attention against the float64 reference: forward (out, lse) and the gradient of every input,
-on the Triton path (interpreter or GPU, 16-bit) and the blocked torch path (CPU, fp32 and bf16); causal and
-not, S not a multiple of the block, packed sequences of lengths 0, 1, 20 and 16, determinism, bad input."""
+on the Triton path (interpreter or GPU, 16-bit), the blocked torch path and the small problems' one C++ call
+(CPU, fp32 and bf16); causal and not, S not a multiple of the block, packed sequences of lengths 0, 1, 20 and
+16, strided inputs, determinism, bad input."""
 
 import pytest
 import torch
 from conftest import backends_for
 
 import r1kernels
+from r1kernels.mla import attention
 from r1kernels.mla import reference as ref
 
 DN, DR, DV, H = 32, 16, 32, 3
@@ -48,16 +50,50 @@ def _paths():
     return out
 
 
+@pytest.fixture(params=["blocked", "one-call"])
+def cpu_form(request, monkeypatch):
+    """The CPU forward's two forms: the blocked torch ops, or (every problem counted small) the one C++ call."""
+    monkeypatch.setattr(attention, "SMALL_MACS", 0 if request.param == "blocked" else 1 << 40)
+    return request.param
+
+
+def _skip_repeat(backend, cpu_form):
+    if backend == "triton" and cpu_form == "one-call":
+        pytest.skip("the CPU forms do not apply to the Triton path")
+
+
 @pytest.mark.parametrize("backend,device,dtype", _paths())
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_matches_reference(backend, device, dtype, causal):
+def test_matches_reference(backend, device, dtype, causal, cpu_form):
+    _skip_repeat(backend, cpu_form)
     _check(backend, device, dtype, 2, 37, causal)
 
 
 @pytest.mark.parametrize("backend,device,dtype", _paths())
-def test_packed_sequences(backend, device, dtype):
+def test_packed_sequences(backend, device, dtype, cpu_form):
+    _skip_repeat(backend, cpu_form)
     cu = torch.tensor([0, 0, 1, 21, 37], dtype=torch.int32, device=device)  # lengths 0, 1, 20, 16
     _check(backend, device, dtype, 1, 37, True, cu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_one_call_strided_inputs_and_nan(dtype):
+    """The C++ forward reads each input through its strides (views into wider tensors, heads before
+    positions) and lets a NaN reach exactly the outputs that depend on it."""
+    B, S = 2, 11
+    q = torch.randn(B, H, S, DN + DR + 5).to(dtype).transpose(1, 2)[..., : DN + DR]
+    kn = torch.randn(B, S, H, DN + 3).to(dtype)[..., :DN]
+    kp = torch.randn(B, S, 2, DR).to(dtype)[:, :, 1]
+    v = torch.randn(B, S, H, DV + 7).to(dtype)[..., :DV]
+    kn[1, 4, 2, 0] = float("nan")  # batch 1, position 4, head 2: causal queries 4.. of that head
+    out, lse = r1kernels.mla.mla_attention(q, kn, kp, v)
+    r_out, r_lse = ref.mla_attention(*(t.double() for t in (q, kn, kp, v)), causal=True)
+    nan = torch.isnan(r_out)
+    assert torch.equal(torch.isnan(out), nan) and nan[1, 4:, 2].all() and nan.sum() == (S - 4) * DV
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out.double()[~nan], r_out[~nan], rtol=tol, atol=tol)
+    finite = ~torch.isnan(r_lse)
+    assert torch.allclose(lse.double()[finite], r_lse[finite], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,device,dtype", _paths())

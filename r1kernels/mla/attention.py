@@ -3,12 +3,14 @@ V tiles sized for Dv, causal or not, packed variable-length sequences; forward a
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import cdiv, check_tensor
+from r1kernels._ext import cpp_dtype, ext
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
 from r1kernels.mla import attention_torch
@@ -16,6 +18,10 @@ from r1kernels.mla.kernels import attention_bwd, attention_fwd
 
 _OP = "mla_attention"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Up to this many multiply-adds (B x H x S x S x (D + Dv), causal or not) the CPU forward is one C++ call
+# (csrc/mla/attention_small_cpu.cpp): below it the blocked torch path's few dozen small ops cost more than the math
+# (1 thread: 131 vs 239 us at 1.3M, 233 vs 309 us at 2.6M bf16, even at ~5M; benchmarks/NOTES.md).
+SMALL_MACS = 1 << 21
 
 
 def _pow2(n: int) -> bool:
@@ -78,14 +84,36 @@ def _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, block, bounds):
     return (max(1, cdiv(longest, block)), seqs * H), switches
 
 
-def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
+@functools.lru_cache(maxsize=256)
+def _small_problem(B, S, H, dn, dr, dv, q_stride, kn_stride, kp_stride, v_stride, scale, causal):
+    return ext().MlaAttentionProblem(batch=B, seq=S, heads=H, dn=dn, dr=dr, dv=dv, q_stride=q_stride,
+                                     kn_stride=kn_stride, kp_stride=kp_stride, v_stride=v_stride, scale=scale,
+                                     causal=causal)  # fmt: skip
+
+
+def _forward_small_cpu(q, k_nope, k_pe, v, causal, scale, cu_seqlens, out, lse) -> None:
     B, S, H, _ = q.shape
+    problem = _small_problem(B, S, H, k_nope.shape[-1], k_pe.shape[-1], v.shape[-1], q.stride()[:3],
+                             k_nope.stride()[:3], k_pe.stride()[:2], v.stride()[:3], scale, causal)  # fmt: skip
+    cu, seqs = (0, 0) if cu_seqlens is None else (cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1)
+    if not ext().mla_attention_small_cpu(q.data_ptr(), k_nope.data_ptr(), k_pe.data_ptr(), v.data_ptr(),
+                                         cpp_dtype(q.dtype), cu, seqs, out.data_ptr(), lse.data_ptr(), problem):  # fmt: skip
+        _check_cu_seqlens(cu_seqlens, S)  # raises, naming the argument
+        raise AssertionError("mla_attention_small_cpu refused cu_seqlens that pass the check")
+
+
+def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
+    B, S, H, D = q.shape
     out = _alloc.empty((B, S, H, v.shape[-1]), q.dtype, q.device)
     lse = _alloc.empty((B, H, S), torch.float32, q.device)
     if out.numel() == 0 or S == 0:
         return out, lse
+    triton = _uses_triton(q, k_nope, k_pe, v)
+    if not triton and q.device.type == "cpu" and B * H * S * S * (D + v.shape[-1]) <= SMALL_MACS:
+        _forward_small_cpu(q, k_nope, k_pe, v, causal, scale, cu_seqlens, out, lse)
+        return out, lse
     bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else None
-    if not _uses_triton(q, k_nope, k_pe, v):
+    if not triton:
         if cu_seqlens is None:  # the whole batch at once
             o, l_ = attention_torch.forward(q, k_nope, k_pe, v, causal, scale)
             out.copy_(o)
@@ -202,7 +230,8 @@ def mla_attention(
     and v (``lse`` is not); k_pe's gradient is reduced over the heads inside the kernel, in head order, without
     atomics (bitwise reproducible).
     GPU, 16-bit, power-of-two head dims: Triton (FlashAttention-2 style forward and backward). CPU and fp32:
-    blocked torch ops with an online softmax, O(S x 256) memory per head.
+    blocked torch ops with an online softmax, O(S x 256) memory per head; on the CPU a forward of up to
+    ``SMALL_MACS`` multiply-adds is one C++ call (fp32 math).
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _mla_op(q, k_nope, k_pe, v, causal, float(scale), cu_seqlens)
