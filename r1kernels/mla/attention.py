@@ -96,8 +96,9 @@ def _forward_small_cpu(q, k_nope, k_pe, v, causal, scale, cu_seqlens, out, lse) 
     problem = _small_problem(B, S, H, k_nope.shape[-1], k_pe.shape[-1], v.shape[-1], q.stride()[:3],
                              k_nope.stride()[:3], k_pe.stride()[:2], v.stride()[:3], scale, causal)  # fmt: skip
     cu, seqs = (0, 0) if cu_seqlens is None else (cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1)
-    if not ext().mla_attention_small_cpu(q.data_ptr(), k_nope.data_ptr(), k_pe.data_ptr(), v.data_ptr(),
-                                         cpp_dtype(q.dtype), cu, seqs, out.data_ptr(), lse.data_ptr(), problem):  # fmt: skip
+    pointers = (q.data_ptr(), k_nope.data_ptr(), k_pe.data_ptr(), v.data_ptr())
+    if not ext().mla_attention_small_cpu(*pointers, cpp_dtype(q.dtype), cu, seqs, out.data_ptr(), lse.data_ptr(),
+                                         problem):  # fmt: skip
         _check_cu_seqlens(cu_seqlens, S)  # raises, naming the argument
         raise AssertionError("mla_attention_small_cpu refused cu_seqlens that pass the check")
 
