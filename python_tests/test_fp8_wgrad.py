@@ -13,6 +13,7 @@ from r1kernels.fp8 import reference as ref
 
 gemm_kernels = importlib.import_module("r1kernels.fp8.kernels.gemm_nt")
 gemm_module = importlib.import_module("r1kernels.fp8.gemm_nt")
+grouped_wgrad_module = importlib.import_module("r1kernels.fp8.grouped_wgrad_gemm")
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,22 @@ def test_grouped_wgrad_sm80_and_tma_paths(kernel_device, monkeypatch):
         monkeypatch.setattr(gemm_kernels, "use_tma", lambda arch, fp8_mma, *operands: True)
         with r1kernels.use_backend("triton"):
             assert _rel(r1kernels.fp8.grouped_wgrad_gemm(a, sa, b, sb, ids, 2), r.double()) < 1e-6
+
+
+@pytest.mark.parametrize("layout", [[(1, 100), (3, 300), (0, 128)], [(2, 1)], [(0, 384)], []], ids=str)
+def test_token_ranges_cpp_matches_the_device_form(layout):
+    """The CPU pass against the torch ops CUDA tensors take: padding segments, absent experts, several segments."""
+    ids = torch.full((128,), -1, dtype=torch.int32)  # a padding segment first
+    for e, n in layout:
+        seg = torch.full((-(-n // 128) * 128,), -1, dtype=torch.int32)
+        seg[:n] = e
+        ids = torch.cat([ids, seg])
+    got = grouped_wgrad_module.token_ranges(ids, 4)
+    assert got.dtype == torch.int32 and torch.equal(got, grouped_wgrad_module.token_ranges_torch(ids, 4))
+    for e, n in layout:
+        rows = (ids == e).nonzero().squeeze(1)
+        assert got[e].tolist() == [int(rows[0]), int(rows[0]) + -(-n // 128) * 128]
+    assert all(got[e].tolist() == [0, 0] for e in range(4) if e not in dict(layout))
 
 
 @pytest.mark.parametrize(

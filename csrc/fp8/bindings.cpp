@@ -59,6 +59,16 @@ void register_fp8(py::module_& m) {
       "segment mixes experts (each segment: its first row's expert, or -1).");
 
   m.def(
+      "token_ranges_cpu",
+      [](uintptr_t m_indices, int64_t rows, int64_t experts, int64_t segment, uintptr_t ranges) {
+        return token_ranges_cpu(ptr<const int32_t>(m_indices), rows, experts, segment, ptr<int32_t>(ranges));
+      },
+      py::kw_only(), py::arg("m_indices"), py::arg("rows"), py::arg("experts"), py::arg("segment"),
+      py::arg("ranges"),
+      "Each expert's (first row, end row) into ranges [experts, 2] int32, (0, 0) when absent, for ids that pass "
+      "contiguous_segments_cpu; False, nothing written, when an expert's segments are not contiguous.");
+
+  m.def(
       "fp8_gemm_small_cpu",
       [](uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales, uintptr_t c, DType c_dtype, uintptr_t out,
          DType out_dtype, uintptr_t row_expert, uintptr_t masked_m, const Fp8GemmProblem& problem) {

@@ -1,5 +1,8 @@
 #include "fp8/segments.h"
 
+#include <cstddef>
+#include <vector>
+
 namespace r1k {
 
 int64_t contiguous_segments_cpu(const int32_t* m_indices, int64_t rows, int64_t experts, int64_t segment) {
@@ -13,6 +16,25 @@ int64_t contiguous_segments_cpu(const int32_t* m_indices, int64_t rows, int64_t 
     }
   }
   return real;
+}
+
+bool token_ranges_cpu(const int32_t* m_indices, int64_t rows, int64_t experts, int64_t segment, int32_t* ranges) {
+  std::vector<int64_t> first(static_cast<size_t>(experts), -1), end(static_cast<size_t>(experts), 0),
+      count(static_cast<size_t>(experts), 0);
+  for (int64_t s0 = 0; s0 < rows; s0 += segment) {
+    const int32_t e = m_indices[s0];  // the segment's expert (a segment starting with -1 is all padding)
+    if (e < 0) continue;
+    if (first[e] < 0) first[e] = s0;
+    end[e] = s0 + segment;
+    ++count[e];
+  }
+  for (int64_t e = 0; e < experts; ++e)
+    if (count[e] && end[e] - first[e] != count[e] * segment) return false;
+  for (int64_t e = 0; e < experts; ++e) {
+    ranges[2 * e] = count[e] ? static_cast<int32_t>(first[e]) : 0;
+    ranges[2 * e + 1] = count[e] ? static_cast<int32_t>(end[e]) : 0;
+  }
+  return true;
 }
 
 }  // namespace r1k

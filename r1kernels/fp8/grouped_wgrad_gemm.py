@@ -8,11 +8,14 @@ import torch
 
 from r1kernels import _alloc, backend
 from r1kernels._checks import check_tensor
+from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.gemm_nt import BLOCK, cpu_gemm, launch_gemm, validate
 from r1kernels.fp8.grouped_gemm_nt import SEGMENT, check_segment_ids
 
 _OP = "fp8_grouped_wgrad_gemm"
+_NOT_CONTIGUOUS = ("m_indices: each expert's tokens must form one contiguous run of 128-token blocks (the contiguous "
+                   "layout, sorted by expert)")  # fmt: skip
 
 
 def validate_grouped(a, a_scales, b, b_scales, m_indices, num_groups, c) -> None:
@@ -32,9 +35,20 @@ def validate_grouped(a, a_scales, b, b_scales, m_indices, num_groups, c) -> None
 
 
 def token_ranges(m_indices: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """[G, 2] int32 (first token, end token) of each expert's segment, computed on the device (no host
-    synchronisation); (0, 0) for an expert with no tokens. The segments must be contiguous: checked on the
-    device for CUDA tensors, on the host for CPU ones."""
+    """[G, 2] int32 (first token, end token) of each expert's segment, (0, 0) for an expert with no tokens, for
+    ids that pass ``check_segment_ids``. The segments must be contiguous: checked in the same C++ pass for CPU
+    tensors, on the device (no host synchronisation) for CUDA ones."""
+    if m_indices.device.type == "cpu":
+        ranges = torch.empty(num_groups, 2, dtype=torch.int32)
+        if not ext().token_ranges_cpu(m_indices=m_indices.data_ptr(), rows=m_indices.shape[0], experts=num_groups,
+                                      segment=SEGMENT, ranges=ranges.data_ptr()):  # fmt: skip
+            raise ValueError(_NOT_CONTIGUOUS)
+        return ranges
+    return token_ranges_torch(m_indices, num_groups)
+
+
+def token_ranges_torch(m_indices: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``token_ranges`` in device-side torch ops (CUDA tensors: no synchronisation)."""
     block_ids = m_indices.view(-1, SEGMENT).amax(1)  # one expert (or -1: all padding) per 128-token block
     nblocks = block_ids.shape[0]
     bins = torch.where(block_ids >= 0, block_ids, num_groups).long()  # padding blocks into a spare bin
@@ -46,11 +60,7 @@ def token_ranges(m_indices: torch.Tensor, num_groups: int) -> torch.Tensor:
     )
     present = count[:num_groups] > 0
     ok = ((last - first)[:num_groups] == count[:num_groups]) | ~present
-    if m_indices.device.type != "cpu":
-        torch._assert_async(ok.all(), "each expert's tokens must form one contiguous segment in m_indices")
-    elif not bool(ok.all()):
-        raise ValueError("m_indices: each expert's tokens must form one contiguous run of 128-token blocks "
-                         "(the contiguous layout, sorted by expert)")  # fmt: skip
+    torch._assert_async(ok.all(), _NOT_CONTIGUOUS)
     ranges = torch.stack([first[:num_groups], last[:num_groups]], 1) * SEGMENT
     return torch.where(present[:, None], ranges, 0).to(torch.int32)
 
