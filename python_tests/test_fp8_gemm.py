@@ -9,6 +9,8 @@ import torch
 from conftest import HAS_GPU, backends_for
 
 import r1kernels
+from r1kernels import cpu_caps
+from r1kernels._ext import ext
 from r1kernels.fp8 import reference as ref
 
 gemm_module = importlib.import_module("r1kernels.fp8.gemm_nt")  # the package re-exports the function's name
@@ -161,3 +163,57 @@ def test_few_row_cpu_path_decodes_every_code_in_every_lane(hot_offset):
     assert torch.isnan(out[:, 7]).all()
     keep = [j for j in range(n) if j != 7]
     assert torch.equal(out[:, keep], want[:, keep])
+
+
+class _CountingExt:
+    """ext() with its AMX FP8 GEMM calls counted."""
+
+    def __init__(self):
+        self.amx_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(ext(), name)
+
+    def fp8_gemm_amx_cpu(self, **kw):
+        self.amx_calls += 1
+        return ext().fp8_gemm_amx_cpu(**kw)
+
+
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx", "dequantize"])
+@pytest.mark.parametrize("M,N,K,b_tile_rows", [(45, 200, 300, 128), (33, 70, 1100, 128), (130, 257, 256, 1),
+                                           (1040, 1030, 200, 128)],
+                         ids=str)  # fmt: skip
+def test_cpu_many_row_forms(amx, M, N, K, b_tile_rows, monkeypatch):
+    """Above the few-row threshold the CPU multiplies on AMX tiles where it has them (codes exact in bf16, sums
+    fp32 per 128-wide K block, then scaled), else dequantizes to fp32 for a matmul: both against float64 at
+    shapes off every tile edge, weight-block and row scales (the weight gradient's), strided scales, c added into
+    a bf16 out, a NaN code reaching exactly its row and column, and which form ran."""
+    monkeypatch.setenv("R1K_CPU_AMX", amx)
+    counting = _CountingExt()
+    monkeypatch.setattr(gemm_module, "ext", lambda: counting)
+    x, w = torch.randn(M, K) * torch.logspace(-2, 2, M)[:, None], torch.randn(N, K)
+    x[7, 3] = float("nan")
+    nan_col = 11 if b_tile_rows == 1 or N > 128 else None  # in a 128-row weight block: its scale, all 128 columns
+    if nan_col is not None:
+        w[nan_col, K - 1] = float("nan")
+    a, sa = r1kernels.fp8.quantize_per_token_group(x)
+    sa = sa.T.contiguous().T  # M-major scales (DeepGEMM's sfa layout): a column stride of 1
+    if b_tile_rows == 1:
+        b, sb = r1kernels.fp8.quantize_per_token_group(w)
+        r = ref.wgrad_gemm(a, sa, b, sb)
+    else:
+        b, sb = r1kernels.fp8.quantize_per_block(w)
+        r = ref.gemm_nt(a, sa, b, sb)
+    c = torch.randn(M, N)
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    gemm_module.cpu_gemm(a, sa, b, sb, out, c, b_tile_rows)
+    assert counting.amx_calls == (amx == "1" and cpu_caps.amx_bf16())
+    nan = torch.zeros(M, N, dtype=torch.bool)
+    nan[7] = True
+    if nan_col is not None:
+        nan[:, nan_col if b_tile_rows == 1 else slice(0, 128)] = True
+    assert torch.equal(torch.isnan(out), nan)
+    assert _rel(out[~nan].float(), (r + c.double())[~nan]) < 4e-3  # bf16 out
+    out32 = torch.full((M, N), float("nan"))
+    gemm_module.cpu_gemm(a, sa, b, sb, out32, None, b_tile_rows)
+    assert _rel(out32[~nan], r[~nan]) < 1e-6

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/pybind_util.h"
+#include "fp8/gemm_amx.h"
 #include "fp8/gemm_small.h"
 #include "fp8/quantize.h"
 #include "fp8/segments.h"
@@ -82,6 +83,18 @@ void register_fp8(py::module_& m) {
       py::arg("problem"),
       "Few-row block-scaled FP8 GEMM on the CPU straight from the codes (c, row_expert, masked_m: 0 for none). "
       "False, with nothing written, when a masked_m entry lies outside [0, m].");
+
+  m.def(
+      "fp8_gemm_amx_cpu",
+      [](uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales, uintptr_t out,
+         const Fp8GemmProblem& problem) {
+        py::gil_scoped_release release;
+        fp8_gemm_amx_cpu(ptr<const uint8_t>(a), ptr<const float>(a_scales), ptr<const uint8_t>(b),
+                         ptr<const float>(b_scales), ptr<float>(out), problem);
+      },
+      py::kw_only(), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"),
+      py::arg("problem"),
+      "Block-scaled FP8 GEMM on AMX tiles into fp32 out (problem.groups 1); only where amx_bf16_usable().");
 
   m.def(
       "quantize_fp8_tiles_cpu",

@@ -94,7 +94,8 @@ void register_grpo(py::module_& m) {
       py::arg("ref"), py::arg("is_ratio"), py::arg("beta"), py::arg("epsilon_low"), py::arg("epsilon_high"),
       py::arg("delta"), py::arg("has_delta"), py::arg("clamp"), py::arg("entropy_coef"), py::arg("unbiased_kl"),
       py::arg("total"), py::arg("d_logp"), py::arg("d_entropy"),
-      "total = sum(weight * token_loss) (0-d) and weight * d token_loss / d logp [n] (and d_entropy [n] when entropy_coef != 0) "
+      "total = sum(weight * token_loss) (0-d) and weight * d token_loss / d logp [n] (and d_entropy [n] when "
+      "entropy_coef != 0) "
       "of the GRPO loss, fp32 (0 for an absent old / ref / is_ratio).");
 }
 

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from r1kernels import _alloc, backend
+from r1kernels import _alloc, backend, cpu_caps
 from r1kernels._checks import cdiv, check_tensor
 from r1kernels._ext import cpp_dtype, ext
 from r1kernels._launch import launch
@@ -20,7 +20,8 @@ FP8, SCALES = (torch.float8_e4m3fn,), (torch.float32,)
 BLOCK = kernel.SCALE_BLOCK
 CPU_CHUNK_ROWS = 1024  # rows of a and b dequantized at a time on the CPU: bounded fp32 copies
 # Few rows (decode): the CPU computes from the codes (csrc/fp8/gemm_small_cpu.cpp) instead of dequantizing b
-# to fp32 for a matmul that reads each weight once per row anyway. Above ~16 rows the fp32 matmul wins.
+# to fp32 for a matmul that reads each weight once per row anyway. Above ~16 rows the fp32 matmul wins (or, on
+# a CPU with AMX-BF16, the AMX GEMM of csrc/fp8/gemm_amx_cpu.cpp: 1.7-2.3x the fp32 matmul's rate, 2 threads).
 CPU_SMALL_ROWS = 16
 
 
@@ -105,14 +106,33 @@ def cpu_gemm_small(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK, row
     )
 
 
+def _cpu_gemm_amx(a, a_scales, b, b_scales, out, c, b_tile_rows) -> None:
+    """``cpu_gemm`` on AMX tiles (csrc/fp8/gemm_amx_cpu.cpp): the codes are exact in bf16, the products exact, the
+    sums fp32 with the scales applied per 128-wide K block. It writes fp32; c is added and out's dtype made here."""
+    (M, K), N = a.shape, b.shape[0]
+    a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
+    dense = out.dtype is torch.float32 and out.stride(1) == 1
+    out32 = out if dense else torch.empty(M, N)
+    dims = (1, M, N, K, b_tile_rows, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *b_scales.stride(), 0,
+            0, out32.stride(0))  # fmt: skip
+    ext().fp8_gemm_amx_cpu(a=a.data_ptr(), a_scales=a_scales.data_ptr(), b=b.data_ptr(), b_scales=b_scales.data_ptr(),
+                           out=out32.data_ptr(), problem=_small_problem(*dims))  # fmt: skip
+    if c is not None:
+        out32 += c
+    if not dense:
+        out.copy_(out32)
+
+
 def cpu_gemm(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK) -> None:
-    """out = a @ b.T (+ c) on the CPU: tile-wise dequantize (the C++ kernel) + fp32 matmul, CPU_CHUNK_ROWS rows
-    of each operand at a time (the grouped GEMMs' CPU paths run it per expert); few rows straight from the
-    codes (``cpu_gemm_small``). ``b_tile_rows``: rows per b scale, 128 for weight blocks, 1 for the weight
-    gradient's row scales."""
+    """out = a @ b.T (+ c) on the CPU: on AMX tiles where the CPU has them (``_cpu_gemm_amx``), else tile-wise
+    dequantize (the C++ kernel) + fp32 matmul, CPU_CHUNK_ROWS rows of each operand at a time (the grouped GEMMs'
+    CPU paths run it per expert); few rows straight from the codes (``cpu_gemm_small``). ``b_tile_rows``: rows
+    per b scale, 128 for weight blocks, 1 for the weight gradient's row scales."""
     M, N = out.shape
     if M <= CPU_SMALL_ROWS:
         return cpu_gemm_small(a, a_scales, b, b_scales, out, c, b_tile_rows)
+    if cpu_caps.amx_bf16():
+        return _cpu_gemm_amx(a, a_scales, b, b_scales, out, c, b_tile_rows)
     for n0 in range(0, N, CPU_CHUNK_ROWS):  # a multiple of 128: whole weight-scale blocks
         n1 = min(N, n0 + CPU_CHUNK_ROWS)
         sb = b_scales[n0 // b_tile_rows : cdiv(n1, b_tile_rows)]
@@ -216,7 +236,8 @@ def gemm_nt(
         c: optional ``[M, N]`` bfloat16 / float32 added to the product (D = a @ b.T + c; ``c`` is not modified).
 
     Each 128-wide K block's product is formed in fp32 and scaled into an fp32 sum (DeepSeek-V3's promotion).
-    GPU: FP8 tensor cores on sm_89 / sm_90a, fp16 MMA on the exact decoded codes on sm_80. CPU: tile-wise
-    dequantize + fp32 matmul, CPU_CHUNK_ROWS rows of each operand at a time.
+    GPU: FP8 tensor cores on sm_89 / sm_90a, fp16 MMA on the exact decoded codes on sm_80. CPU: few rows from
+    the codes; more on AMX tiles (the codes exact in bf16, the same promotion) where the CPU has AMX-BF16, else
+    tile-wise dequantize + fp32 matmul, CPU_CHUNK_ROWS rows of each operand at a time.
     """
     return _gemm_nt_op(a, a_scales, b, b_scales, out_dtype, c)

@@ -56,6 +56,6 @@ def wgrad_gemm(
 
     Returns ``[N, K] float32``. Each 128-token block's product is formed in fp32 and scaled into an fp32 sum
     (the same promotion as ``gemm_nt``); GPU: FP8 tensor cores on sm_89 / sm_90a, fp16 MMA on the decoded
-    codes on sm_80; CPU: tile-wise dequantize + fp32 matmul, in row chunks.
+    codes on sm_80; CPU: as ``gemm_nt`` (AMX tiles where the CPU has them, else dequantize + fp32 matmul).
     """
     return _wgrad_op(a, a_scales, b, b_scales, c)
