@@ -205,8 +205,8 @@ def other_cases():
            lambda: grouped_linear_module._forward(rows, ew, index.row_expert, index.offsets, index.counts))  # fmt: skip
     q, kn, kp, v = (torch.randn(1, 1, 1, 48), torch.randn(1, 1, 1, 32), torch.randn(1, 1, 16), torch.randn(1, 1, 1, 32))
     yield ("mla_attention", lambda: r1kernels.mla.mla_attention(q, kn, kp, v),
-           lambda: ops.mla_attention(q, kn, kp, v, True, 48**-0.5, None),
-           lambda: mla_attention_module._forward(q, kn, kp, v, True, 48**-0.5, None))  # fmt: skip
+           lambda: ops.mla_attention(q, kn, kp, v, True, 48**-0.5, None, None),
+           lambda: mla_attention_module._forward(q, kn, kp, v, True, 48**-0.5, None, None))  # fmt: skip
     hid, lm, ids = torch.randn(1, 64), torch.randn(128, 64), torch.randint(0, 128, (1,))
     one, adv = torch.ones(1), torch.randn(1)
     terms = (one, adv, None, None, None, 1.0, 0.0, 0.2, 0.2, None, 20.0, 0.0, False, False)

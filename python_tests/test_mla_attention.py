@@ -24,10 +24,10 @@ def _rel(a, b) -> float:
     return float((a.detach().cpu().double() - b).norm() / b.norm())
 
 
-def _check(backend, device, dtype, B, S, causal, cu_seqlens=None):
+def _check(backend, device, dtype, B, S, causal, cu_seqlens=None, max_seqlen=None):
     inputs = _inputs(B, S, device, dtype)
     with r1kernels.use_backend(backend):
-        out, lse = r1kernels.mla.mla_attention(*inputs, causal=causal, cu_seqlens=cu_seqlens)
+        out, lse = r1kernels.mla.mla_attention(*inputs, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         grad = torch.randn_like(out)
         out.backward(grad)
     ins64 = [t.detach().cpu().double().requires_grad_() for t in inputs]
@@ -74,6 +74,35 @@ def test_packed_sequences(backend, device, dtype, cpu_form):
     _skip_repeat(backend, cpu_form)
     cu = torch.tensor([0, 0, 1, 21, 37], dtype=torch.int32, device=device)  # lengths 0, 1, 20, 16
     _check(backend, device, dtype, 1, 37, True, cu)
+
+
+@pytest.mark.parametrize("backend,device,dtype", _paths())
+def test_packed_with_max_seqlen_never_reads_offsets_on_the_host_in_triton(backend, device, dtype, monkeypatch):
+    """Given max_seqlen (FlashAttention's convention), the Triton path sizes its grid by it and checks cu_seqlens
+    on the device: forward and backward run with the host read made to fail. The CPU paths read the offsets (CPU
+    memory) and give the same results."""
+    if backend == "triton":
+        monkeypatch.setattr(attention, "_check_cu_seqlens", lambda *a: pytest.fail("cu_seqlens read on the host"))
+    cu = torch.tensor([0, 0, 1, 21, 37], dtype=torch.int32, device=device)
+    _check(backend, device, dtype, 1, 37, True, cu, max_seqlen=24)
+
+
+@pytest.mark.parametrize("backend,device,dtype", _paths())
+def test_max_seqlen_below_the_longest_sequence_is_refused(backend, device, dtype):
+    """A bound below the longest sequence would leave its last rows unwritten: refused on every path (on the
+    device, as a device-side assert, for the Triton path; in the interpreter it raises at once)."""
+    if device != "cpu":
+        pytest.skip("a failed device-side assert ends the CUDA context for every later test")
+    q, kn, kp, v = (t.detach() for t in _inputs(1, 37, device, dtype))
+    cu = torch.tensor([0, 0, 1, 21, 37], dtype=torch.int32, device=device)
+    with r1kernels.use_backend(backend), pytest.raises((ValueError, RuntimeError), match="max_seqlen"):
+        r1kernels.mla.mla_attention(q, kn, kp, v, cu_seqlens=cu, max_seqlen=19)
+
+
+def test_max_seqlen_needs_cu_seqlens():
+    q, kn, kp, v = (t.detach() for t in _inputs(1, 8, "cpu", torch.float32))
+    with pytest.raises(ValueError, match="max_seqlen must be a non-negative int given with cu_seqlens"):
+        r1kernels.mla.mla_attention(q, kn, kp, v, max_seqlen=8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -198,8 +198,10 @@ def attention_forward(self, hidden_states: torch.Tensor, position_embeddings: tu
     query = torch.cat([q_nope, q_rot], dim=-1).transpose(1, 2).contiguous()
     causal = kwargs.get("is_causal")  # sdpa honours a caller's is_causal=False; so do we
     causal = self.is_causal if causal is None else bool(causal)
+    max_len = kwargs.get("max_length_q")  # HF's flash-attention kwargs: given with cu_seq_lens_q, no host sync
+    max_seqlen = max_len if isinstance(max_len, int) and kwargs.get("cu_seq_lens_q") is not None else None
     out, _ = mla_attention(query, k_nope.contiguous(), k_rot[:, 0].contiguous(), v.contiguous(), causal=causal,
-                           softmax_scale=self.scaling, cu_seqlens=cu_seqlens)  # fmt: skip
+                           softmax_scale=self.scaling, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # fmt: skip
     return self.o_proj(out.to(hidden_states.dtype).reshape(B, S, -1)), None
 
 

@@ -28,7 +28,7 @@ def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
-def validate(q, k_nope, k_pe, v, cu_seqlens) -> None:
+def validate(q, k_nope, k_pe, v, cu_seqlens, max_seqlen=None) -> None:
     check_tensor("q", q, dtypes=DTYPES, ndim=4)
     for name, t, nd in (("k_nope", k_nope, 4), ("k_pe", k_pe, 3), ("v", v, 4)):
         check_tensor(name, t, dtypes=(q.dtype,), ndim=nd)
@@ -53,13 +53,34 @@ def validate(q, k_nope, k_pe, v, cu_seqlens) -> None:
             raise ValueError(f"with cu_seqlens the sequences are packed along S and the batch dim must be 1, got {B}")
         if cu_seqlens.device != q.device or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be [num_seqs + 1] on {q.device}, got {tuple(cu_seqlens.shape)}")
+    if max_seqlen is not None and (cu_seqlens is None or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"max_seqlen must be a non-negative int given with cu_seqlens, got {max_seqlen!r}")
 
 
-def _check_cu_seqlens(cu: torch.Tensor, S: int) -> list[int]:
-    bounds = cu.tolist()  # the launch grid needs the longest sequence: one host sync
+def _check_cu_seqlens(cu: torch.Tensor, S: int, max_seqlen: int | None = None) -> list[int]:
+    bounds = cu.tolist()  # the launch grid needs the longest sequence: one host sync (on a GPU: see _packing)
     if bounds[0] != 0 or bounds[-1] != S or any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
         raise ValueError(f"cu_seqlens must rise from 0 to S = {S} without decreasing, got {bounds[:8]}...")
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    if max_seqlen is not None and longest > max_seqlen:
+        raise ValueError(f"max_seqlen ({max_seqlen}) must be at least the longest sequence in cu_seqlens ({longest})")
     return bounds
+
+
+def _packing(cu: torch.Tensor | None, S: int, max_seqlen: int | None, triton: bool):
+    """(host bounds or None, (sequences, longest) for the launch grid or None without cu_seqlens). Given
+    ``max_seqlen``, the Triton path never reads cu_seqlens on the host: the offsets are checked on the device
+    (no synchronisation; CUDA graphs and ``torch.compile`` keep the call) and the grid is sized by max_seqlen,
+    FlashAttention's convention. Otherwise the offsets are read once (the CPU paths need them anyway)."""
+    if cu is None:
+        return None, None
+    if triton and max_seqlen is not None:
+        lengths = cu[1:] - cu[:-1]
+        ok = (cu[0] == 0) & (cu[-1] == S) & (lengths >= 0).all() & (lengths <= max_seqlen).all()
+        torch._assert_async(ok, "cu_seqlens must rise from 0 to S, no sequence longer than max_seqlen")
+        return None, (cu.numel() - 1, max_seqlen)
+    bounds = _check_cu_seqlens(cu, S, max_seqlen)
+    return bounds, (len(bounds) - 1, max(b - a for a, b in itertools.pairwise(bounds)))
 
 
 def _uses_triton(q, k_nope, k_pe, v) -> bool:
@@ -74,11 +95,11 @@ def _kernel_args(q, k_nope, k_pe, v, o, lse):
             o.stride(2), lse.stride(0), lse.stride(1))  # fmt: skip
 
 
-def _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, block, bounds):
+def _grid_and_switches(q, k_nope, k_pe, v, causal, block, packed):
+    """``packed``: (sequences, longest) of packed input, else None (B sequences of S)."""
     B, S, H, _ = q.shape
-    varlen = cu_seqlens is not None
-    longest = max(b - a for a, b in itertools.pairwise(bounds)) if varlen else S  # bounds: None unless varlen
-    seqs = len(bounds) - 1 if varlen else B
+    varlen = packed is not None
+    seqs, longest = packed if varlen else (B, S)
     switches = dict(DN=k_nope.shape[-1], DR=k_pe.shape[-1], DV=v.shape[-1], CAUSAL=causal, VARLEN=varlen,
                     PRECISION=attention_fwd.PRECISION)  # fmt: skip
     return (max(1, cdiv(longest, block)), seqs * H), switches
@@ -91,8 +112,10 @@ def _small_problem(B, S, H, dn, dr, dv, q_stride, kn_stride, kp_stride, v_stride
                                      causal=causal)  # fmt: skip
 
 
-def _forward_small_cpu(q, k_nope, k_pe, v, causal, scale, cu_seqlens, out, lse) -> None:
+def _forward_small_cpu(q, k_nope, k_pe, v, causal, scale, cu_seqlens, max_seqlen, out, lse) -> None:
     B, S, H, _ = q.shape
+    if max_seqlen is not None:  # the bound is not needed here, but a wrong one is refused on every path
+        _check_cu_seqlens(cu_seqlens, S, max_seqlen)
     problem = _small_problem(B, S, H, k_nope.shape[-1], k_pe.shape[-1], v.shape[-1], q.stride()[:3],
                              k_nope.stride()[:3], k_pe.stride()[:2], v.stride()[:3], scale, causal)  # fmt: skip
     cu, seqs = (0, 0) if cu_seqlens is None else (cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1)
@@ -103,7 +126,7 @@ def _forward_small_cpu(q, k_nope, k_pe, v, causal, scale, cu_seqlens, out, lse) 
         raise AssertionError("mla_attention_small_cpu refused cu_seqlens that pass the check")
 
 
-def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
+def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens, max_seqlen):
     B, S, H, D = q.shape
     out = _alloc.empty((B, S, H, v.shape[-1]), q.dtype, q.device)
     lse = _alloc.empty((B, H, S), torch.float32, q.device)
@@ -111,9 +134,9 @@ def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
         return out, lse
     triton = _uses_triton(q, k_nope, k_pe, v)
     if not triton and q.device.type == "cpu" and B * H * S * S * (D + v.shape[-1]) <= SMALL_MACS:
-        _forward_small_cpu(q, k_nope, k_pe, v, causal, scale, cu_seqlens, out, lse)
+        _forward_small_cpu(q, k_nope, k_pe, v, causal, scale, cu_seqlens, max_seqlen, out, lse)
         return out, lse
-    bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else None
+    bounds, packed = _packing(cu_seqlens, S, max_seqlen, triton)
     if not triton:
         if cu_seqlens is None:  # the whole batch at once
             o, l_ = attention_torch.forward(q, k_nope, k_pe, v, causal, scale)
@@ -127,18 +150,19 @@ def _forward(q, k_nope, k_pe, v, causal, scale, cu_seqlens):
         return out, lse
     arch = backend.device_arch(q.device)
     cfg = attention_fwd.config(q.shape[-1], v.shape[-1], arch)
-    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, cfg["BLOCK_M"], bounds)
+    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, causal, cfg["BLOCK_M"], packed)
     args = (q, k_nope, k_pe, v, out, lse, cu_seqlens if cu_seqlens is not None else lse, S, H, scale,
             *_kernel_args(q, k_nope, k_pe, v, out, lse))  # fmt: skip
     launch(attention_fwd.mla_fwd_kernel, grid, args, cfg, q.device, **switches)
     return out, lse
 
 
-def _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqlens):
+def _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqlens, max_seqlen):
     S, H = q.shape[1], q.shape[2]
     d_out = d_out.contiguous()
-    bounds = _check_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None else None
-    if not _uses_triton(q, k_nope, k_pe, v):
+    triton = _uses_triton(q, k_nope, k_pe, v)
+    bounds, packed = _packing(cu_seqlens, S, max_seqlen, triton)
+    if not triton:
         pieces = [(0, S)] if bounds is None else list(itertools.pairwise(bounds))
         grads = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (q, k_nope, k_pe, v)]
         for lo, hi in pieces:
@@ -153,34 +177,35 @@ def _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqle
     strides = _kernel_args(q, k_nope, k_pe, v, d_out, lse)
     cu = cu_seqlens if cu_seqlens is not None else lse
     kv_cfg = attention_bwd.kv_config(q.shape[-1], v.shape[-1], arch)
-    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, kv_cfg["BLOCK_N"], bounds)
+    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, causal, kv_cfg["BLOCK_N"], packed)
     grid = (grid[0], grid[1] // H)  # one program per (key block, sequence): it walks the heads
     launch(attention_bwd.mla_bwd_kv_kernel, grid, (q, k_nope, k_pe, v, d_out, lse, delta, dkn, dkp, dv, cu, S, H,
            scale, *strides), kv_cfg, q.device, **switches)  # fmt: skip
     q_cfg = attention_bwd.q_config(q.shape[-1], v.shape[-1], arch)
-    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, cu_seqlens, causal, q_cfg["BLOCK_M"], bounds)
+    grid, switches = _grid_and_switches(q, k_nope, k_pe, v, causal, q_cfg["BLOCK_M"], packed)
     launch(attention_bwd.mla_bwd_q_kernel, grid, (q, k_nope, k_pe, v, d_out, lse, delta, dq, cu, S, H, scale,
            *strides), q_cfg, q.device, **switches)  # fmt: skip
     return dq, dkn, dkp, dv
 
 
-def _fake(q, k_nope, k_pe, v, causal, softmax_scale, cu_seqlens):
-    validate(q, k_nope, k_pe, v, cu_seqlens)
+def _fake(q, k_nope, k_pe, v, causal, softmax_scale, cu_seqlens, max_seqlen):
+    validate(q, k_nope, k_pe, v, cu_seqlens, max_seqlen)
     B, S, H, _ = q.shape
     return q.new_empty((B, S, H, v.shape[-1])), q.new_empty((B, H, S), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k_nope, k_pe, v, causal, scale, cu_seqlens = inputs
+    q, k_nope, k_pe, v, causal, scale, cu_seqlens, max_seqlen = inputs
     ctx.save_for_backward(q, k_nope, k_pe, v, output[0], output[1], cu_seqlens)
-    ctx.options = (causal, scale)
+    ctx.options = (causal, scale, max_seqlen)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, d_out, _d_lse):
     q, k_nope, k_pe, v, out, lse, cu_seqlens = ctx.saved_tensors
-    causal, scale = ctx.options
-    return (*_backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqlens), None, None, None)
+    causal, scale, max_seqlen = ctx.options
+    grads = _backward_grads(q, k_nope, k_pe, v, out, lse, d_out, causal, scale, cu_seqlens, max_seqlen)
+    return (*grads, None, None, None, None)
 
 
 def _samples(device: str):
@@ -188,9 +213,10 @@ def _samples(device: str):
         return torch.randn(shape, device=device).to(torch.bfloat16)
 
     q, kn, kp, v = rand(2, 19, 3, 48), rand(2, 19, 3, 32), rand(2, 19, 16), rand(2, 19, 3, 32)
-    yield Sample((q, kn, kp, v, True, 0.2, None))
+    yield Sample((q, kn, kp, v, True, 0.2, None, None))
     cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
-    yield Sample((q[:1], kn[:1], kp[:1], v[:1], False, 0.2, cu))
+    yield Sample((q[:1], kn[:1], kp[:1], v[:1], False, 0.2, cu, None))
+    yield Sample((q[:1], kn[:1], kp[:1], v[:1], True, 0.2, cu, 12))
 
 
 @define_op(_OP, fake=_fake, backward=_backward, setup_context=_setup_context, samples=_samples)
@@ -202,9 +228,10 @@ def _mla_op(
     causal: bool,
     softmax_scale: float,
     cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    validate(q, k_nope, k_pe, v, cu_seqlens)
-    return _forward(q, k_nope, k_pe, v, causal, softmax_scale, cu_seqlens)
+    validate(q, k_nope, k_pe, v, cu_seqlens, max_seqlen)
+    return _forward(q, k_nope, k_pe, v, causal, softmax_scale, cu_seqlens, max_seqlen)
 
 
 def mla_attention(
@@ -216,6 +243,7 @@ def mla_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head latent attention (DeepSeek-V3's training form): ``softmax((q_nope k_nope^T + q_pe k_pe^T) *
     scale) v`` per head.
@@ -226,6 +254,9 @@ def mla_attention(
             H, Dv]``. All in q's dtype, unit stride in the last dimension. DeepSeek-V3: Dn 128, Dr 64, Dv 128.
         causal: mask keys after the query. softmax_scale: default ``(Dn + Dr) ** -0.5``.
         cu_seqlens: optional ``[num_seqs + 1] int32`` packed-sequence offsets (rising from 0 to S); B must be 1.
+        max_seqlen: with cu_seqlens, an upper bound on the longest sequence (FlashAttention's ``max_seqlen``;
+            HF's ``max_length_q``). Given, the GPU path sizes its grid by it and checks the offsets on the device:
+            no host synchronisation (CUDA graphs, ``torch.compile``). Without it cu_seqlens is read once.
 
     Returns ``(out [B, S, H, Dv] in q's dtype, lse [B, H, S] float32)``. Differentiable w.r.t. q, k_nope, k_pe
     and v (``lse`` is not); k_pe's gradient is reduced over the heads inside the kernel, in head order, without
@@ -235,4 +266,4 @@ def mla_attention(
     ``SMALL_MACS`` multiply-adds is one C++ call (fp32 math).
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _mla_op(q, k_nope, k_pe, v, causal, float(scale), cu_seqlens)
+    return _mla_op(q, k_nope, k_pe, v, causal, float(scale), cu_seqlens, max_seqlen)
