@@ -304,3 +304,38 @@ def test_tma_is_chosen_only_where_the_hardware_takes_it():
     assert not logits_tile.use_tma(90, 4, a, a)  # fp32 keeps the pointer loads
     assert not logits_tile.use_tma(90, 2, a[:, 1:], a)  # base address not 16-byte aligned
     assert not logits_tile.use_tma(90, 2, torch.empty(64, 100, dtype=torch.bfloat16)[:, :96], a)  # 200-byte rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_cpu_backward_skips_rows_without_gradient(monkeypatch, dtype, with_entropy):
+    """Masked tokens (incoming gradients exactly 0) are left out of the blocked CPU backward: d hidden 0 on
+    their rows, everything else as the full computation gives, also with a NaN hidden state on a skipped row
+    (0 x NaN would otherwise reach every d weight entry) and with every row skipped."""
+    monkeypatch.setattr(lm_head_cpu, "TINY_MACS", 0)
+    monkeypatch.setattr(lm_head_cpu, "SMALL_LOGITS", 0)
+    N, H, V = 90, 24, 300
+    hidden, weight, bias, ids = _inputs(N, H, V, dtype, "cpu", bias=True)
+    _, lse, entropy = lm_head_cpu.forward(hidden, weight, bias, ids, 0.8, True)
+    g, ge = torch.randn(N), torch.randn(N) if with_entropy else None
+    g[50:] = 0.0
+    if ge is not None:
+        ge[50:] = 0.0
+        ge[55] = 0.5  # an entropy gradient alone keeps a row
+    monkeypatch.setattr(lm_head_cpu, "SKIP_ZERO_ROWS", 2.0)  # never skip: the full computation
+    full = lm_head_cpu.backward(g, ge, hidden, weight, bias, ids, lse, entropy, 0.8)
+    monkeypatch.setattr(lm_head_cpu, "SKIP_ZERO_ROWS", 1 / 16)
+    monkeypatch.setattr(lm_head_cpu, "RUN_ROWS", 16)  # runs of 50 and 1 rows: 25.5 on average
+    assert lm_head_cpu._row_chunks(g, ge, 20) == [(0, 20), (20, 40), (40, 50)] + [(55, 56)] * with_entropy
+    poisoned = hidden.clone()
+    poisoned[70, 3] = float("nan")  # a skipped row
+    skipped = lm_head_cpu.backward(g, ge, poisoned, weight, bias, ids, lse, entropy, 0.8)
+    kept = torch.zeros(N, dtype=torch.bool)
+    kept[:50] = True
+    kept[55] = with_entropy
+    assert torch.equal(skipped[0][~kept], torch.zeros_like(skipped[0][~kept]))
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # the d weight sums run in other chunks: another order
+    for a, b in zip(skipped, full, strict=True):
+        assert torch.isfinite(a).all() and float((a.double() - b.double()).norm() / b.double().norm()) < tol
+    nothing = lm_head_cpu.backward(torch.zeros(N), None, poisoned, weight, bias, ids, lse, entropy, 0.8)
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in nothing)
