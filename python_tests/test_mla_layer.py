@@ -43,6 +43,19 @@ def test_matches_hf_deepseek_v3_attention(rope_scaling, q_lora_rank):
     assert torch.allclose(ours(x, positions), y_hf, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_seqlen", [None, 12, 30])
+def test_packed_sequences_equal_separate_calls(max_seqlen):
+    """Two sequences packed in one row (cu_seqlens, positions restarting) give what each gives alone, with or
+    without the max_seqlen bound (12: the longest, 30: any larger bound)."""
+    layer = _layer()
+    x = torch.randn(1, 21, 64)
+    positions = torch.cat([torch.arange(9), torch.arange(12)])[None]
+    cu = torch.tensor([0, 9, 21], dtype=torch.int32)
+    packed = layer(x, positions, cu_seqlens=cu, max_seqlen=max_seqlen)
+    alone = torch.cat([layer(x[:, :9], positions[:, :9]), layer(x[:, 9:], positions[:, 9:])], 1)
+    assert torch.allclose(packed, alone, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rope_scaling", [None, YARN], ids=["rope", "yarn"])
 def test_absorbed_decode_equals_training_path(rope_scaling):
     layer = _layer(rope_scaling=rope_scaling)

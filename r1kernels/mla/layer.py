@@ -29,17 +29,21 @@ class RMSNorm(nn.Module):
 
 class AttentionCore(nn.Module):
     """The attention core of the training path as a module of its own (no parameters, so no state-dict entry):
-    ``(q [B, S, h, dn + dr], k_nope [B, S, h, dn], k_pe [B, S, dr], v [B, S, h, dv], cu_seqlens or None)`` ->
-    ``out [B, S, h, dv]`` in q's dtype, causal, through ``mla_attention`` (the float64 reference under
-    ``reference_ops()``). Being a module lets whole-model validation check it on its own inputs."""
+    ``(q [B, S, h, dn + dr], k_nope [B, S, h, dn], k_pe [B, S, dr], v [B, S, h, dv], cu_seqlens or None,
+    max_seqlen or None)`` -> ``out [B, S, h, dv]`` in q's dtype, causal, through ``mla_attention`` (the float64
+    reference under ``reference_ops()``). Being a module lets whole-model validation check it on its own inputs."""
 
     def __init__(self, softmax_scale: float):
         super().__init__()
         self.softmax_scale = softmax_scale
 
-    def forward(self, q, k_nope, k_pe, v, cu_seqlens=None) -> torch.Tensor:
-        attention = reference.mla_attention if use_reference() else mla_attention
-        out, _ = attention(q, k_nope, k_pe, v, causal=True, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens)
+    def forward(self, q, k_nope, k_pe, v, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
+        if use_reference():
+            out, _ = reference.mla_attention(q, k_nope, k_pe, v, causal=True, softmax_scale=self.softmax_scale,
+                                             cu_seqlens=cu_seqlens)  # fmt: skip
+        else:
+            out, _ = mla_attention(q, k_nope, k_pe, v, causal=True, softmax_scale=self.softmax_scale,
+                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # fmt: skip
         return out.to(q.dtype)
 
     def extra_repr(self) -> str:
@@ -54,10 +58,11 @@ class MLA(nn.Module):
     ``rope_scaling``: None or YaRN's parameters (see ``rope_frequencies``); the softmax scale gets YaRN's
     ``mscale(factor, mscale_all_dim) ** 2`` as DeepSeek's does.
 
-    ``forward(hidden [B, S, H], positions [B, S] = arange, cu_seqlens=None)``: the training path, full heads
-    from the latent, ``mla_attention`` (causal). ``decode(hidden [B, s_q, H], positions, kv_cache, block_table,
-    cache_seqlens)``: appends the new tokens' latents ``[normalised c_kv | roped k_pe]`` to the paged cache
-    and attends with ``W_UK`` absorbed into the query and ``W_UV`` into the output (``mla_decode``; needs
+    ``forward(hidden [B, S, H], positions [B, S] = arange, cu_seqlens=None, max_seqlen=None)``: the training path,
+    full heads from the latent, ``mla_attention`` (causal; max_seqlen as there: no host sync for packed input).
+    ``decode(hidden [B, s_q, H], positions, kv_cache, block_table, cache_seqlens)``: appends the new tokens'
+    latents ``[normalised c_kv | roped k_pe]`` to the paged cache and attends with ``W_UK`` absorbed into the
+    query and ``W_UV`` into the output (``mla_decode``; needs
     kv_lora_rank 512 and qk_rope_head_dim 64, DeepSeek-V3's); returns (output, new cache_seqlens). Over the
     same tokens the two paths give the same outputs.
     """
@@ -105,13 +110,13 @@ class MLA(nn.Module):
         return q[..., : self.dn], q_rot, self.kv_a_layernorm(latent), k_rot
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:  # fmt: skip
         B, S, _ = hidden.shape
         q_nope, q_rot, latent, k_rot = self._project(hidden, positions)
         kv = self.kv_b_proj(latent).view(B, S, self.num_heads, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         out = self.attention(torch.cat([q_nope, q_rot], -1), k_nope.contiguous(), k_rot.contiguous(), v.contiguous(),
-                             cu_seqlens)  # fmt: skip
+                             cu_seqlens, max_seqlen)  # fmt: skip
         return self.o_proj(out.reshape(B, S, self.num_heads * self.dv))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
