@@ -347,7 +347,8 @@ def main() -> None:
         "weight.grad; peak vs plain / time vs liger: this row's value divided by plain's / liger's (< 1: less / "
         "faster); working MiB: extra peak minus the bytes of hidden.grad and weight.grad. Floor: 6*N*H*V FLOPs "
         f"at {H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM dense bf16); r1k's single-pass path (GPU) does 6*N*H*V, the "
-        "two-pass path (GSPO on the GPU; every dtype on the CPU, where it is the faster form) 8*N*H*V"
+        "two-pass path (GSPO on the GPU; every dtype on the CPU, where it is the faster form) 8*N*H*V, less the "
+        "padding tokens' rows on the CPU (weight 0: left out of both passes; ~20% of these batches' tokens)"
     )
     plot = Plot(("shape", "dtype"), "impl", "ms", "GRPO loss forward + backward, ms (lower is better)")
     write_table(f"grpo_{device}", header, rows, plot, note=note)

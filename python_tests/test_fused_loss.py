@@ -186,3 +186,39 @@ def test_cpu_fused_op_forms(with_bias, temperature, entropy_coef, monkeypatch):
     for name, g, r, g2 in pairs:
         assert float((g.double() - r).norm() / r.norm()) < 1e-5, name
         assert float((g - g2).norm() / g2.norm()) < 1e-5, name
+
+
+@pytest.mark.parametrize("scattered_zero_gradients", [False, True], ids=["kl", "forced"])
+def test_cpu_fused_loss_leaves_right_padding_out(scattered_zero_gradients, monkeypatch):
+    """A right-padded batch on the CPU's blocked path: the padding tokens (weight 0) are left out of the forward
+    and the backward, so a NaN hidden state there reaches nothing; loss, metrics and gradients match the float64
+    reference on clean inputs, the padding rows' gradients are 0. "forced": per-token advantages of 0 scattered
+    over the completions (no KL term) give the backward zero-gradient rows in runs too short to skip, and it
+    must still leave out the rows the forward did not compute."""
+    monkeypatch.setattr(lm_head_cpu, "TINY_MACS", 0)
+    monkeypatch.setattr(lm_head_cpu, "SMALL_LOGITS", 0)
+    monkeypatch.setattr(lm_head_cpu, "VOCAB_TILE", 128)
+    monkeypatch.setattr(lm_head_cpu, "RUN_ROWS", 8)
+    B, T, H, V = 4, 40, 24, 300
+    hidden, weight, _, ids, _, _, old, refp = _batch(B, T, H, V, torch.float32, "cpu")
+    mask = (torch.arange(T)[None] < torch.tensor([40, 25, 31, 12])[:, None]).float()
+    adv = torch.randn(B, T)
+    if scattered_zero_gradients:
+        adv[:, ::3] = 0.0
+    poisoned = hidden.clone()
+    poisoned[3, 20, 5] = float("nan")  # a padding token
+    kwargs = dict(old_logps=old, ref_logps=refp, beta=0.0 if scattered_zero_gradients else 0.04, loss_type="dapo")
+    h, w = poisoned.clone().requires_grad_(), weight.clone().requires_grad_()
+    with r1kernels.use_backend("cpu"):
+        loss, metrics = grpo_loss(h, w, ids, mask, adv, **kwargs)
+        loss.backward()
+    rh, rw = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    r_loss, r_metrics = ref.grpo_loss(rh, rw, ids, mask, adv, **kwargs)
+    r_loss.backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert torch.equal(h.grad[mask == 0], torch.zeros_like(h.grad[mask == 0]))
+    assert float(loss) == pytest.approx(float(r_loss), rel=1e-5, abs=1e-6)
+    for k in metrics:
+        assert float(metrics[k]) == pytest.approx(float(r_metrics[k]), rel=1e-5, abs=1e-6), k
+    for got, want in ((h.grad, rh.grad), (w.grad, rw.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-5

@@ -73,11 +73,14 @@ def _single_pass_triton(hidden, weight, bias, ids, t: TokenTerms, temperature: f
         logp[r0:r1], entropy[r0:r1] = lp, ent
         total += part
     d_bias = hidden.new_empty((0,)) if d_bias32 is None else d_bias32.to(bias.dtype)
+    skip = t.weight == 0  # as the CPU path reports them
+    logp.masked_fill_(skip, 0.0), entropy.masked_fill_(skip, 0.0)
     return total, logp, entropy, d_hidden, d_weight.to(weight.dtype), d_bias
 
 
 def _two_pass(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with_entropy: bool):
-    logp, lse, entropy = lm.logprob_stats(hidden, weight, bias, ids, temperature, with_entropy, op=_OP)
+    skip = t.weight == 0  # not part of the loss: left out of the CPU's blocked loops, reported as 0
+    logp, lse, entropy = lm.logprob_stats(hidden, weight, bias, ids, temperature, with_entropy, op=_OP, skip=skip)
     total, g, ge = block_gradients(logp, entropy, t)
     d_hidden, d_weight, d_bias = lm.logprob_stats_backward(g, ge, hidden, weight, bias, ids, lse, entropy,
                                                            temperature)  # fmt: skip
@@ -176,7 +179,9 @@ def _fused_op(
 def fused_token_loss(hidden, weight, bias, token_ids, t: TokenTerms, temperature: float, with_entropy: bool):
     """``(loss, logp, entropy)``: loss = sum(t.weight * token_loss) of the rows ``hidden [N, H]`` under
     ``weight [V, H]`` (+ ``bias``), differentiable w.r.t. hidden, weight and bias through gradients computed
-    in this forward; logp and entropy ``[N]`` fp32 (no gradient; entropy zeros unless ``with_entropy``)."""
+    in this forward; logp and entropy ``[N]`` fp32 (no gradient; entropy zeros unless ``with_entropy``).
+    Tokens whose weight is 0 (masked, padding) are not part of the loss: their logp and entropy are 0, their
+    gradients 0, and the CPU path does not compute them (runs of them; a NaN there reaches nothing)."""
     terms = (t.weight, t.adv, t.old, t.ref, t.is_ratio, temperature, t.beta, t.epsilon_low, t.epsilon_high, t.delta,
              t.clamp, t.entropy_coef, t.unbiased_kl, with_entropy)  # fmt: skip
     return _FusedLoss.apply(hidden, weight, bias, token_ids, *terms)

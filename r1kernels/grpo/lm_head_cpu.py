@@ -153,23 +153,25 @@ def _ids(token_ids: torch.Tensor) -> torch.Tensor:
     return token_ids if token_ids.dtype is torch.int64 and token_ids.is_contiguous() else token_ids.long().contiguous()
 
 
-def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: bool):
+def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: bool, skip=None):
+    """(logp, lse, entropy) [N] fp32. ``skip``: optional [N] bool, rows whose results are not wanted: they come
+    back as 0 (and the blocked path does not compute them)."""
     (N, H), V = hidden.shape, weight.shape[0]
     inv_t = 1.0 / temperature
     ids = _ids(token_ids)
     if tiny(N, V, H):
-        return _forward_tiny(hidden, weight, bias, ids, inv_t, with_entropy)
+        return _skipped(_forward_tiny(hidden, weight, bias, ids, inv_t, with_entropy), skip)
     check_index_range("token_ids", ids, V, "V")
     if N * V <= SMALL_LOGITS:
-        return _forward_small(hidden, weight, bias, ids, inv_t, with_entropy)
+        return _skipped(_forward_small(hidden, weight, bias, ids, inv_t, with_entropy), skip)
     vt, rows = _blocks(N, V)
+    chunks = _row_chunks(skip, rows) if skip is not None else [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
     m = torch.full((N,), float("-inf"))
     s, zy, t = torch.zeros(N), torch.zeros(N), torch.zeros(N)
     for v0 in range(0, V, vt):
         v1 = min(V, v0 + vt)
         logits, _ = _tile_logits(weight[v0:v1], None if bias is None else bias[v0:v1], inv_t)
-        for r0 in range(0, N, rows):
-            r1 = min(N, r0 + rows)
+        for r0, r1 in chunks:
             z = logits(hidden[r0:r1])
             hit, col = _targets_in_tile(ids[r0:r1], v0, v1)
             zy[r0:r1][hit] = z[hit, col]
@@ -185,33 +187,47 @@ def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: b
             m[r0:r1] = m_new
     lse = m + torch.log(s)
     entropy = torch.log(s) - t / s if with_entropy else torch.zeros(N)
-    return zy - lse, lse, entropy
+    return _skipped((zy - lse, lse, entropy), skip)
 
 
-# The blocked backward skips rows whose incoming gradients are exactly zero (a GRPO batch's right padding: ~25%
-# of the tokens at uniform completion lengths, each worth 4 x H x V of the backward's multiply-adds) when they are
-# at least this share of the rows and the rows that need work form runs of RUN_ROWS or more on average: each run
-# is multiplied in place (views, no gathered copy: the memory stays what it was), and short runs would make
-# the GEMMs inefficient.
+def _skipped(stats, skip):
+    """Log-prob and entropy with the skipped rows' set to 0, on every path, computed or not. Their lse stays
+    what the path left: computed, or -inf where the blocked path left the row out (the backward then must skip
+    the row too, and knows it by that -inf)."""
+    if skip is None:
+        return stats
+    logp, lse, entropy = stats
+    return logp.masked_fill_(skip, 0.0), lse, entropy.masked_fill_(skip, 0.0)
+
+
+# The blocked loops skip rows that need no work (in the backward: incoming gradients exactly zero; in the
+# forward: rows the caller marks, the fused loss's zero-weight tokens; a GRPO batch's right padding, ~25% of the
+# tokens at uniform completion lengths, each worth 2 x H x V multiply-adds forward and 6 x H x V backward) when
+# at least this share of the rows can be skipped and the rows that need work form runs of RUN_ROWS or more on
+# average: each run is multiplied in place (views, no gathered copy: the memory stays what it was), and short
+# runs would make the GEMMs inefficient.
 SKIP_ZERO_ROWS = 1 / 16
 RUN_ROWS = 64
 
 
-def _row_chunks(g: torch.Tensor, ge: torch.Tensor | None, rows: int) -> list[tuple[int, int]]:
-    """(first, end) row chunks of at most ``rows`` rows covering every row whose gradient w.r.t. log-prob or
-    entropy is not exactly zero (NaN counts as non-zero); all rows when skipping does not pay."""
-    N = g.shape[0]
+def _row_chunks(skip: torch.Tensor, rows: int, force: bool = False) -> list[tuple[int, int]]:
+    """(first, end) row chunks of at most ``rows`` rows covering every row not marked in ``skip`` ([N] bool);
+    all rows when skipping does not pay, unless ``force``."""
+    N, n_skip = skip.shape[0], int(skip.sum())
     runs = [(0, N)]
-    zero = g == 0 if ge is None else (g == 0) & (ge == 0)
-    n_zero = int(zero.sum())
-    if n_zero == N:
+    if n_skip == N:
         runs = []
-    elif n_zero >= SKIP_ZERO_ROWS * N:
-        active, pad = (~zero).to(torch.int8), torch.zeros(1, dtype=torch.int8)
+    elif n_skip and (force or n_skip >= SKIP_ZERO_ROWS * N):
+        active, pad = (~skip).to(torch.int8), torch.zeros(1, dtype=torch.int8)
         edges = torch.nonzero(torch.diff(active, prepend=pad, append=pad)).squeeze(1).tolist()  # start, end, ...
-        if N - n_zero >= RUN_ROWS * (len(edges) // 2):
+        if force or N - n_skip >= RUN_ROWS * (len(edges) // 2):
             runs = list(zip(edges[::2], edges[1::2], strict=True))
     return [(r0, min(end, r0 + rows)) for start, end in runs for r0 in range(start, end, rows)]
+
+
+def _zero_gradient(g: torch.Tensor, ge: torch.Tensor | None) -> torch.Tensor:
+    """Rows whose gradients w.r.t. log-prob and entropy are exactly zero (NaN is not)."""
+    return g == 0 if ge is None else (g == 0) & (ge == 0)
 
 
 def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature: float):
@@ -230,7 +246,10 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
     if N * V <= SMALL_LOGITS:
         return _backward_small(g, ge, hidden, weight, bias, ids, entropy, inv_t)
     vt, rows = _blocks(N, V)
-    chunks = _row_chunks(g, ge, rows)  # rows without gradient are skipped: their d hidden stays 0
+    # rows without gradient are skipped: their d hidden stays 0. Rows the forward left out (skip: lse -inf) must
+    # be: recomputed, their probabilities would be exp(+inf)
+    zero = _zero_gradient(g, ge)
+    chunks = _row_chunks(zero, rows, force=bool((zero & (lse == float("-inf"))).any()))
     gemm_in_bf16 = hidden.dtype == torch.bfloat16 and cpu_caps.fast_bf16_gemm()
     d_hidden32 = torch.zeros((N, H))
     d_weight = torch.empty_like(weight)

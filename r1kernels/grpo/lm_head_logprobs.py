@@ -138,15 +138,20 @@ def forward_triton(hidden, weight, bias, token_ids, temperature, return_entropy,
     return logp, lse, entropy
 
 
-def logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy, op="token_logprob_stats"):
+def logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy, op="token_logprob_stats", skip=None):
+    """(logp, lse, entropy) [N] fp32. ``skip``: optional [N] bool of rows whose results are not wanted (0 in the
+    outputs; the CPU's blocked path leaves them out)."""
     N = hidden.shape[0]
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
     if backend.resolve(hidden.device, op) == "cpu":
-        return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, return_entropy)  # checks the ids
+        return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, return_entropy, skip)  # checks ids
     check_index_range("token_ids", token_ids, weight.shape[0], "V")
-    return forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
+    logp, lse, entropy = forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
+    if skip is not None:  # as the CPU path returns them (which also leaves those rows out)
+        logp.masked_fill_(skip, 0.0), entropy.masked_fill_(skip, 0.0)
+    return logp, lse, entropy
 
 
 # ---- backward ---------------------------------------------------------------------------------------
