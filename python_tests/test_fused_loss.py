@@ -59,20 +59,29 @@ def test_written_out_derivative_matches_autograd(form, old, delta, extras):
 @pytest.mark.parametrize("delta", [None, 1.3])
 def test_cpp_twin_matches_the_torch_form(unbiased_kl, delta):
     """The C++ loop against the torch ops it follows, every term on (unbiased KL included), non-contiguous
-    per-token inputs, and NaN / Inf log-probs: NaN propagates the same way, nothing is silently zeroed."""
+    per-token inputs, and NaN / Inf log-probs: NaN propagates the same way, nothing is silently zeroed, except
+    on tokens of weight 0, which are not part of the loss: both forms leave them out (a NaN there too), give
+    them no gradient and set their logp and entropy to 0 in place."""
     N = 300
     logp = -torch.rand(2 * N)[::2] * 5  # strided
     t = _terms(N, logp, True, delta, True, unbiased_kl)
+    t.weight[[150, 151]] = 0.0
     logp = logp.clone()
-    logp[100], logp[101], logp[102] = float("nan"), float("-inf"), float("inf")
+    logp[100], logp[101], logp[102], logp[150] = float("nan"), float("-inf"), float("inf"), float("nan")
     entropy = torch.rand(N) * 3
-    got, want = block_gradients(logp, entropy, t), block_gradients_torch(logp, entropy, t)
+    inputs = [(logp.clone(), entropy.clone()) for _ in range(2)]
+    got, want = (form(*x, t) for form, x in zip((block_gradients, block_gradients_torch), inputs, strict=True))
     assert torch.isnan(got[0]) and torch.isnan(want[0])  # a NaN token loss reaches the sum
     for g, w in zip(got[1:], want[1:], strict=True):
         assert torch.allclose(g, w, rtol=2e-6, atol=1e-9, equal_nan=True)
     assert torch.equal(torch.isnan(got[1]), torch.isnan(want[1])) and torch.isnan(got[1][100])
+    for lp, ent in inputs:  # the zero-weight tokens: reported as 0, no gradient; the others untouched
+        assert lp[150:152].tolist() == [0.0, 0.0] and ent[150:152].tolist() == [0.0, 0.0]
+        torch.testing.assert_close(lp[:150], logp[:150], rtol=0, atol=0, equal_nan=True)  # NaN at 100 stays
+        assert torch.equal(ent[152:], entropy[152:])
+    assert got[1][150:152].tolist() == [0.0, 0.0] and want[1][150:152].tolist() == [0.0, 0.0]
     keep = torch.ones(N, dtype=torch.bool)
-    keep[100:103] = False
+    keep[100:103] = False  # the zero-weight NaN stays: it reaches nothing
     sub = t._replace(**{k: v[keep] for k, v in t._asdict().items() if isinstance(v, torch.Tensor)})
     total, total_torch = (form(logp[keep], entropy[keep], sub)[0] for form in (block_gradients, block_gradients_torch))
     assert torch.isfinite(total) and torch.allclose(total, total_torch, rtol=1e-6)

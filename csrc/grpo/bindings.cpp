@@ -87,16 +87,16 @@ void register_grpo(py::module_& m) {
         const TokenLossTerms terms{ptr<const float>(weight), ptr<const float>(adv), ptr<const float>(old),
                                    ptr<const float>(ref), ptr<const float>(is_ratio), beta, epsilon_low, epsilon_high,
                                    delta, has_delta, clamp, entropy_coef, unbiased_kl};
-        grpo_token_loss_grad_cpu(n, ptr<const float>(logp), ptr<const float>(entropy), terms, ptr<float>(total),
-                                 ptr<float>(d_logp), ptr<float>(d_entropy));
+        grpo_token_loss_grad_cpu(n, ptr<float>(logp), ptr<float>(entropy), terms, ptr<float>(total), ptr<float>(d_logp),
+                                 ptr<float>(d_entropy));
       },
       py::arg("n"), py::arg("logp"), py::arg("entropy"), py::arg("weight"), py::arg("adv"), py::arg("old"),
       py::arg("ref"), py::arg("is_ratio"), py::arg("beta"), py::arg("epsilon_low"), py::arg("epsilon_high"),
       py::arg("delta"), py::arg("has_delta"), py::arg("clamp"), py::arg("entropy_coef"), py::arg("unbiased_kl"),
       py::arg("total"), py::arg("d_logp"), py::arg("d_entropy"),
       "total = sum(weight * token_loss) (0-d) and weight * d token_loss / d logp [n] (and d_entropy [n] when "
-      "entropy_coef != 0) "
-      "of the GRPO loss, fp32 (0 for an absent old / ref / is_ratio).");
+      "entropy_coef != 0) of the GRPO loss, fp32 (0 for an absent old / ref / is_ratio / entropy); zero-weight "
+      "tokens are left out and their logp / entropy set to 0 in place.");
 }
 
 }  // namespace r1k

@@ -22,8 +22,11 @@ struct TokenLossTerms {
 };
 
 // total = sum(weight * token_loss) (summed in double, stored as fp32); d_logp [n] = weight * d token_loss / d logp;
-// d_entropy [n] = -entropy_coef * weight, written only when entropy_coef != 0 (entropy is read only then).
-void grpo_token_loss_grad_cpu(int64_t n, const float* logp, const float* entropy, const TokenLossTerms& t,
-                              float* total, float* d_logp, float* d_entropy);
+// d_entropy [n] = -entropy_coef * weight, written only when entropy_coef != 0 (entropy is read only then; it may
+// be null otherwise). Tokens of weight 0 are not part of the loss: they add nothing (whatever their log-prob,
+// NaN included), their gradients are 0, and their logp (and entropy, when given) are set to 0 in place, which is
+// how the fused loss reports them.
+void grpo_token_loss_grad_cpu(int64_t n, float* logp, float* entropy, const TokenLossTerms& t, float* total,
+                              float* d_logp, float* d_entropy);
 
 }  // namespace r1k

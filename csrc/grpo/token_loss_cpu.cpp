@@ -17,12 +17,19 @@ float minimum(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : 
 
 }  // namespace
 
-void grpo_token_loss_grad_cpu(int64_t n, const float* logp, const float* entropy, const TokenLossTerms& t,
-                              float* total, float* d_logp, float* d_entropy) {
+void grpo_token_loss_grad_cpu(int64_t n, float* logp, float* entropy, const TokenLossTerms& t, float* total,
+                              float* d_logp, float* d_entropy) {
   const bool kl = t.beta > 0 && t.ref != nullptr, with_entropy = t.entropy_coef != 0.0f;
   const float lo = 1 - t.epsilon_low, hi = 1 + t.epsilon_high, c = t.clamp;
   double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) {
+    if (t.weight[i] == 0.0f) {  // not part of the loss (padding): reported as 0, no gradient
+      logp[i] = 0.0f;
+      if (entropy) entropy[i] = 0.0f;
+      d_logp[i] = 0.0f;
+      if (with_entropy) d_entropy[i] = 0.0f;
+      continue;
+    }
     const float lp = logp[i], adv = t.adv[i];
     const float raw = lp - (t.old ? t.old[i] : lp);  // on-policy: logp - logp (0, or NaN for a NaN logp)
     const float ratio = std::exp(clamp(raw, -c, c));

@@ -30,6 +30,7 @@ import torch
 from r1kernels import _alloc, _ops, backend
 from r1kernels._checks import cdiv, check_index_range, check_tensor
 from r1kernels._ops import Sample, define_op
+from r1kernels.grpo import lm_head_cpu
 from r1kernels.grpo import lm_head_logprobs as lm
 from r1kernels.grpo.kernels import logprob_grad_logits, matmul
 from r1kernels.grpo.token_loss import TokenTerms, block_gradients
@@ -73,13 +74,14 @@ def _single_pass_triton(hidden, weight, bias, ids, t: TokenTerms, temperature: f
         logp[r0:r1], entropy[r0:r1] = lp, ent
         total += part
     d_bias = hidden.new_empty((0,)) if d_bias32 is None else d_bias32.to(bias.dtype)
-    skip = t.weight == 0  # as the CPU path reports them
-    logp.masked_fill_(skip, 0.0), entropy.masked_fill_(skip, 0.0)
     return total, logp, entropy, d_hidden, d_weight.to(weight.dtype), d_bias
 
 
 def _two_pass(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with_entropy: bool):
-    skip = t.weight == 0  # not part of the loss: left out of the CPU's blocked loops, reported as 0
+    # zero-weight tokens are not part of the loss: the CPU's blocked loops leave their runs out, and
+    # block_gradients reports them as 0 (a mask is worth its ops only where rows can be left out)
+    (N, H), V = hidden.shape, weight.shape[0]
+    skip = t.weight == 0 if lm_head_cpu.blocked(N, V, H) else None
     logp, lse, entropy = lm.logprob_stats(hidden, weight, bias, ids, temperature, with_entropy, op=_OP, skip=skip)
     total, g, ge = block_gradients(logp, entropy, t)
     d_hidden, d_weight, d_bias = lm.logprob_stats_backward(g, ge, hidden, weight, bias, ids, lse, entropy,

@@ -38,6 +38,11 @@ def tiny(N: int, V: int, H: int) -> bool:
     return N * V * H <= TINY_MACS
 
 
+def blocked(N: int, V: int, H: int) -> bool:
+    """Whether the blocked loops run (where rows can be left out: see ``_row_chunks``)."""
+    return not tiny(N, V, H) and N * V > SMALL_LOGITS
+
+
 def _problem(hidden, weight, bias, ids, inv_t: float) -> tuple:
     """LmHeadProblem's fields in order, for the extension's positional ``*_fast`` entries (building the struct
     through keywords costs more than the math at decode sizes)."""
@@ -154,16 +159,17 @@ def _ids(token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: bool, skip=None):
-    """(logp, lse, entropy) [N] fp32. ``skip``: optional [N] bool, rows whose results are not wanted: they come
-    back as 0 (and the blocked path does not compute them)."""
+    """(logp, lse, entropy) [N] fp32. ``skip``: optional [N] bool, rows whose results are not wanted: the blocked
+    path leaves their runs out (``_row_chunks``), and their results are then not values (lse -inf, by which the
+    backward knows to leave them out too); the caller overwrites them."""
     (N, H), V = hidden.shape, weight.shape[0]
     inv_t = 1.0 / temperature
     ids = _ids(token_ids)
     if tiny(N, V, H):
-        return _skipped(_forward_tiny(hidden, weight, bias, ids, inv_t, with_entropy), skip)
+        return _forward_tiny(hidden, weight, bias, ids, inv_t, with_entropy)
     check_index_range("token_ids", ids, V, "V")
     if N * V <= SMALL_LOGITS:
-        return _skipped(_forward_small(hidden, weight, bias, ids, inv_t, with_entropy), skip)
+        return _forward_small(hidden, weight, bias, ids, inv_t, with_entropy)
     vt, rows = _blocks(N, V)
     chunks = _row_chunks(skip, rows) if skip is not None else [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
     m = torch.full((N,), float("-inf"))
@@ -187,17 +193,7 @@ def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: b
             m[r0:r1] = m_new
     lse = m + torch.log(s)
     entropy = torch.log(s) - t / s if with_entropy else torch.zeros(N)
-    return _skipped((zy - lse, lse, entropy), skip)
-
-
-def _skipped(stats, skip):
-    """Log-prob and entropy with the skipped rows' set to 0, on every path, computed or not. Their lse stays
-    what the path left: computed, or -inf where the blocked path left the row out (the backward then must skip
-    the row too, and knows it by that -inf)."""
-    if skip is None:
-        return stats
-    logp, lse, entropy = stats
-    return logp.masked_fill_(skip, 0.0), lse, entropy.masked_fill_(skip, 0.0)
+    return zy - lse, lse, entropy
 
 
 # The blocked loops skip rows that need no work (in the backward: incoming gradients exactly zero; in the

@@ -139,8 +139,8 @@ def forward_triton(hidden, weight, bias, token_ids, temperature, return_entropy,
 
 
 def logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy, op="token_logprob_stats", skip=None):
-    """(logp, lse, entropy) [N] fp32. ``skip``: optional [N] bool of rows whose results are not wanted (0 in the
-    outputs; the CPU's blocked path leaves them out)."""
+    """(logp, lse, entropy) [N] fp32. ``skip``: optional [N] bool of rows whose results are not wanted: the
+    CPU's blocked path leaves them out (their results are then not values); elsewhere they are computed."""
     N = hidden.shape[0]
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
@@ -148,10 +148,7 @@ def logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy, 
     if backend.resolve(hidden.device, op) == "cpu":
         return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, return_entropy, skip)  # checks ids
     check_index_range("token_ids", token_ids, weight.shape[0], "V")
-    logp, lse, entropy = forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
-    if skip is not None:  # as the CPU path returns them (which also leaves those rows out)
-        logp.masked_fill_(skip, 0.0), entropy.masked_fill_(skip, 0.0)
-    return logp, lse, entropy
+    return forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
 
 
 # ---- backward ---------------------------------------------------------------------------------------

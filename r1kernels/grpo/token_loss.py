@@ -103,7 +103,11 @@ def block_gradients(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
     kernel runs below the autograd dispatch key), so the derivative of ``token_loss`` is written out here,
     following torch's own conventions (clamp passes the gradient at its bounds; minimum splits it at a tie).
     CPU tensors go to its C++ twin (csrc/grpo/token_loss_cpu.cpp: one loop instead of ~30 ops, ~100 us at
-    decode sizes); ``test_fused_loss.py`` checks both forms against autograd through ``token_loss``."""
+    decode sizes); ``test_fused_loss.py`` checks both forms against autograd through ``token_loss``.
+
+    Tokens of weight 0 (padding) are not part of the loss: they add nothing (NaN included), get no gradient,
+    and their ``logp`` and ``entropy`` are set to 0 IN PLACE (how the fused op reports them; the CPU's blocked
+    forward does not compute them)."""
     if logp.device.type == "cpu":
         return _block_gradients_cpu(logp, entropy, t)
     return block_gradients_torch(logp, entropy, t)
@@ -120,7 +124,7 @@ def _block_gradients_cpu(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerm
     total, d_logp = torch.empty(()), torch.empty(n)
     d_entropy = torch.empty(n) if with_entropy else None
     ext().grpo_token_loss_grad_cpu(
-        n, logp.data_ptr(), _ptr(entropy) if with_entropy else 0, weight.data_ptr(), adv.data_ptr(), _ptr(old),
+        n, logp.data_ptr(), entropy.data_ptr(), weight.data_ptr(), adv.data_ptr(), _ptr(old),
         _ptr(ref if t.beta > 0 else None), _ptr(is_ratio), t.beta, t.epsilon_low, t.epsilon_high,
         0.0 if t.delta is None else t.delta, t.delta is not None, t.clamp, t.entropy_coef, t.unbiased_kl,
         total.data_ptr(), d_logp.data_ptr(), _ptr(d_entropy),
@@ -130,6 +134,8 @@ def _block_gradients_cpu(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerm
 
 def block_gradients_torch(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
     """``block_gradients`` in torch ops (GPU tensors, and the formulation the C++ twin follows line for line)."""
+    unweighted = t.weight == 0
+    logp.masked_fill_(unweighted, 0.0), entropy.masked_fill_(unweighted, 0.0)
     log_ratio = token_log_ratio(logp, t.old, t.clamp)
     raw = logp - logp if t.old is None else logp - t.old
     ratio = torch.exp(log_ratio)
@@ -153,4 +159,5 @@ def block_gradients_torch(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTer
             d_kl = (torch.expm1(d) - d) * d_ratio + ratio * d_kl
         d_logp = d_logp + t.beta * d_kl
     d_entropy = None if t.entropy_coef == 0.0 else -t.entropy_coef * t.weight
-    return (t.weight * loss).sum(), t.weight * d_logp, d_entropy
+    weighted = torch.where(unweighted, 0.0, t.weight * loss)  # 0 x NaN would be NaN
+    return weighted.sum(), torch.where(unweighted, 0.0, t.weight * d_logp), d_entropy
