@@ -19,7 +19,7 @@ namespace {
 constexpr int64_t kWidth = 576, kLatent = 512;
 constexpr int64_t kKeys = 64;  // keys per block
 constexpr int kGroup = 8;  // rows whose scores are formed together (the rows are padded to a multiple)
-constexpr int kPair = 4;  // rows whose value sums are formed together (divides kGroup)
+constexpr int kSumRows = 4;  // rows whose value sums are formed together (divides kGroup)
 
 // The scaled scores of kGroup rows x (kWidth apart) against one key, written kKeys apart from s. The rows share
 // every load of the key; each row sums in 16 fixed lanes, then pairwise (the same result on every CPU and run),
@@ -37,28 +37,28 @@ R1K_VECTOR_CLONES void scores_of_group(const float* x, const float* key, float s
   }
 }
 
-// acc[t] = acc[t] * keep[t] + sum_{j < keys[t]} w[t][j] * values[j] for the kPair rows t (accumulators kLatent
+// acc[t] = acc[t] * keep[t] + sum_{j < keys[t]} w[t][j] * values[j] for the kSumRows rows t (accumulators kLatent
 // apart, weights kKeys apart, values rows kWidth apart). 64 columns of every row stay in registers across the
-// keys, and the rows share each value load: the block's values are read once per kPair rows and 64 columns.
+// keys, and the rows share each value load: the block's values are read once per kSumRows rows and 64 columns.
 R1K_VECTOR_CLONES void rescale_add(float* acc, const float* keep, const float* w, const int64_t* keys,
                                    const float* values) {
   int64_t all = keys[0];
-  for (int t = 1; t < kPair; ++t) all = std::min(all, keys[t]);
+  for (int t = 1; t < kSumRows; ++t) all = std::min(all, keys[t]);
   for (int64_t i0 = 0; i0 < kLatent; i0 += 64) {
-    float c[kPair][64];
-    for (int t = 0; t < kPair; ++t)
+    float c[kSumRows][64];
+    for (int t = 0; t < kSumRows; ++t)
       for (int l = 0; l < 64; ++l) c[t][l] = acc[t * kLatent + i0 + l] * keep[t];
     for (int64_t j = 0; j < all; ++j) {
       const float* v = values + j * kWidth + i0;
-      for (int t = 0; t < kPair; ++t) {
+      for (int t = 0; t < kSumRows; ++t) {
         const float u = w[t * kKeys + j];
         for (int l = 0; l < 64; ++l) c[t][l] += u * v[l];
       }
     }
-    for (int t = 0; t < kPair; ++t)  // keys only some rows see: never 0 x value (Inf values stay unseen)
+    for (int t = 0; t < kSumRows; ++t)  // keys only some rows see: never 0 x value (Inf values stay unseen)
       for (int64_t j = all; j < keys[t]; ++j)
         for (int l = 0; l < 64; ++l) c[t][l] += w[t * kKeys + j] * values[j * kWidth + i0 + l];
-    for (int t = 0; t < kPair; ++t)
+    for (int t = 0; t < kSumRows; ++t)
       for (int l = 0; l < 64; ++l) acc[t * kLatent + i0 + l] = c[t][l];
   }
 }
@@ -123,11 +123,11 @@ void decode_sequence(const void* q, const void* kv, DType dtype, const int32_t* 
       for (int64_t g = 0; g < padded; g += kGroup)
         scores_of_group(rows.data() + g * kWidth, key, p.scale, scores.data() + g * kKeys + j);
     }
-    for (int64_t r0 = 0; r0 < padded; r0 += kPair) {
-      int64_t visible[kPair];
-      float keep[kPair];
+    for (int64_t r0 = 0; r0 < padded; r0 += kSumRows) {
+      int64_t visible[kSumRows];
+      float keep[kSumRows];
       bool any = false;
-      for (int t = 0; t < kPair; ++t) {
+      for (int t = 0; t < kSumRows; ++t) {
         const int64_t r = r0 + t;
         const int64_t last = p.causal ? len - p.s_q + r / p.heads : len - 1;  // the row's last visible key
         visible[t] = r < R ? std::clamp<int64_t>(last - j0 + 1, 0, n) : 0;
