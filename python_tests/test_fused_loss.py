@@ -69,11 +69,13 @@ def test_cpp_twin_matches_the_torch_form(unbiased_kl, delta):
     logp = logp.clone()
     logp[100], logp[101], logp[102], logp[150] = float("nan"), float("-inf"), float("inf"), float("nan")
     entropy = torch.rand(N) * 3
-    inputs = [(logp.clone(), entropy.clone()) for _ in range(2)]
+    inputs = [(torch.empty(2 * N)[::2].copy_(logp), entropy.clone()) for _ in range(2)]  # strided: zeroed in place
     got, want = (form(*x, t) for form, x in zip((block_gradients, block_gradients_torch), inputs, strict=True))
     assert torch.isnan(got[0]) and torch.isnan(want[0])  # a NaN token loss reaches the sum
-    for g, w in zip(got[1:], want[1:], strict=True):
-        assert torch.allclose(g, w, rtol=2e-6, atol=1e-9, equal_nan=True)
+    for g, w in zip(got[1:], want[1:], strict=True):  # exp / expm1 differ by ulps between libm and torch: a
+        # token whose gradient cancels to ~1e-4 of the largest one keeps that ulp error (5x margin over 1200 cases)
+        scale = float(w[torch.isfinite(w)].abs().max())
+        assert torch.allclose(g, w, rtol=1e-6, atol=1e-7 * scale, equal_nan=True)
     assert torch.equal(torch.isnan(got[1]), torch.isnan(want[1])) and torch.isnan(got[1][100])
     for lp, ent in inputs:  # the zero-weight tokens: reported as 0, no gradient; the others untouched
         assert lp[150:152].tolist() == [0.0, 0.0] and ent[150:152].tolist() == [0.0, 0.0]

@@ -119,16 +119,19 @@ def _ptr(x: torch.Tensor | None) -> int:
 
 def _block_gradients_cpu(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
     per_token = [x if x is None or x.is_contiguous() else x.contiguous() for x in (logp, entropy, *t[:5])]
-    logp, entropy, weight, adv, old, ref, is_ratio = per_token
-    n, with_entropy = logp.shape[0], t.entropy_coef != 0.0
+    lp, ent, weight, adv, old, ref, is_ratio = per_token
+    n, with_entropy = lp.shape[0], t.entropy_coef != 0.0
     total, d_logp = torch.empty(()), torch.empty(n)
     d_entropy = torch.empty(n) if with_entropy else None
     ext().grpo_token_loss_grad_cpu(
-        n, logp.data_ptr(), entropy.data_ptr(), weight.data_ptr(), adv.data_ptr(), _ptr(old),
+        n, lp.data_ptr(), ent.data_ptr(), weight.data_ptr(), adv.data_ptr(), _ptr(old),
         _ptr(ref if t.beta > 0 else None), _ptr(is_ratio), t.beta, t.epsilon_low, t.epsilon_high,
         0.0 if t.delta is None else t.delta, t.delta is not None, t.clamp, t.entropy_coef, t.unbiased_kl,
         total.data_ptr(), d_logp.data_ptr(), _ptr(d_entropy),
     )  # fmt: skip
+    for given, dense in ((logp, lp), (entropy, ent)):  # the zero-weight tokens' 0s, into strided inputs too
+        if dense is not given:
+            given.copy_(dense)
     return total, d_logp, d_entropy
 
 
