@@ -15,10 +15,14 @@
 #define R1K_AMX 1
 #endif
 
+#if defined(R1K_AMX)
+#include "common/amx_tiles.h"
+#endif
+
 namespace r1k {
 namespace {
 
-constexpr int64_t kRows = 16;  // rows of a tile
+constexpr int64_t kRows = 16;  // rows of a tile (common/amx_tiles.h's)
 constexpr int64_t kK = 32;     // bf16 values per tile row (64 bytes)
 constexpr int64_t kBlock = 32; // c is computed in 32 x 32 blocks: 2 x 2 accumulator tiles
 constexpr int64_t kChunkBlocks = 4;
@@ -50,14 +54,6 @@ void amx_pack_b_nt(const uint16_t* b, int64_t ldb, int64_t n, int64_t k, uint32_
 
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // a [m, k] as [m/16][k/32] tiles of 16 x 32 values, each tile 1 KiB contiguous; zeros past m and k.
 void pack_a(const uint16_t* a, int64_t lda, int64_t m, int64_t k, uint16_t* packed) {
   const int64_t mp = round_up(m, kBlock), k_tiles = round_up(k, kK) / kK;
@@ -76,12 +72,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void gemm_blocks(const uint16_t* pa
                                                                 const uint32_t* packed_b, int64_t n, int64_t k,
                                                                 const float* bias, float alpha, float* c,
                                                                 int64_t ldc) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kRows;
-    cfg.colsb[t] = kK * sizeof(uint16_t);
-  }
-  _tile_loadconfig(&cfg);
+  amx::load_tile_config();
   const int64_t k_tiles = round_up(k, kK) / kK, pairs = k_tiles * kK / 2;
   const int64_t m_blocks = round_up(m, kBlock) / kBlock, n_blocks = round_up(n, kBlock) / kBlock;
   alignas(64) float out[kBlock * kBlock];
@@ -93,25 +84,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void gemm_blocks(const uint16_t* pa
     for (int64_t mb = mc; mb < std::min(m_blocks, mc + kChunkBlocks); ++mb) {
       const uint16_t* a0 = packed_a + (2 * mb) * k_tiles * kRows * kK;  // its two 16-row tile rows
       const uint16_t* a1 = a0 + k_tiles * kRows * kK;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t kt = 0; kt < k_tiles; ++kt) {
-        _tile_loadd(4, a0 + kt * kRows * kK, kK * sizeof(uint16_t));
-        _tile_loadd(5, a1 + kt * kRows * kK, kK * sizeof(uint16_t));
-        _tile_loadd(6, b0 + kt * kRows * kRows, kRows * sizeof(uint32_t));
-        _tile_loadd(7, b1 + kt * kRows * kRows, kRows * sizeof(uint32_t));
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      constexpr int64_t stride = kBlock * sizeof(float);
-      _tile_stored(0, out, stride);
-      _tile_stored(1, out + kRows, stride);
-      _tile_stored(2, out + kRows * kBlock, stride);
-      _tile_stored(3, out + kRows * kBlock + kRows, stride);
+      amx::block_2x2(a0, a1, b0, b1, 0, k_tiles, out);
       // the epilogue writes only the rows and columns that exist
       const int64_t r0 = mb * kBlock, c0 = nb * kBlock;
       const int64_t rows = std::min(kBlock, m - r0), cols = std::min(kBlock, n - c0);

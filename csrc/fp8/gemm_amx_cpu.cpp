@@ -16,6 +16,10 @@
 #define R1K_AMX 1
 #endif
 
+#if defined(R1K_AMX)
+#include "common/amx_tiles.h"
+#endif
+
 namespace r1k {
 namespace {
 
@@ -74,25 +78,12 @@ R1K_AVX512 void pack_b(const uint8_t* b, int64_t ldb, int64_t n0, int64_t n1, in
   }
 }
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // out rows m0:m1 x columns n0:n1 from the packed chunks.
 __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint16_t* packed_a, const uint32_t* packed_b,
                                                                const float* sa, const float* sb, float* out,
                                                                const Fp8GemmProblem& p, int64_t m0, int64_t m1,
                                                                int64_t n0, int64_t n1) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kRows;
-    cfg.colsb[t] = kK * sizeof(uint16_t);
-  }
-  _tile_loadconfig(&cfg);
+  amx::load_tile_config();
   const int64_t k_blocks = round_up(p.k, kScaleK) / kScaleK, k_tiles = k_blocks * (kScaleK / kK);
   const int64_t pairs = k_tiles * kK / 2;
   const int64_t m_blocks = round_up(m1 - m0, kBlock) / kBlock, n_blocks = round_up(n1 - n0, kBlock) / kBlock;
@@ -109,25 +100,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
       const int64_t rows = std::min(kBlock, m1 - r0), cols = std::min(kBlock, n1 - c0);
       std::fill(sum, sum + kBlock * kBlock, 0.0f);
       for (int64_t kb = 0; kb < k_blocks; ++kb) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t kt = kb * (kScaleK / kK); kt < (kb + 1) * (kScaleK / kK); ++kt) {
-          _tile_loadd(4, a0 + kt * kRows * kK, kK * sizeof(uint16_t));
-          _tile_loadd(5, a1 + kt * kRows * kK, kK * sizeof(uint16_t));
-          _tile_loadd(6, b0 + kt * kRows * kRows, kRows * sizeof(uint32_t));
-          _tile_loadd(7, b1 + kt * kRows * kRows, kRows * sizeof(uint32_t));
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        constexpr int64_t stride = kBlock * sizeof(float);
-        _tile_stored(0, part, stride);
-        _tile_stored(1, part + kRows, stride);
-        _tile_stored(2, part + kRows * kBlock, stride);
-        _tile_stored(3, part + kRows * kBlock + kRows, stride);
+        amx::block_2x2(a0, a1, b0, b1, kb * (kScaleK / kK), (kb + 1) * (kScaleK / kK), part);
         for (int64_t r = 0; r < rows; ++r) row_scale[r] = sa[(r0 + r) * p.sa_stride_m + kb * p.sa_stride_k];
         for (int64_t c = 0; c < cols; ++c)
           col_scale[c] = sb[(c0 + c) / p.b_tile_rows * p.sb_stride_n + kb * p.sb_stride_k];

@@ -57,14 +57,15 @@ def validate(q, k_nope, k_pe, v, cu_seqlens, max_seqlen=None) -> None:
         raise ValueError(f"max_seqlen must be a non-negative int given with cu_seqlens, got {max_seqlen!r}")
 
 
-def _check_cu_seqlens(cu: torch.Tensor, S: int, max_seqlen: int | None = None) -> list[int]:
-    bounds = cu.tolist()  # the launch grid needs the longest sequence: one host sync (on a GPU: see _packing)
+def _check_cu_seqlens(cu: torch.Tensor, S: int, max_seqlen: int | None = None) -> tuple[list[int], int]:
+    """(the offsets, the longest sequence), read on the host: one sync on a GPU (see _packing)."""
+    bounds = cu.tolist()
     if bounds[0] != 0 or bounds[-1] != S or any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
         raise ValueError(f"cu_seqlens must rise from 0 to S = {S} without decreasing, got {bounds[:8]}...")
     longest = max(b - a for a, b in itertools.pairwise(bounds))
     if max_seqlen is not None and longest > max_seqlen:
         raise ValueError(f"max_seqlen ({max_seqlen}) must be at least the longest sequence in cu_seqlens ({longest})")
-    return bounds
+    return bounds, longest
 
 
 def _packing(cu: torch.Tensor | None, S: int, max_seqlen: int | None, triton: bool):
@@ -79,8 +80,8 @@ def _packing(cu: torch.Tensor | None, S: int, max_seqlen: int | None, triton: bo
         ok = (cu[0] == 0) & (cu[-1] == S) & (lengths >= 0).all() & (lengths <= max_seqlen).all()
         torch._assert_async(ok, "cu_seqlens must rise from 0 to S, no sequence longer than max_seqlen")
         return None, (cu.numel() - 1, max_seqlen)
-    bounds = _check_cu_seqlens(cu, S, max_seqlen)
-    return bounds, (len(bounds) - 1, max(b - a for a, b in itertools.pairwise(bounds)))
+    bounds, longest = _check_cu_seqlens(cu, S, max_seqlen)
+    return bounds, (len(bounds) - 1, longest)
 
 
 def _uses_triton(q, k_nope, k_pe, v) -> bool:
