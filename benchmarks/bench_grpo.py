@@ -43,7 +43,7 @@ EPSILON = 0.2
 TEMPERATURE = 1.0
 LOGP_NOISE = 0.05  # old / ref log-probs = true log-probs + N(0, LOGP_NOISE^2): some ratios clip
 GPU_EXTRA_SHAPE = (4096, 151936)  # H, V (Qwen-sized LM head), added on a GPU
-WARMUP_SHAPE = (2, 16, 64, 512)  # B, T, H, V of the child's warm-up call
+WARMUP_SHAPE = (2, 64, 64, 2048)  # B, T, H, V of the child's warm-up call: large enough for the blocked CPU path
 LOSS_RTOL = {"fp32": 1e-3, "bf16": 1e-2}
 LOSS_TYPES = ("grpo", "dapo")
 

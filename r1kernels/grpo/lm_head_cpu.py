@@ -264,7 +264,8 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
             hit, col = _targets_in_tile(ids[r0:r1], v0, v1)
             # g * (onehot - softmax); at the target 1 - p is -expm1(logp), exact even when p -> 1
             target = -torch.expm1(log_p[hit, col]) * g[r0:r1][hit]
-            p = log_p.exp()
+            # without an entropy gradient log p is not needed past this point: exp in place (one block less)
+            p = log_p.exp() if ge is not None else log_p.exp_()
             if ge is not None:  # entropy E = -sum p log p: d E / d z_k = -p_k (log p_k + E)
                 entropy_term = log_p.add_(entropy[r0:r1, None]).mul_(p).mul_(ge[r0:r1, None])
             gz = p.mul_(-g[r0:r1, None])
