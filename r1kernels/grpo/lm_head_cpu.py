@@ -85,29 +85,39 @@ def _blocks(N: int, V: int) -> tuple[int, int]:
     return vt, max(1, min(N, max(rows, 64)))
 
 
-def _logits(h32, w32, b32, inv_t):
-    z = h32 @ w32.T if b32 is None else torch.addmm(b32, h32, w32.T)
+def _logits(h32, w32, b32, inv_t, out=None):
+    z = torch.mm(h32, w32.T, out=out) if b32 is None else torch.addmm(b32, h32, w32.T, out=out)
     return z if inv_t == 1.0 else z.mul_(inv_t)
+
+
+def _scratch(rows: int, vt: int):
+    """``block(r, cols)``: a dense fp32 [r, cols] view of one buffer of rows x vt floats, for the chunk-sized
+    temporaries of the blocked loops (one allocation for the whole call instead of one per block: the
+    allocator's churn over 2 MiB blocks showed as resident memory and time)."""
+    buf = torch.empty(rows * vt)
+    return lambda r, cols: buf[: r * cols].view(r, cols)
 
 
 def _float(t):
     return None if t is None else t.float()
 
 
-def _tile_logits(w: torch.Tensor, b: torch.Tensor | None, inv_t: float):
+def _tile_logits(w: torch.Tensor, b: torch.Tensor | None, inv_t: float, block):
     """``logits(h) = (h @ w.T + b) * inv_t`` in fp32 for the vocab tile ``w [vt, H]``, as a function of a token
-    chunk ``h``, and the tile's fp32 copy (None when not made). bf16 on AMX: the tile is packed once for every
-    chunk and the GEMM reads the bf16 values (same products, fp32 sums); otherwise the fp32 copy is the operand."""
+    chunk ``h`` (written into ``block(rows, vt)``, see ``_scratch``), and the tile's fp32 copy (None when not
+    made). bf16 on AMX: the tile is packed once for every chunk and the GEMM reads the bf16 values (same
+    products, fp32 sums); otherwise the fp32 copy is the operand."""
     b32 = _float(b)
+    vt = w.shape[0]
     if w.dtype is not torch.bfloat16 or not cpu_caps.amx_bf16():
         w32 = w.float()
-        return (lambda h: _logits(h.float(), w32, b32, inv_t)), w32
-    (vt, H), lib = w.shape, ext()
+        return (lambda h: _logits(h.float(), w32, b32, inv_t, out=block(h.shape[0], vt))), w32
+    H, lib = w.shape[1], ext()
     packed = torch.empty(lib.amx_packed_b_words(n=vt, k=H), dtype=torch.int32)
     lib.amx_pack_b_nt(b=w.data_ptr(), ldb=w.stride(0) if vt > 1 else H, n=vt, k=H, packed=packed.data_ptr())
 
     def logits(h: torch.Tensor) -> torch.Tensor:
-        z = torch.empty(h.shape[0], vt)
+        z = block(h.shape[0], vt)
         lib.amx_bf16_gemm_nt(a=h.data_ptr(), lda=h.stride(0) if h.shape[0] > 1 else H, m=h.shape[0],
                              packed_b=packed.data_ptr(), n=vt, k=H, bias=0 if b32 is None else b32.data_ptr(),
                              alpha=inv_t, c=z.data_ptr(), ldc=vt)  # fmt: skip
@@ -174,9 +184,10 @@ def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: b
     chunks = _row_chunks(skip, rows) if skip is not None else [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
     m = torch.full((N,), float("-inf"))
     s, zy, t = torch.zeros(N), torch.zeros(N), torch.zeros(N)
+    z_block, p_block = _scratch(rows, vt), _scratch(rows, vt)
     for v0 in range(0, V, vt):
         v1 = min(V, v0 + vt)
-        logits, _ = _tile_logits(weight[v0:v1], None if bias is None else bias[v0:v1], inv_t)
+        logits, _ = _tile_logits(weight[v0:v1], None if bias is None else bias[v0:v1], inv_t, z_block)
         for r0, r1 in chunks:
             z = logits(hidden[r0:r1])
             hit, col = _targets_in_tile(ids[r0:r1], v0, v1)
@@ -184,11 +195,11 @@ def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: b
             m_new = torch.maximum(m[r0:r1], z.amax(dim=1))
             alpha = torch.exp(m[r0:r1] - m_new)
             zc = z.sub_(m_new[:, None])  # z - m_new, in place (zy was read above)
-            p = torch.exp(zc)
+            p = torch.exp(zc, out=p_block(*zc.shape))
             if with_entropy:
                 # t = sum p (z - m) relative to the running max (see kernels.logprob_fwd_kernel): no cancellation
                 shift = torch.where(s[r0:r1] > 0, m[r0:r1] - m_new, 0.0) * s[r0:r1]
-                t[r0:r1] = (t[r0:r1] + shift) * alpha + (p * zc).sum(dim=1)
+                t[r0:r1] = (t[r0:r1] + shift) * alpha + zc.mul_(p).sum(dim=1)
             s[r0:r1] = s[r0:r1] * alpha + p.sum(dim=1)
             m[r0:r1] = m_new
     lse = m + torch.log(s)
@@ -250,10 +261,11 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
     d_hidden32 = torch.zeros((N, H))
     d_weight = torch.empty_like(weight)
     d_bias32 = None if bias is None else torch.zeros(V)
+    z_block, p_block = _scratch(rows, vt), None if ge is None else _scratch(rows, vt)
     for v0 in range(0, V, vt):
         v1 = min(V, v0 + vt)
         w = weight[v0:v1]
-        logits, w32 = _tile_logits(w, None if bias is None else bias[v0:v1], inv_t)
+        logits, w32 = _tile_logits(w, None if bias is None else bias[v0:v1], inv_t, z_block)
         if w32 is None and not gemm_in_bf16:  # the gradient GEMMs still take the fp32 copies
             w32 = w.float()
         # fp32 weights accumulate straight into their gradient; others into an fp32 tile
@@ -265,7 +277,7 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
             # g * (onehot - softmax); at the target 1 - p is -expm1(logp), exact even when p -> 1
             target = -torch.expm1(log_p[hit, col]) * g[r0:r1][hit]
             # without an entropy gradient log p is not needed past this point: exp in place (one block less)
-            p = log_p.exp() if ge is not None else log_p.exp_()
+            p = log_p.exp_() if ge is None else torch.exp(log_p, out=p_block(*log_p.shape))
             if ge is not None:  # entropy E = -sum p log p: d E / d z_k = -p_k (log p_k + E)
                 entropy_term = log_p.add_(entropy[r0:r1, None]).mul_(p).mul_(ge[r0:r1, None])
             gz = p.mul_(-g[r0:r1, None])
