@@ -2,10 +2,13 @@
 
 #include <cmath>
 
+#include "common/cpu_isa.h"
 #include "common/e4m3.h"
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "common/e4m3_avx2.h"
 #define R1K_X86 1
 #endif
 
@@ -34,13 +37,24 @@ __attribute__((target("avx512f,avx512bw"))) void decode_avx512(const uint8_t* co
   }
   decode_table(codes + i, n - i, out + i);
 }
+
+__attribute__((target("avx2,f16c"))) void decode_avx2(const uint8_t* codes, int64_t n, float* out) {
+  int64_t i = 0;
+  for (__m256 lo, hi; i + 16 <= n; i += 16) {
+    e4m3_decode16_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)), &lo, &hi);
+    _mm256_storeu_ps(out + i, lo);
+    _mm256_storeu_ps(out + i + 8, hi);
+  }
+  decode_table(codes + i, n - i, out + i);
+}
 #endif
 
 using Decode = void (*)(const uint8_t*, int64_t, float*);
 
 Decode pick() {
 #if defined(R1K_X86)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return decode_avx512;
+  if (cpu_isa() == CpuIsa::kAvx512) return decode_avx512;
+  if (cpu_isa() == CpuIsa::kAvx2) return decode_avx2;
 #endif
   return decode_table;
 }

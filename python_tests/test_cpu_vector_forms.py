@@ -1,0 +1,64 @@
+"""The C++ CPU kernels pick their vector form at run time (csrc/common/cpu_isa.h: AVX-512, AVX2 + F16C, or the
+baseline build); R1K_CPU_ISA caps it per process. The forms are written to give the same bits (the same
+decode, the same summation order), so a result never depends on the machine: each capped form runs in a
+fresh process on the same inputs and must match this process's results exactly, NaN for NaN."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import r1kernels
+
+NAN_CODE = torch.tensor(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
+
+
+def results(seed: int) -> dict[str, torch.Tensor]:
+    """Outputs of the ops whose CPU paths run the vector forms: the few-row FP8 GEMMs (dense with and without
+    c, masked, contiguous grouped with padding rows; K with a partial last 128-block; N not a multiple of the
+    4-column step; a NaN code in a and in b) and the e4m3 decode of the dequantize op."""
+    torch.manual_seed(seed)
+    fp8, out = r1kernels.fp8, {}
+    with r1kernels.use_backend("cpu"):
+        for M, N, K in ((1, 130, 128), (5, 67, 208), (16, 256, 512)):
+            a, sa = fp8.quantize_per_token_group(torch.randn(M, K) * 3)
+            b, sb = fp8.quantize_per_block(torch.randn(N, K))
+            a[M // 2, K - 3], b[N - 2, 5] = NAN_CODE, NAN_CODE
+            out[f"gemm {M}x{N}x{K}"] = fp8.gemm_nt(a, sa, b, sb, out_dtype=torch.float32)
+            out[f"gemm+c {M}x{N}x{K}"] = fp8.gemm_nt(a, sa, b, sb, c=torch.randn(M, N, dtype=torch.bfloat16))
+            out[f"dequant {M}x{K}"] = fp8.dequantize_per_token_group(a, sa, out_dtype=torch.float32)
+        G, M, N, K = 3, 6, 72, 256
+        a, sa = fp8.quantize_per_token_group(torch.randn(G * M, K))
+        pairs = [fp8.quantize_per_block(torch.randn(N, K)) for _ in range(G)]
+        b, sb = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        counts = torch.tensor([M, 0, 4], dtype=torch.int32)
+        out["masked"] = fp8.grouped_gemm_nt_masked(a.view(G, M, K), sa.view(G, M, -1), b, sb, counts)
+        ids = torch.full((128,), -1, dtype=torch.int32)
+        ids[:3] = 2
+        a128, sa128 = fp8.quantize_per_token_group(torch.randn(128, K))
+        out["contiguous"] = fp8.grouped_gemm_nt_contiguous(a128, sa128, b, sb, ids, out_dtype=torch.float32)[:3]
+    return out
+
+
+def _child(isa: str, seed: int, path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "R1K_CPU_ISA"} | {"R1K_CPU_ISA": isa}
+    code = f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
+           f"import {Path(__file__).stem} as t; torch.save(t.results({seed}), {str(path)!r})"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_capped_vector_form_gives_the_same_bits(isa, fresh_seed, tmp_path):
+    want = results(fresh_seed)
+    assert any(torch.isnan(t).any() for t in want.values())  # the NaN codes reached the outputs
+    _child(isa, fresh_seed, tmp_path / "out.pt")
+    got = torch.load(tmp_path / "out.pt")
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=0, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
