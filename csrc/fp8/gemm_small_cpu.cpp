@@ -77,6 +77,15 @@ void columns_baseline(const Operands& o, int64_t j0, int64_t cols, float* acc) {
 }
 
 #if defined(R1K_X86_AVX2)
+// acc[i * kCols + c] += (the dot of p[c]'s lanes, dot8's pairwise order) * sa[i, kb] * sb[c]
+__attribute__((target("avx2,f16c"), always_inline)) inline void add_dots(const __m256 p[kCols], __m128 sa_sb,
+                                                                          float* acc) {
+  // lane c of the two halves: ((l0 + l1) + (l2 + l3)) and ((l4 + l5) + (l6 + l7)) of p[c], then their sum
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+  const __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(acc, _mm_add_ps(_mm_loadu_ps(acc), _mm_mul_ps(dots, sa_sb)));
+}
+
 __attribute__((target("avx2,f16c"))) void columns_avx2(const Operands& o, int64_t j0, int64_t cols, float* acc) {
   alignas(32) float codes[kCols][kBlock];
   const uint8_t* brow[kCols];
@@ -89,6 +98,8 @@ __attribute__((target("avx2,f16c"))) void columns_avx2(const Operands& o, int64_
   std::fill(acc, acc + o.rows * kCols, 0.0f);
   for (int64_t k0 = 0, kb = 0; k0 < o.k; k0 += kBlock, ++kb) {
     const int64_t len = std::min(kBlock, o.k - k0);  // a multiple of 16 (pick_columns)
+    const __m128 sb = _mm_setr_ps(sb_row[0][kb * o.sb_stride_k], sb_row[1][kb * o.sb_stride_k],
+                                  sb_row[2][kb * o.sb_stride_k], sb_row[3][kb * o.sb_stride_k]);
     for (int64_t c = 0; c < kCols; ++c) {
       for (int64_t k = 0; k < len; k += 16) {
         __m256 lo, hi;
@@ -97,23 +108,14 @@ __attribute__((target("avx2,f16c"))) void columns_avx2(const Operands& o, int64_
         _mm256_store_ps(codes[c] + k + 8, hi);
       }
     }
-    const __m128 sb = _mm_setr_ps(sb_row[0][kb * o.sb_stride_k], sb_row[1][kb * o.sb_stride_k],
-                                  sb_row[2][kb * o.sb_stride_k], sb_row[3][kb * o.sb_stride_k]);
     for (int64_t i = 0; i < o.rows; ++i) {
       const float* x = o.a32 + i * o.k + k0;
-      __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+      __m256 p[kCols] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t k = 0; k < len; k += 8) {
         const __m256 xa = _mm256_loadu_ps(x + k);
-        p0 = _mm256_add_ps(p0, _mm256_mul_ps(xa, _mm256_load_ps(codes[0] + k)));
-        p1 = _mm256_add_ps(p1, _mm256_mul_ps(xa, _mm256_load_ps(codes[1] + k)));
-        p2 = _mm256_add_ps(p2, _mm256_mul_ps(xa, _mm256_load_ps(codes[2] + k)));
-        p3 = _mm256_add_ps(p3, _mm256_mul_ps(xa, _mm256_load_ps(codes[3] + k)));
+        for (int64_t c = 0; c < kCols; ++c) p[c] = _mm256_add_ps(p[c], _mm256_mul_ps(xa, _mm256_load_ps(codes[c] + k)));
       }
-      // lane c of the two halves: ((l0 + l1) + (l2 + l3)) and ((l4 + l5) + (l6 + l7)) of p_c, then their sum
-      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
-      const __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-      const __m128 scale = _mm_mul_ps(_mm_set1_ps(o.sa[i * o.sa_stride_m + kb * o.sa_stride_k]), sb);
-      _mm_storeu_ps(acc + i * kCols, _mm_add_ps(_mm_loadu_ps(acc + i * kCols), _mm_mul_ps(dots, scale)));
+      add_dots(p, _mm_mul_ps(_mm_set1_ps(o.sa[i * o.sa_stride_m + kb * o.sa_stride_k]), sb), acc + i * kCols);
     }
   }
 }

@@ -37,8 +37,9 @@ def validate(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows=BLOCK) -> None:
 def validate_matrices(a, a_scales, b, b_scales, out_dtype, c=None, b_tile_rows=BLOCK) -> None:
     """The dense GEMM's rules on the last two dimensions of each operand (dtypes and ranks checked by the
     caller), so that the grouped forms check one expert's operands without indexing one out (~1 us a view)."""
-    (M, K), (N, Kb) = a.shape[-2:], b.shape[-2:]
-    if Kb != K:
+    a_shape, b_shape, sa_shape, sb_shape = a.shape, b.shape, a_scales.shape, b_scales.shape  # indexed, not sliced
+    M, K, N = a_shape[-2], a_shape[-1], b_shape[-2]
+    if b_shape[-1] != K:
         raise ValueError(f"b must be [N, K] with K = a.shape[-1] = {K}, got {tuple(b.shape[-2:])}")
     if K % 16:
         raise ValueError(f"K must be a multiple of 16 (16-byte rows of e4m3), got K = {K}")
@@ -48,10 +49,10 @@ def validate_matrices(a, a_scales, b, b_scales, out_dtype, c=None, b_tile_rows=B
             raise ValueError(f"{name} must be row-major with a row stride that is a multiple of 16 elements, got "
                              f"strides {strides}; call .contiguous() first")  # fmt: skip
     k_blocks = cdiv(K, BLOCK)
-    if a_scales.shape[-2:] != (M, k_blocks):
+    if sa_shape[-2] != M or sa_shape[-1] != k_blocks:
         raise ValueError(f"a_scales must be [M, ceil(K/128)] = {(M, k_blocks)} (1 x 128 groups), "
                          f"got {tuple(a_scales.shape[-2:])}")  # fmt: skip
-    if b_scales.shape[-2:] != (cdiv(N, b_tile_rows), k_blocks):
+    if sb_shape[-2] != cdiv(N, b_tile_rows) or sb_shape[-1] != k_blocks:
         what = "[ceil(N/128), ceil(K/128)]", "128 x 128 blocks"
         what = ("[N, ceil(K/128)]", "1 x 128 groups") if b_tile_rows == 1 else what
         raise ValueError(f"b_scales must be {what[0]} = {(cdiv(N, b_tile_rows), k_blocks)} ({what[1]}), "
@@ -82,28 +83,23 @@ def cpu_gemm_small(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK, row
     """``cpu_gemm`` from the codes, for few rows: a [M, K] or [G, M, K] with masked_m (out [G, M, N]); b [N, K]
     or [E, N, K] with row_expert (one expert per row of a, -1 a zero row) or masked_m (expert = group). False,
     with nothing written, when a masked_m entry lies outside [0, M]."""
-    G = a.shape[0] if a.dim() == 3 else 1
-    (M, K), N = a.shape[-2:], b.shape[-2]
-
-    def strides(t, rows_only=False):  # (between groups: 0 when 2-D, between rows, between columns)
-        g = t.stride(0) if t.dim() == 3 else 0
-        return (g, t.stride(-2)) if rows_only else (g, t.stride(-2), t.stride(-1))
-
-    dims = (G, M, N, K, b_tile_rows, *strides(a, True), *strides(b, True), *strides(a_scales), *strides(b_scales),
-            c.stride(0) if c is not None else 0, *strides(out, True))  # fmt: skip
+    G, M, K = (*a.shape,) if a.dim() == 3 else (1, *a.shape)
+    dims = (G, M, b.shape[-2], K, b_tile_rows, *_strides(a.stride()), *_strides(b.stride()),
+            *_strides(a_scales.stride(), False), *_strides(b_scales.stride(), False),
+            c.stride(0) if c is not None else 0, *_strides(out.stride()))  # fmt: skip
+    # positionally: the decode hot path, where matching eleven keywords costs a third of the call
     return ext().fp8_gemm_small_cpu(
-        a=a.data_ptr(),
-        a_scales=a_scales.data_ptr(),
-        b=b.data_ptr(),
-        b_scales=b_scales.data_ptr(),
-        c=0 if c is None else c.data_ptr(),
-        c_dtype=cpp_dtype((out if c is None else c).dtype),
-        out=out.data_ptr(),
-        out_dtype=cpp_dtype(out.dtype),
-        row_expert=0 if row_expert is None else row_expert.data_ptr(),
-        masked_m=0 if masked_m is None else masked_m.data_ptr(),
-        problem=_small_problem(*dims),
-    )
+        a.data_ptr(), a_scales.data_ptr(), b.data_ptr(), b_scales.data_ptr(), 0 if c is None else c.data_ptr(),
+        cpp_dtype((out if c is None else c).dtype), out.data_ptr(), cpp_dtype(out.dtype),
+        0 if row_expert is None else row_expert.data_ptr(), 0 if masked_m is None else masked_m.data_ptr(),
+        _small_problem(*dims),
+    )  # fmt: skip
+
+
+def _strides(strides: tuple, rows_only: bool = True) -> tuple:
+    """(between groups: 0 when 2-D, between rows) or, not ``rows_only``, (.., between columns) too."""
+    g = strides[0] if len(strides) == 3 else 0
+    return (g, strides[-2]) if rows_only else (g, strides[-2], strides[-1])
 
 
 def _cpu_gemm_amx(a, a_scales, b, b_scales, out, c, b_tile_rows) -> None:
