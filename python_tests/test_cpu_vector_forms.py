@@ -21,7 +21,8 @@ NAN_CODE = torch.tensor(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
 def results(seed: int) -> dict[str, torch.Tensor]:
     """Outputs of the ops whose CPU paths run the vector forms: the few-row FP8 GEMMs (dense with and without
     c, masked, contiguous grouped with padding rows; K with a partial last 128-block; N not a multiple of the
-    4-column step; a NaN code in a and in b) and the e4m3 decode of the dequantize op."""
+    4-column step; a NaN code in a and in b), the e4m3 decode of the dequantize op, and the decode-sized LM
+    head's forward and backward (fp32 and bf16, bias, temperature, entropy)."""
     torch.manual_seed(seed)
     fp8, out = r1kernels.fp8, {}
     with r1kernels.use_backend("cpu"):
@@ -42,6 +43,17 @@ def results(seed: int) -> dict[str, torch.Tensor]:
         ids[:3] = 2
         a128, sa128 = fp8.quantize_per_token_group(torch.randn(128, K))
         out["contiguous"] = fp8.grouped_gemm_nt_contiguous(a128, sa128, b, sb, ids, out_dtype=torch.float32)[:3]
+        for dtype in (torch.float32, torch.bfloat16):  # decode-sized LM head: one C++ call each way
+            N, H, V = 3, 72, 200
+            h, w, bias = torch.randn(N, H, dtype=dtype), torch.randn(V, H, dtype=dtype), torch.randn(V, dtype=dtype)
+            ids = torch.randint(0, V, (N,))
+            logp, lse, ent = r1kernels.grpo.token_logprob_stats(h, w, ids, bias=bias, temperature=0.7,
+                                                                return_entropy=True)  # fmt: skip
+            grads = r1kernels._ops.OPS["token_logprob_stats_backward"](torch.randn(N), torch.randn(N), h, w, bias, ids,
+                                                                       lse, ent, 0.7)  # fmt: skip
+            for name, t in zip(("logp", "lse", "entropy", "d hidden", "d weight", "d bias"), (logp, lse, ent, *grads),
+                               strict=True):  # fmt: skip
+                out[f"lm head {dtype} {name}"] = t
     return out
 
 

@@ -5,13 +5,15 @@
 #include <cmath>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/host_device.h"
 
 namespace r1k {
 namespace {
 
 // Row i of a [rows, h] matrix of `dtype` converted to fp32.
-void load_row(const void* base, DType dtype, int64_t stride, int64_t i, int64_t h, float* out) {
+__attribute__((always_inline)) inline void load_row(const void* base, DType dtype, int64_t stride, int64_t i, int64_t h,
+                                                     float* out) {
   if (dtype == DType::kFloat32) {
     const float* p = static_cast<const float*>(base) + i * stride;
     std::copy(p, p + h, out);
@@ -59,7 +61,7 @@ struct Fp32Operands {
 // sum a[k] b[k] over 16 independent partial sums, added in a fixed order: a single running sum is one long
 // chain of dependent adds that the compiler may not reorder (no -ffast-math), ~4x slower at h = 64; these
 // lanes vectorise, and the result does not depend on the compiler.
-float dot(const float* a, const float* b, int64_t h) {
+__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t h) {
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
   int64_t k = 0;
@@ -73,7 +75,8 @@ float dot(const float* a, const float* b, int64_t h) {
 }
 
 // z[v] of row i, and its max.
-float logits_row(const LmHeadProblem& p, const Fp32Operands& ops, const float* hrow, float* z) {
+__attribute__((always_inline)) inline float logits_row(const LmHeadProblem& p, const Fp32Operands& ops,
+                                                       const float* hrow, float* z) {
   float m = -INFINITY;
   for (int64_t j = 0; j < p.v; ++j) {
     const float acc = dot(hrow, ops.row(j), p.h);
@@ -83,10 +86,11 @@ float logits_row(const LmHeadProblem& p, const Fp32Operands& ops, const float* h
   return m;
 }
 
-}  // namespace
-
-bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse,
-                                float* entropy) {
+// The two kernels' bodies are compiled twice, inlined into a baseline and an AVX2 function (cpu_isa picks one
+// per process): the loops are the same, each lane's operations and every sum's order too, so both give the same
+// bits; the AVX2 form runs the dots and updates 8 wide.
+__attribute__((always_inline)) inline bool forward(const LmHeadProblem& p, bool with_entropy, float* logp,
+                                                   float* lse, float* entropy) {
   for (int64_t i = 0; i < p.n; ++i)
     if (p.ids[i] < 0 || p.ids[i] >= p.v) return false;
   const Fp32Operands ops(p);
@@ -107,8 +111,9 @@ bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float
   return true;
 }
 
-void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
-                                         const float* entropy, float* d_hidden, float* d_weight, float* d_bias) {
+__attribute__((always_inline)) inline void backward(const LmHeadProblem& p, const float* g, const float* ge,
+                                                    const float* lse, const float* entropy, float* d_hidden,
+                                                    float* d_weight, float* d_bias) {
   if (p.n == 0) {  // nothing adds to the gradients: zeros
     std::fill(d_weight, d_weight + p.v * p.h, 0.0f);
     if (d_bias != nullptr) std::fill(d_bias, d_bias + p.v, 0.0f);
@@ -150,6 +155,47 @@ void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g,
     if (d_bias != nullptr)
       for (int64_t j = 0; j < p.v; ++j) d_bias[j] = i == 0 ? z[j] : d_bias[j] + z[j];
   }
+}
+
+bool forward_baseline(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse, float* entropy) {
+  return forward(p, with_entropy, logp, lse, entropy);
+}
+
+void backward_baseline(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
+                       const float* entropy, float* d_hidden, float* d_weight, float* d_bias) {
+  backward(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define R1K_AVX2_FORMS 1
+__attribute__((target("avx2,f16c"))) bool forward_avx2(const LmHeadProblem& p, bool with_entropy, float* logp,
+                                                       float* lse, float* entropy) {
+  return forward(p, with_entropy, logp, lse, entropy);
+}
+
+__attribute__((target("avx2,f16c"))) void backward_avx2(const LmHeadProblem& p, const float* g, const float* ge,
+                                                        const float* lse, const float* entropy, float* d_hidden,
+                                                        float* d_weight, float* d_bias) {
+  backward(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias);
+}
+#endif
+
+}  // namespace
+
+bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse,
+                                float* entropy) {
+#if defined(R1K_AVX2_FORMS)
+  if (cpu_isa() >= CpuIsa::kAvx2) return forward_avx2(p, with_entropy, logp, lse, entropy);
+#endif
+  return forward_baseline(p, with_entropy, logp, lse, entropy);
+}
+
+void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
+                                         const float* entropy, float* d_hidden, float* d_weight, float* d_bias) {
+#if defined(R1K_AVX2_FORMS)
+  if (cpu_isa() >= CpuIsa::kAvx2) return backward_avx2(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias);
+#endif
+  backward_baseline(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias);
 }
 
 }  // namespace r1k
