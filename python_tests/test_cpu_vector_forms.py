@@ -22,7 +22,8 @@ def results(seed: int) -> dict[str, torch.Tensor]:
     """Outputs of the ops whose CPU paths run the vector forms: the few-row FP8 GEMMs (dense with and without
     c, masked, contiguous grouped with padding rows; K with a partial last 128-block; N not a multiple of the
     4-column step; a NaN code in a and in b), the e4m3 decode of the dequantize op, and the decode-sized LM
-    head's forward and backward (fp32 and bf16, bias, temperature, entropy)."""
+    head's forward and backward (fp32 and bf16, bias, temperature, entropy), the few-row MoE expert linear
+    (K not a multiple of 8, N not of 4)."""
     torch.manual_seed(seed)
     fp8, out = r1kernels.fp8, {}
     with r1kernels.use_backend("cpu"):
@@ -43,6 +44,9 @@ def results(seed: int) -> dict[str, torch.Tensor]:
         ids[:3] = 2
         a128, sa128 = fp8.quantize_per_token_group(torch.randn(128, K))
         out["contiguous"] = fp8.grouped_gemm_nt_contiguous(a128, sa128, b, sb, ids, out_dtype=torch.float32)[:3]
+        x, w = torch.randn(7, 100, dtype=torch.bfloat16), torch.randn(5, 66, 100, dtype=torch.bfloat16)
+        index = r1kernels.moe.permutation_index(torch.tensor([[0, 3], [3, 1], [4, 0], [-1, 2]], dtype=torch.int32), 5)
+        out["grouped linear"] = r1kernels.moe.grouped_linear(x, w, index)
         for dtype in (torch.float32, torch.bfloat16):  # decode-sized LM head: one C++ call each way
             N, H, V = 3, 72, 200
             h, w, bias = torch.randn(N, H, dtype=dtype), torch.randn(V, H, dtype=dtype), torch.randn(V, dtype=dtype)

@@ -5,6 +5,11 @@
 // GEMMs 1.4-2.3x slower than the inlined baseline one).
 #include <cstdint>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define R1K_X86_AVX2 1  // the AVX2 forms below can be built (they run where common/cpu_isa.h says so)
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define R1K_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -23,5 +28,30 @@ inline float dot8(const float* x, const float* y, int64_t n) {
   for (; i < n; ++i) part[i % 8] += x[i] * y[i];
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
+
+#if defined(R1K_X86_AVX2)
+// dot8(x, y[c], n) for c < 4 in one pass over x: four independent chains of vector adds (one dot is a chain of
+// n / 8 dependent adds, bound by their latency), each with dot8's lanes and order: the same four results. For
+// functions compiled with target("avx2"), without FMA to contract the products into.
+__attribute__((target("avx2"), always_inline)) inline __m128 dot8x4(const float* x, const float* const y[4],
+                                                                     int64_t n) {
+  __m256 p[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xi = _mm256_loadu_ps(x + i);
+    for (int c = 0; c < 4; ++c) p[c] = _mm256_add_ps(p[c], _mm256_mul_ps(xi, _mm256_loadu_ps(y[c] + i)));
+  }
+  if (i < n) {  // dot8's tail: element i adds to lane i % 8
+    alignas(32) float part[4][8];
+    for (int c = 0; c < 4; ++c) _mm256_store_ps(part[c], p[c]);
+    for (; i < n; ++i)
+      for (int c = 0; c < 4; ++c) part[c][i % 8] += x[i] * y[c][i];
+    for (int c = 0; c < 4; ++c) p[c] = _mm256_load_ps(part[c]);
+  }
+  // lane c of the two halves: ((l0 + l1) + (l2 + l3)) and ((l4 + l5) + (l6 + l7)) of p[c], then their sum
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#endif
 
 }  // namespace r1k

@@ -2,10 +2,10 @@
 // 128-code block of a b row is decoded once into a small buffer and dotted with every one of those rows, so
 // b's codes are read and decoded once per row block and nothing of b's size is ever written.
 //
-// Where the CPU has AVX2 the b rows go kCols at a time through one AVX2 function: their dots with a row of a
-// are kCols independent addition chains (one 128-long dot is a chain of 16 dependent vector adds, bound by
-// the add's latency) and the decode is vectorized. Each dot keeps dot8's eight lanes and order (mul, then add,
-// the lanes summed pairwise; the target has no FMA to contract them into), so both forms give the same bits.
+// Where the CPU has AVX2 (common/cpu_isa.h) the b rows go kCols at a time through one AVX2 function: their
+// dots with a row of a run as independent addition chains (dot8x4: one 128-long dot is a chain of 16 dependent
+// vector adds, bound by their latency), with dot8's lanes and order, so both forms give the same bits; the
+// decode goes through the fp16 converter.
 #include <algorithm>
 #include <vector>
 
@@ -15,9 +15,8 @@
 #include "common/e4m3_decode_cpu.h"
 #include "fp8/gemm_small.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(R1K_X86_AVX2)
 #include "common/e4m3_avx2.h"
-#define R1K_X86_AVX2 1
 #endif
 
 namespace r1k {
@@ -77,15 +76,6 @@ void columns_baseline(const Operands& o, int64_t j0, int64_t cols, float* acc) {
 }
 
 #if defined(R1K_X86_AVX2)
-// acc[i * kCols + c] += (the dot of p[c]'s lanes, dot8's pairwise order) * sa[i, kb] * sb[c]
-__attribute__((target("avx2,f16c"), always_inline)) inline void add_dots(const __m256 p[kCols], __m128 sa_sb,
-                                                                          float* acc) {
-  // lane c of the two halves: ((l0 + l1) + (l2 + l3)) and ((l4 + l5) + (l6 + l7)) of p[c], then their sum
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
-  const __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  _mm_storeu_ps(acc, _mm_add_ps(_mm_loadu_ps(acc), _mm_mul_ps(dots, sa_sb)));
-}
-
 __attribute__((target("avx2,f16c"))) void columns_avx2(const Operands& o, int64_t j0, int64_t cols, float* acc) {
   alignas(32) float codes[kCols][kBlock];
   const uint8_t* brow[kCols];
@@ -108,14 +98,11 @@ __attribute__((target("avx2,f16c"))) void columns_avx2(const Operands& o, int64_
         _mm256_store_ps(codes[c] + k + 8, hi);
       }
     }
+    const float* const y[kCols] = {codes[0], codes[1], codes[2], codes[3]};
     for (int64_t i = 0; i < o.rows; ++i) {
-      const float* x = o.a32 + i * o.k + k0;
-      __m256 p[kCols] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t k = 0; k < len; k += 8) {
-        const __m256 xa = _mm256_loadu_ps(x + k);
-        for (int64_t c = 0; c < kCols; ++c) p[c] = _mm256_add_ps(p[c], _mm256_mul_ps(xa, _mm256_load_ps(codes[c] + k)));
-      }
-      add_dots(p, _mm_mul_ps(_mm_set1_ps(o.sa[i * o.sa_stride_m + kb * o.sa_stride_k]), sb), acc + i * kCols);
+      const __m128 dots = dot8x4(o.a32 + i * o.k + k0, y, len);
+      const __m128 scale = _mm_mul_ps(_mm_set1_ps(o.sa[i * o.sa_stride_m + kb * o.sa_stride_k]), sb);
+      _mm_storeu_ps(acc + i * kCols, _mm_add_ps(_mm_loadu_ps(acc + i * kCols), _mm_mul_ps(dots, scale)));
     }
   }
 }
