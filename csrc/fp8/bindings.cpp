@@ -55,7 +55,7 @@ void register_fp8(py::module_& m) {
       [](uintptr_t m_indices, int64_t rows, int64_t experts, int64_t segment) {
         return contiguous_segments_cpu(ptr<const int32_t>(m_indices), rows, experts, segment);
       },
-      py::kw_only(), py::arg("m_indices"), py::arg("rows"), py::arg("experts"), py::arg("segment"),
+      py::arg("m_indices"), py::arg("rows"), py::arg("experts"), py::arg("segment"),  // positional too: per call
       "Real rows (id >= 0) of a contiguous grouped layout, or -1 when an id lies outside [-1, experts) or a "
       "segment mixes experts (each segment: its first row's expert, or -1).");
 

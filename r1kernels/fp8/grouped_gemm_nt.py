@@ -29,7 +29,8 @@ def validate(a, a_scales, b, b_scales, m_indices, out_dtype) -> None:
     if a.shape[0] % SEGMENT:
         raise ValueError(f"a must have a multiple of {SEGMENT} rows (expert segments padded to {SEGMENT}), "
                          f"got {a.shape[0]}")  # fmt: skip
-    if m_indices.shape[0] != a.shape[0] or m_indices.device != a.device:
+    if m_indices.shape[0] != a.shape[0] or m_indices.is_cpu != a.is_cpu or (
+            not a.is_cpu and m_indices.device != a.device):  # fmt: skip
         raise ValueError(f"m_indices must hold one expert id per row of a ({a.shape[0]}) on {a.device}, got "
                          f"{tuple(m_indices.shape)} on {m_indices.device}")  # fmt: skip
     if b.stride(2) != 1 or b.stride(0) % 16:
@@ -40,9 +41,8 @@ def validate(a, a_scales, b, b_scales, m_indices, out_dtype) -> None:
 def check_segment_ids(m_indices: torch.Tensor, G: int) -> int | None:
     """Every id in [-1, G) and each 128-row segment its first row's expert or padding: in one C++ pass for CPU
     tensors (returns the number of real rows), on the device (no synchronisation; returns None) for CUDA ones."""
-    if m_indices.device.type == "cpu":
-        real = ext().contiguous_segments_cpu(m_indices=m_indices.data_ptr(), rows=m_indices.shape[0], experts=G,
-                                             segment=SEGMENT)  # fmt: skip
+    if m_indices.is_cpu:
+        real = ext().contiguous_segments_cpu(m_indices.data_ptr(), m_indices.shape[0], G, SEGMENT)  # positional
         if real < 0:
             raise ValueError(f"m_indices must lie in [-1, G) = [-1, {G}) with one expert (or -1) per {SEGMENT}-row "
                              "segment")  # fmt: skip

@@ -22,9 +22,9 @@ def validate(a, a_scales, b, b_scales, masked_m, out_dtype) -> None:
     for name, t in (("a_scales", a_scales), ("b", b), ("b_scales", b_scales), ("masked_m", masked_m)):
         if t.shape[0] != G:
             raise ValueError(f"{name} must have one entry per group (G = a.shape[0] = {G}), got {tuple(t.shape)}")
-        if t.device != a.device:
-            raise ValueError(f"{name} must be on a's device {a.device}, got {t.device}")
-    validate_matrices(a, a_scales, b, b_scales, out_dtype)  # each group's operands: the dense GEMM's rules
+    if masked_m.is_cpu != a.is_cpu or (not a.is_cpu and masked_m.device != a.device):
+        raise ValueError(f"masked_m must be on a's device {a.device}, got {masked_m.device}")
+    validate_matrices(a, a_scales, b, b_scales, out_dtype)  # each group's operands (and devices): the dense rules
     for name, t in (("a", a), ("b", b)):
         if t.stride(0) % 16:
             raise ValueError(f"{name}'s group stride must be a multiple of 16 elements, got strides {t.stride()}")
