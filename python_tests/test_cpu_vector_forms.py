@@ -44,9 +44,10 @@ def results(seed: int) -> dict[str, torch.Tensor]:
         ids[:3] = 2
         a128, sa128 = fp8.quantize_per_token_group(torch.randn(128, K))
         out["contiguous"] = fp8.grouped_gemm_nt_contiguous(a128, sa128, b, sb, ids, out_dtype=torch.float32)[:3]
-        x, w = torch.randn(7, 100, dtype=torch.bfloat16), torch.randn(5, 66, 100, dtype=torch.bfloat16)
         index = r1kernels.moe.permutation_index(torch.tensor([[0, 3], [3, 1], [4, 0], [-1, 2]], dtype=torch.int32), 5)
-        out["grouped linear"] = r1kernels.moe.grouped_linear(x, w, index)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):  # weights read in place in each dtype
+            x, w = torch.randn(7, 100, dtype=dtype), torch.randn(5, 66, 100, dtype=dtype)
+            out[f"grouped linear {dtype}"] = r1kernels.moe.grouped_linear(x, w, index)
         for dtype in (torch.float32, torch.bfloat16):  # decode-sized LM head: one C++ call each way
             N, H, V = 3, 72, 200
             h, w, bias = torch.randn(N, H, dtype=dtype), torch.randn(V, H, dtype=dtype), torch.randn(V, dtype=dtype)

@@ -5,6 +5,8 @@
 // GEMMs 1.4-2.3x slower than the inlined baseline one).
 #include <cstdint>
 
+#include "common/host_device.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define R1K_X86_AVX2 1  // the AVX2 forms below can be built (they run where common/cpu_isa.h says so)
@@ -30,22 +32,45 @@ inline float dot8(const float* x, const float* y, int64_t n) {
 }
 
 #if defined(R1K_X86_AVX2)
+// The element types dot8x4 reads y in, each converted to fp32 exactly: fp32, bf16 (bits shifted into place),
+// fp16 (the F16C converter), so a caller need not convert a weight row into a buffer first.
+enum class Elem { kF32, kBF16, kF16 };
+
+template <Elem E>
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256 load8(const void* p, int64_t i) {
+  if constexpr (E == Elem::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (E == Elem::kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+template <Elem E>
+__attribute__((always_inline)) inline float load1(const void* p, int64_t i) {
+  if constexpr (E == Elem::kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return E == Elem::kBF16 ? bf16_to_float(h) : fp16_to_float(h);
+}
+
 // dot8(x, y[c], n) for c < 4 in one pass over x: four independent chains of vector adds (one dot is a chain of
 // n / 8 dependent adds, bound by their latency), each with dot8's lanes and order: the same four results. For
-// functions compiled with target("avx2"), without FMA to contract the products into.
-__attribute__((target("avx2"), always_inline)) inline __m128 dot8x4(const float* x, const float* const y[4],
-                                                                     int64_t n) {
+// functions compiled with target("avx2,f16c"), without FMA to contract the products into.
+template <Elem E = Elem::kF32>
+__attribute__((target("avx2,f16c"), always_inline)) inline __m128 dot8x4(const float* x, const void* const y[4],
+                                                                          int64_t n) {
   __m256 p[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 xi = _mm256_loadu_ps(x + i);
-    for (int c = 0; c < 4; ++c) p[c] = _mm256_add_ps(p[c], _mm256_mul_ps(xi, _mm256_loadu_ps(y[c] + i)));
+    for (int c = 0; c < 4; ++c) p[c] = _mm256_add_ps(p[c], _mm256_mul_ps(xi, load8<E>(y[c], i)));
   }
   if (i < n) {  // dot8's tail: element i adds to lane i % 8
     alignas(32) float part[4][8];
     for (int c = 0; c < 4; ++c) _mm256_store_ps(part[c], p[c]);
     for (; i < n; ++i)
-      for (int c = 0; c < 4; ++c) part[c][i % 8] += x[i] * y[c][i];
+      for (int c = 0; c < 4; ++c) part[c][i % 8] += x[i] * load1<E>(y[c], i);
     for (int c = 0; c < 4; ++c) p[c] = _mm256_load_ps(part[c]);
   }
   // lane c of the two halves: ((l0 + l1) + (l2 + l3)) and ((l4 + l5) + (l6 + l7)) of p[c], then their sum

@@ -98,7 +98,7 @@ __attribute__((target("avx2,f16c"))) void columns_avx2(const Operands& o, int64_
         _mm256_store_ps(codes[c] + k + 8, hi);
       }
     }
-    const float* const y[kCols] = {codes[0], codes[1], codes[2], codes[3]};
+    const void* const y[kCols] = {codes[0], codes[1], codes[2], codes[3]};
     for (int64_t i = 0; i < o.rows; ++i) {
       const __m128 dots = dot8x4(o.a32 + i * o.k + k0, y, len);
       const __m128 scale = _mm_mul_ps(_mm_set1_ps(o.sa[i * o.sa_stride_m + kb * o.sa_stride_k]), sb);

@@ -117,8 +117,9 @@ void register_moe(py::module_& m) {
         grouped_linear_small_cpu(ptr<const void>(x), ptr<const void>(weight), ptr<const int32_t>(row_expert),
                                  ptr<void>(out), dtype, problem);
       },
-      py::kw_only(), py::arg("x"), py::arg("weight"), py::arg("row_expert"), py::arg("out"), py::arg("dtype"),
-      py::arg("problem"), "Few-row MoE expert linear on the CPU (out[r] = x[r] @ weight[row_expert[r]].T).");
+      // positional calls allowed: the decode hot path
+      py::arg("x"), py::arg("weight"), py::arg("row_expert"), py::arg("out"), py::arg("dtype"), py::arg("problem"),
+      "Few-row MoE expert linear on the CPU (out[r] = x[r] @ weight[row_expert[r]].T).");
 
 #if defined(R1K_WITH_CUDA)
   m.def("permutation_index_workspace_cuda", &permutation_index_workspace_cuda, py::kw_only(), py::arg("problem"),

@@ -1,6 +1,7 @@
 // Few-row MoE expert linear on the CPU (see grouped_linear_small.h). Where the CPU has AVX2
-// (common/cpu_isa.h) four weight rows are converted and dotted at a time (dot8x4: independent addition chains,
-// dot8's lanes and order, so the same bits as the baseline form's one dot8 per weight row).
+// (common/cpu_isa.h) four weight rows are dotted at a time, read in place and converted in registers (dot8x4:
+// independent addition chains, dot8's lanes and order, so the same bits as the baseline form's one dot8 per
+// weight row converted into a buffer).
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -53,18 +54,33 @@ void columns_baseline(const void* weight, DType dtype, int64_t e, const GroupedL
 }
 
 #if defined(R1K_X86_AVX2)
-__attribute__((target("avx2,f16c"))) void columns_avx2(const void* weight, DType dtype, int64_t e,
-                                                       const GroupedLinearProblem& p, const float* x32, int64_t m0,
-                                                       int64_t rows, int64_t j0, int64_t cols, void* out, float* w) {
-  const float* y[4];
-  for (int64_t c = 0; c < 4; ++c) {  // past cols: the last column again, its result not stored
-    y[c] = w + std::min(c, cols - 1) * p.k;
-    if (c < cols) to_float(weight, dtype, (e * p.n + j0 + c) * p.k, p.k, w + c * p.k);
-  }
+// the weight rows read in place, converted in registers (no buffer): w unused
+template <Elem E>
+__attribute__((target("avx2,f16c"), always_inline)) inline void columns_avx2(const void* weight, int64_t e,
+                                                                             const GroupedLinearProblem& p,
+                                                                             const float* x32, int64_t m0,
+                                                                             int64_t rows, int64_t j0, int64_t cols,
+                                                                             void* out, DType dtype) {
+  const size_t elt = E == Elem::kF32 ? 4 : 2;
+  const void* y[4];
+  for (int64_t c = 0; c < 4; ++c)  // past cols: the last column again, its result not stored
+    y[c] = static_cast<const char*>(weight) + ((e * p.n + j0 + std::min(c, cols - 1)) * p.k) * elt;
   for (int64_t i = 0; i < rows; ++i) {
     alignas(16) float dots[4];
-    _mm_store_ps(dots, dot8x4(x32 + i * p.k, y, p.k));
+    _mm_store_ps(dots, dot8x4<E>(x32 + i * p.k, y, p.k));
     for (int64_t c = 0; c < cols; ++c) store(out, dtype, (m0 + i) * p.n + j0 + c, dots[c]);
+  }
+}
+
+__attribute__((target("avx2,f16c"))) void columns_avx2(const void* weight, DType dtype, int64_t e,
+                                                       const GroupedLinearProblem& p, const float* x32, int64_t m0,
+                                                       int64_t rows, int64_t j0, int64_t cols, void* out, float*) {
+  if (dtype == DType::kFloat32) {
+    columns_avx2<Elem::kF32>(weight, e, p, x32, m0, rows, j0, cols, out, dtype);
+  } else if (dtype == DType::kBFloat16) {
+    columns_avx2<Elem::kBF16>(weight, e, p, x32, m0, rows, j0, cols, out, dtype);
+  } else {
+    columns_avx2<Elem::kF16>(weight, e, p, x32, m0, rows, j0, cols, out, dtype);
   }
 }
 #endif
