@@ -82,6 +82,40 @@ def test_rows_must_come_in_segments_of_128():
         r1kernels.fp8.grouped_gemm_nt_contiguous(a, sa, b, sb, torch.zeros(100, dtype=torch.int32))
 
 
+_TYPE_ERRORS = [  # (operand, replacement, message): each operand's dtype and rank, the ids' contiguity, a non-tensor
+    ("a", lambda t: t.float(), "a must have dtype"),
+    ("a_scales", lambda t: t.double(), "a_scales must have dtype"),
+    ("b", lambda t: t.view(torch.uint8), "b must have dtype"),
+    ("b_scales", lambda t: t.half(), "b_scales must have dtype"),
+    ("ids", lambda t: t.long(), "must have dtype"),
+    ("a", lambda t: t[..., None], "a must be"),
+    ("a_scales", lambda t: t[None], "a_scales must be"),
+    ("b", lambda t: t[0], "b must be 3-D"),
+    ("b_scales", lambda t: t[0], "b_scales must be 3-D"),
+    ("ids", lambda t: torch.stack([t, t], 1)[:, 0], "must be contiguous"),
+    ("ids", lambda t: t.tolist(), "must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("operand,change,match", _TYPE_ERRORS, ids=[f"{o}-{m}" for o, _, m in _TYPE_ERRORS])
+def test_contiguous_operand_types_are_checked(operand, change, match):
+    b, sb = _experts(2, 130, 144, "cpu")
+    a, sa = r1kernels.fp8.quantize_per_token_group(torch.randn(128, 144))
+    args = {"a": a, "a_scales": sa, "b": b, "b_scales": sb, "ids": torch.zeros(128, dtype=torch.int32)}
+    args[operand] = change(args[operand])
+    with pytest.raises((TypeError, ValueError), match=match):
+        r1kernels.fp8.grouped_gemm_nt_contiguous(*args.values())
+
+
+@pytest.mark.parametrize("operand,change,match", _TYPE_ERRORS, ids=[f"{o}-{m}" for o, _, m in _TYPE_ERRORS])
+def test_masked_operand_types_are_checked(operand, change, match):
+    a, sa, b, sb = _masked_operands(2, 6, 130, 144, "cpu")
+    args = {"a": a, "a_scales": sa, "b": b, "b_scales": sb, "ids": torch.tensor([3, 4], dtype=torch.int32)}
+    args[operand] = change(args[operand])
+    with pytest.raises((TypeError, ValueError), match=match):
+        r1kernels.fp8.grouped_gemm_nt_masked(*args.values())
+
+
 def _masked_operands(G, M, N, K, device):
     groups = [r1kernels.fp8.quantize_per_token_group(torch.randn(M, K, device=device)) for _ in range(G)]
     a, sa = torch.stack([x for x, _ in groups]), torch.stack([s for _, s in groups])
