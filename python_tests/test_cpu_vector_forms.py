@@ -34,6 +34,16 @@ def results(seed: int) -> dict[str, torch.Tensor]:
             out[f"gemm {M}x{N}x{K}"] = fp8.gemm_nt(a, sa, b, sb, out_dtype=torch.float32)
             out[f"gemm+c {M}x{N}x{K}"] = fp8.gemm_nt(a, sa, b, sb, c=torch.randn(M, N, dtype=torch.bfloat16))
             out[f"dequant {M}x{K}"] = fp8.dequantize_per_token_group(a, sa, out_dtype=torch.float32)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):  # quantization: row tiles, blocks, x.T
+            x = torch.randn(37, 300, dtype=dtype) * 5
+            x[3, 7], x[20, 290] = float("nan"), float("inf")
+            for name, pair in (
+                ("per token group", fp8.quantize_per_token_group(x)),
+                ("per block", fp8.quantize_per_block(x)),
+                ("transposed", fp8.quantize_transposed(x)),
+            ):
+                out[f"quantize {name} {dtype} codes"] = pair[0].view(torch.uint8)
+                out[f"quantize {name} {dtype} scales"] = pair[1]
         G, M, N, K = 3, 6, 72, 256
         a, sa = fp8.quantize_per_token_group(torch.randn(G * M, K))
         pairs = [fp8.quantize_per_block(torch.randn(N, K)) for _ in range(G)]
