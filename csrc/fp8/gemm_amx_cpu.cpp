@@ -2,7 +2,8 @@
 // (at most kChunkRows rows of each at a time: bounded memory, as the dequantize path had), the layouts of
 // common/amx_bf16_gemm.cpp: a as 16 x 32 tiles, b as VNNI pairs in 16-column panels, every tile load 1 KiB of
 // contiguous memory. Each 32 x 32 block of out keeps an fp32 sum in a buffer; per K block its four accumulator
-// tiles are summed over the block's four 32-wide steps, stored, scaled and added.
+// tiles are summed over the block's four 32-wide steps (fewer in a last block shorter than 128: K is packed only
+// to a multiple of 32), stored, scaled and added.
 #include "fp8/gemm_amx.h"
 
 #include <algorithm>
@@ -45,7 +46,7 @@ R1K_AVX512 void decode_bf16(const uint8_t* src, int64_t n, uint16_t* dst) {
 // rows r0:r1 of a [.., k] codes as [rows/16][k_tiles][16][32] bf16 tiles; zeros past r1 (up to a multiple of 32)
 // and past k.
 R1K_AVX512 void pack_a(const uint8_t* a, int64_t lda, int64_t r0, int64_t r1, int64_t k, uint16_t* packed) {
-  const int64_t rows = round_up(r1 - r0, kBlock), k_tiles = round_up(k, kScaleK) / kK;
+  const int64_t rows = round_up(r1 - r0, kBlock), k_tiles = round_up(k, kK) / kK;
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
@@ -62,7 +63,7 @@ R1K_AVX512 void pack_a(const uint8_t* a, int64_t lda, int64_t r0, int64_t r1, in
 // into contiguous buffers (vectorized), where each pair already is one little-endian word; the words are then
 // written panel-row by panel-row, 64 contiguous bytes at a time.
 R1K_AVX512 void pack_b(const uint8_t* b, int64_t ldb, int64_t n0, int64_t n1, int64_t k, uint32_t* packed) {
-  const int64_t panels = round_up(n1 - n0, kBlock) / kRows, pairs = round_up(k, kScaleK) / 2;
+  const int64_t panels = round_up(n1 - n0, kBlock) / kRows, pairs = round_up(k, kK) / 2;
   std::unique_ptr<uint16_t[]> rows(new uint16_t[static_cast<size_t>(kRows * 2 * pairs)]);
 #pragma omp for schedule(static)
   for (int64_t p = 0; p < panels; ++p) {
@@ -84,7 +85,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
                                                                const Fp8GemmProblem& p, int64_t m0, int64_t m1,
                                                                int64_t n0, int64_t n1) {
   amx::load_tile_config();
-  const int64_t k_blocks = round_up(p.k, kScaleK) / kScaleK, k_tiles = k_blocks * (kScaleK / kK);
+  // K is packed to a multiple of the tile step only: a last scale block shorter than 128 takes fewer steps
+  const int64_t k_blocks = round_up(p.k, kScaleK) / kScaleK, k_tiles = round_up(p.k, kK) / kK;
   const int64_t pairs = k_tiles * kK / 2;
   const int64_t m_blocks = round_up(m1 - m0, kBlock) / kBlock, n_blocks = round_up(n1 - n0, kBlock) / kBlock;
   alignas(64) float part[kBlock * kBlock], sum[kBlock * kBlock];
@@ -100,7 +102,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
       const int64_t rows = std::min(kBlock, m1 - r0), cols = std::min(kBlock, n1 - c0);
       std::fill(sum, sum + kBlock * kBlock, 0.0f);
       for (int64_t kb = 0; kb < k_blocks; ++kb) {
-        amx::block_2x2(a0, a1, b0, b1, kb * (kScaleK / kK), (kb + 1) * (kScaleK / kK), part);
+        const int64_t kt0 = kb * (kScaleK / kK), kt1 = std::min(k_tiles, kt0 + kScaleK / kK);
+        amx::block_2x2(a0, a1, b0, b1, kt0, kt1, part);
         for (int64_t r = 0; r < rows; ++r) row_scale[r] = sa[(r0 + r) * p.sa_stride_m + kb * p.sa_stride_k];
         for (int64_t c = 0; c < cols; ++c)
           col_scale[c] = sb[(c0 + c) / p.b_tile_rows * p.sb_stride_n + kb * p.sb_stride_k];
@@ -123,7 +126,7 @@ void fp8_gemm_amx_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const
                       const Fp8GemmProblem& p) {
 #if defined(R1K_AMX)
   if (p.m <= 0 || p.n <= 0) return;
-  const int64_t k_padded = round_up(p.k, kScaleK);
+  const int64_t k_padded = round_up(p.k, kK);
   const int64_t a_rows = round_up(std::min(p.m, kChunkRows), kBlock);
   const int64_t b_rows = round_up(std::min(p.n, kChunkRows), kBlock);
   std::unique_ptr<uint16_t[]> packed_a(new uint16_t[static_cast<size_t>(a_rows * k_padded)]);
