@@ -86,15 +86,16 @@ void register_fp8(py::module_& m) {
 
   m.def(
       "fp8_gemm_amx_cpu",
-      [](uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales, uintptr_t out,
-         const Fp8GemmProblem& problem) {
+      [](uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales, uintptr_t c, DType c_dtype, uintptr_t out,
+         DType out_dtype, const Fp8GemmProblem& problem) {
         py::gil_scoped_release release;
         fp8_gemm_amx_cpu(ptr<const uint8_t>(a), ptr<const float>(a_scales), ptr<const uint8_t>(b),
-                         ptr<const float>(b_scales), ptr<float>(out), problem);
+                         ptr<const float>(b_scales), ptr<const void>(c), c_dtype, ptr<void>(out), out_dtype, problem);
       },
-      py::kw_only(), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"),
-      py::arg("problem"),
-      "Block-scaled FP8 GEMM on AMX tiles into fp32 out (problem.groups 1); only where amx_bf16_usable().");
+      py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("c"), py::arg("c_dtype"),
+      py::arg("out"), py::arg("out_dtype"), py::arg("problem"),  // positional calls allowed, as the few-row GEMM's
+      "Block-scaled FP8 GEMM on AMX tiles (c: 0 for none; out and c float32 / bfloat16 with unit column stride; "
+      "problem.groups 1); only where amx_bf16_usable().");
 
   m.def(
       "quantize_fp8_tiles_cpu",

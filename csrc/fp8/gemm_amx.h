@@ -9,10 +9,11 @@
 
 namespace r1k {
 
-// out [m, n] fp32 (row stride p.out_stride_m) = (a * sa) @ (b * sb).T for a [m, k] / b [n, k] e4m3 codes (row
-// strides p.a_stride_m / p.b_stride_n), sa [m, ceil(k/128)], sb [ceil(n / p.b_tile_rows), ceil(k/128)] fp32
-// (p's scale strides). p.groups must be 1. Only when amx_bf16_usable(); OpenMP over output blocks.
-void fp8_gemm_amx_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, float* out,
-                      const Fp8GemmProblem& p);
+// out [m, n] (out_dtype, row stride p.out_stride_m) = (a * sa) @ (b * sb).T (+ c [m, n], c_dtype, row stride
+// p.c_stride_m; null for none) for a [m, k] / b [n, k] e4m3 codes (row strides p.a_stride_m / p.b_stride_n),
+// sa [m, ceil(k/128)], sb [ceil(n / p.b_tile_rows), ceil(k/128)] fp32 (p's scale strides); the fp32 sum (+ c) is
+// rounded once into out. p.groups must be 1. Only when amx_bf16_usable(); OpenMP over output blocks.
+void fp8_gemm_amx_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, const void* c,
+                      DType c_dtype, void* out, DType out_dtype, const Fp8GemmProblem& p);
 
 }  // namespace r1k

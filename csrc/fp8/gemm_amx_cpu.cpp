@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 
+#include "common/dtype_io.h"
 #include "common/e4m3.h"
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -81,7 +82,8 @@ R1K_AVX512 void pack_b(const uint8_t* b, int64_t ldb, int64_t n0, int64_t n1, in
 
 // out rows m0:m1 x columns n0:n1 from the packed chunks.
 __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint16_t* packed_a, const uint32_t* packed_b,
-                                                               const float* sa, const float* sb, float* out,
+                                                               const float* sa, const float* sb, const void* c,
+                                                               DType c_dtype, void* out, DType out_dtype,
                                                                const Fp8GemmProblem& p, int64_t m0, int64_t m1,
                                                                int64_t n0, int64_t n1) {
   amx::load_tile_config();
@@ -111,8 +113,18 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
           for (int64_t c = 0; c < cols; ++c)
             sum[r * kBlock + c] += part[r * kBlock + c] * (row_scale[r] * col_scale[c]);
       }
-      for (int64_t r = 0; r < rows; ++r)
-        std::copy(sum + r * kBlock, sum + r * kBlock + cols, out + (r0 + r) * p.out_stride_m + c0);
+      for (int64_t r = 0; r < rows; ++r) {  // + c, then one rounding into out's dtype (branches outside the loops)
+        float* s = sum + r * kBlock;
+        const int64_t at = (r0 + r) * p.out_stride_m + c0, c_at = (r0 + r) * p.c_stride_m + c0;
+        if (c != nullptr)
+          for (int64_t col = 0; col < cols; ++col) s[col] += load_float(c, c_dtype, c_at + col);
+        if (out_dtype == DType::kFloat32) {
+          std::copy(s, s + cols, static_cast<float*>(out) + at);
+        } else {
+          uint16_t* o = static_cast<uint16_t*>(out) + at;
+          for (int64_t col = 0; col < cols; ++col) o[col] = float_to_bf16_rne(s[col]);
+        }
+      }
     }
   }
   _tile_release();
@@ -122,8 +134,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
 
 }  // namespace
 
-void fp8_gemm_amx_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, float* out,
-                      const Fp8GemmProblem& p) {
+void fp8_gemm_amx_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, const void* c,
+                      DType c_dtype, void* out, DType out_dtype, const Fp8GemmProblem& p) {
 #if defined(R1K_AMX)
   if (p.m <= 0 || p.n <= 0) return;
   const int64_t k_padded = round_up(p.k, kK);
@@ -138,11 +150,11 @@ void fp8_gemm_amx_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const
     for (int64_t n0 = 0; n0 < p.n; n0 += kChunkRows) {
       const int64_t n1 = std::min(p.n, n0 + kChunkRows);
       pack_b(b, p.b_stride_n, n0, n1, p.k, packed_b.get());
-      gemm_chunk(packed_a.get(), packed_b.get(), sa, sb, out, p, m0, m1, n0, n1);
+      gemm_chunk(packed_a.get(), packed_b.get(), sa, sb, c, c_dtype, out, out_dtype, p, m0, m1, n0, n1);
     }
   }
 #else
-  (void)a, (void)sa, (void)b, (void)sb, (void)out, (void)p;
+  (void)a, (void)sa, (void)b, (void)sb, (void)c, (void)c_dtype, (void)out, (void)out_dtype, (void)p;
 #endif
 }
 

@@ -11,6 +11,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/cpu_vector.h"
+#include "common/dtype_io.h"
 #include "common/e4m3.h"
 #include "common/e4m3_decode_cpu.h"
 #include "fp8/gemm_small.h"
@@ -27,22 +28,9 @@ constexpr int64_t kRows = 16;    // rows of a per pass over b
 constexpr int64_t kCols = 4;     // rows of b per step
 constexpr int64_t kParallelWork = 1 << 18;  // multiply-adds below which the calling thread works alone
 
-float load(const void* base, DType dtype, int64_t i) {
-  return dtype == DType::kFloat32 ? static_cast<const float*>(base)[i]
-                                  : bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-}
-
-void store(void* base, DType dtype, int64_t i, float v) {
-  if (dtype == DType::kFloat32) {
-    static_cast<float*>(base)[i] = v;
-  } else {
-    static_cast<uint16_t*>(base)[i] = float_to_bf16_rne(v);
-  }
-}
-
 void zero_rows(void* out, DType dtype, int64_t base, int64_t first, int64_t end, int64_t n, int64_t stride) {
   for (int64_t r = first; r < end; ++r)
-    for (int64_t j = 0; j < n; ++j) store(out, dtype, base + r * stride + j, 0.0f);
+    for (int64_t j = 0; j < n; ++j) store_float(out, dtype, base + r * stride + j, 0.0f);
 }
 
 // One row block of a (decoded) against b: what a step over kCols rows of b reads.
@@ -158,8 +146,8 @@ bool fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, con
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t m = m0 + i;
           for (int64_t col = 0; col < cols; ++col) {
-            const float bias = c != nullptr ? load(c, c_dtype, m * p.c_stride_m + j0 + col) : 0.0f;
-            store(out, out_dtype, out_g + m * p.out_stride_m + j0 + col, acc[i * kCols + col] + bias);
+            const float bias = c != nullptr ? load_float(c, c_dtype, m * p.c_stride_m + j0 + col) : 0.0f;
+            store_float(out, out_dtype, out_g + m * p.out_stride_m + j0 + col, acc[i * kCols + col] + bias);
           }
         }
       }

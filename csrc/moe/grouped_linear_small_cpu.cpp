@@ -8,6 +8,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/cpu_vector.h"
+#include "common/dtype_io.h"
 #include "common/host_device.h"
 #include "moe/grouped_linear_small.h"
 
@@ -31,16 +32,6 @@ __attribute__((always_inline)) inline void to_float(const void* base, DType dtyp
   }
 }
 
-__attribute__((always_inline)) inline void store(void* base, DType dtype, int64_t i, float v) {
-  if (dtype == DType::kFloat32) {
-    static_cast<float*>(base)[i] = v;
-  } else if (dtype == DType::kBFloat16) {
-    static_cast<uint16_t*>(base)[i] = float_to_bf16_rne(v);
-  } else {
-    static_cast<uint16_t*>(base)[i] = float_to_fp16_rne(v);
-  }
-}
-
 // Output columns j0 .. j0 + cols (cols <= 4) of `rows` rows (fp32 in x32) under expert e's weight; w: 4 x k floats.
 using Columns = void (*)(const void* weight, DType dtype, int64_t e, const GroupedLinearProblem& p, const float* x32,
                          int64_t m0, int64_t rows, int64_t j0, int64_t cols, void* out, float* w);
@@ -49,7 +40,7 @@ void columns_baseline(const void* weight, DType dtype, int64_t e, const GroupedL
                       int64_t m0, int64_t rows, int64_t j0, int64_t cols, void* out, float* w) {
   for (int64_t j = j0; j < j0 + cols; ++j) {
     to_float(weight, dtype, (e * p.n + j) * p.k, p.k, w);
-    for (int64_t i = 0; i < rows; ++i) store(out, dtype, (m0 + i) * p.n + j, dot8(x32 + i * p.k, w, p.k));
+    for (int64_t i = 0; i < rows; ++i) store_float(out, dtype, (m0 + i) * p.n + j, dot8(x32 + i * p.k, w, p.k));
   }
 }
 
@@ -68,7 +59,7 @@ __attribute__((target("avx2,f16c"), always_inline)) inline void columns_avx2(con
   for (int64_t i = 0; i < rows; ++i) {
     alignas(16) float dots[4];
     _mm_store_ps(dots, dot8x4<E>(x32 + i * p.k, y, p.k));
-    for (int64_t c = 0; c < cols; ++c) store(out, dtype, (m0 + i) * p.n + j0 + c, dots[c]);
+    for (int64_t c = 0; c < cols; ++c) store_float(out, dtype, (m0 + i) * p.n + j0 + c, dots[c]);
   }
 }
 
@@ -105,7 +96,7 @@ void grouped_linear_small_cpu(const void* x, const void* weight, const int32_t* 
     while (m1 < std::min(p.rows, m0 + kRows) && row_expert[m1] == e) ++m1;
     const int64_t rows = m1 - m0;
     if (e < 0) {  // padding rows
-      for (int64_t i = m0 * N; i < m1 * N; ++i) store(out, dtype, i, 0.0f);
+      for (int64_t i = m0 * N; i < m1 * N; ++i) store_float(out, dtype, i, 0.0f);
       m0 = m1;
       continue;
     }

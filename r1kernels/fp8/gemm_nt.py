@@ -104,25 +104,18 @@ def _strides(strides: tuple, rows_only: bool = True) -> tuple:
 
 def _cpu_gemm_amx(a, a_scales, b, b_scales, out, c, b_tile_rows) -> None:
     """``cpu_gemm`` on AMX tiles (csrc/fp8/gemm_amx_cpu.cpp): the codes are exact in bf16, the products exact, the
-    sums fp32 with the scales applied per 128-wide K block. It writes fp32: straight into a dense fp32 out, else
-    into an [M, CPU_CHUNK_ROWS] buffer per column chunk (bounded memory), where c is added and out's dtype made."""
+    sums fp32 with the scales applied per 128-wide K block, then c added and one rounding into out's dtype, all
+    in C++ (no fp32 staging copy)."""
     (M, K), N = a.shape, b.shape[0]
     a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
-    dense = out.dtype is torch.float32 and out.stride(1) == 1
-    chunk = N if dense else CPU_CHUNK_ROWS  # a multiple of 128: whole weight-scale blocks per chunk
-    buffer = None if dense else torch.empty(M, min(N, chunk))
-    for n0 in range(0, N, chunk):
-        n1 = min(N, n0 + chunk)
-        out32 = out[:, n0:n1] if dense else buffer[:, : n1 - n0]
-        sb = b_scales[n0 // b_tile_rows :]
-        dims = (1, M, n1 - n0, K, b_tile_rows, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *sb.stride(),
-                0, 0, out32.stride(0))  # fmt: skip
-        ext().fp8_gemm_amx_cpu(a=a.data_ptr(), a_scales=a_scales.data_ptr(), b=b[n0:n1].data_ptr(),
-                               b_scales=sb.data_ptr(), out=out32.data_ptr(), problem=_small_problem(*dims))  # fmt: skip
-        if c is not None:
-            out32 += c[:, n0:n1]
-        if not dense:
-            out[:, n0:n1] = out32
+    target = out if out.stride(1) == 1 or N == 1 else torch.empty((M, N), dtype=out.dtype)
+    dims = (1, M, N, K, b_tile_rows, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *b_scales.stride(),
+            0 if c is None else c.stride(0), 0, target.stride(0))  # fmt: skip
+    ext().fp8_gemm_amx_cpu(a.data_ptr(), a_scales.data_ptr(), b.data_ptr(), b_scales.data_ptr(),
+                           0 if c is None else c.data_ptr(), cpp_dtype(out.dtype if c is None else c.dtype),
+                           target.data_ptr(), cpp_dtype(out.dtype), _small_problem(*dims))  # fmt: skip
+    if target is not out:
+        out.copy_(target)
 
 
 def cpu_gemm(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK) -> None:
