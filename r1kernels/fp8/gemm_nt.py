@@ -16,7 +16,8 @@ from r1kernels.fp8.kernels.e4m3 import hw_fp8_convert
 from r1kernels.fp8.tiles import dequantize_tiles
 
 OUT_DTYPES = (torch.bfloat16, torch.float32)
-FP8, SCALES = (torch.float8_e4m3fn,), (torch.float32,)
+E4M3, F32, I32 = torch.float8_e4m3fn, torch.float32, torch.int32
+FP8, SCALES = (E4M3,), (F32,)
 BLOCK = kernel.SCALE_BLOCK
 CPU_CHUNK_ROWS = 1024  # rows of a and b dequantized at a time on the CPU: bounded fp32 copies
 # Few rows (decode): the CPU computes from the codes (csrc/fp8/gemm_small_cpu.cpp) instead of dequantizing b
@@ -32,6 +33,18 @@ def validate(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows=BLOCK) -> None:
     for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):
         check_tensor(name, t, dtypes=SCALES, ndim=2)
     validate_matrices(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows)
+
+
+def typed_grouped(a, a_scales, b, b_scales, ids, a_ndim: int) -> bool:
+    """Whether the grouped GEMMs' operands pass their check_tensor calls (e4m3 a and b, fp32 scales, a and
+    a_scales ``a_ndim``-D, b and b_scales 3-D, ``ids`` a contiguous int32 vector), read in one expression: a
+    decode-sized call's budget. False sends the caller to the checks, which name what is wrong."""
+    try:
+        return (a.dtype is E4M3 and b.dtype is E4M3 and a_scales.dtype is F32 and b_scales.dtype is F32
+                and ids.dtype is I32 and a.dim() == a_ndim and a_scales.dim() == a_ndim and b.dim() == 3
+                and b_scales.dim() == 3 and ids.dim() == 1 and ids.is_contiguous())  # fmt: skip
+    except AttributeError:  # not tensors
+        return False
 
 
 def validate_matrices(a, a_scales, b, b_scales, out_dtype, c=None, b_tile_rows=BLOCK) -> None:

@@ -10,24 +10,23 @@ from r1kernels import _alloc, backend
 from r1kernels._checks import check_tensor
 from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, cpu_gemm, cpu_gemm_small, launch_gemm, validate_matrices
+from r1kernels.fp8.gemm_nt import (
+    CPU_SMALL_ROWS,
+    E4M3,
+    F32,
+    I32,
+    cpu_gemm,
+    cpu_gemm_small,
+    launch_gemm,
+    typed_grouped,
+    validate_matrices,
+)
 
 SEGMENT = 128  # expert segments start on multiples of this many rows (the GEMM's row tile)
-E4M3, F32, I32 = torch.float8_e4m3fn, torch.float32, torch.int32
-
-
-def _typed(a, a_scales, b, b_scales, m_indices) -> bool:
-    """What the five check_tensor calls below accept, read in one expression (a decode-sized call's budget)."""
-    try:
-        return (a.dtype is E4M3 and b.dtype is E4M3 and a_scales.dtype is F32 and b_scales.dtype is F32
-                and m_indices.dtype is I32 and a.dim() == 2 and a_scales.dim() == 2 and b.dim() == 3
-                and b_scales.dim() == 3 and m_indices.dim() == 1 and m_indices.is_contiguous())  # fmt: skip
-    except AttributeError:  # not tensors: the checks name them
-        return False
 
 
 def validate(a, a_scales, b, b_scales, m_indices, out_dtype) -> None:
-    if not _typed(a, a_scales, b, b_scales, m_indices):
+    if not typed_grouped(a, a_scales, b, b_scales, m_indices, 2):
         check_tensor("b", b, dtypes=(E4M3,), ndim=3)
         check_tensor("b_scales", b_scales, dtypes=(F32,), ndim=3)
         check_tensor("m_indices", m_indices, dtypes=(I32,), ndim=1, contiguous=True)

@@ -9,23 +9,21 @@ import torch
 from r1kernels import _alloc, backend
 from r1kernels._checks import check_tensor
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import CPU_SMALL_ROWS, cpu_gemm, cpu_gemm_small, launch_gemm, validate_matrices
-
-E4M3, F32, I32 = torch.float8_e4m3fn, torch.float32, torch.int32
-
-
-def _typed(a, a_scales, b, b_scales, masked_m) -> bool:
-    """What the five check_tensor calls below accept, read in one expression (a decode-sized call's budget)."""
-    try:
-        return (a.dtype is E4M3 and b.dtype is E4M3 and a_scales.dtype is F32 and b_scales.dtype is F32
-                and masked_m.dtype is I32 and a.dim() == 3 and a_scales.dim() == 3 and b.dim() == 3
-                and b_scales.dim() == 3 and masked_m.dim() == 1 and masked_m.is_contiguous())  # fmt: skip
-    except AttributeError:  # not tensors: the checks name them
-        return False
+from r1kernels.fp8.gemm_nt import (
+    CPU_SMALL_ROWS,
+    E4M3,
+    F32,
+    I32,
+    cpu_gemm,
+    cpu_gemm_small,
+    launch_gemm,
+    typed_grouped,
+    validate_matrices,
+)
 
 
 def validate(a, a_scales, b, b_scales, masked_m, out_dtype) -> None:
-    if not _typed(a, a_scales, b, b_scales, masked_m):
+    if not typed_grouped(a, a_scales, b, b_scales, masked_m, 3):
         check_tensor("a", a, dtypes=(E4M3,), ndim=3)
         check_tensor("a_scales", a_scales, dtypes=(F32,), ndim=3)
         check_tensor("b", b, dtypes=(E4M3,), ndim=3)
