@@ -148,34 +148,35 @@ __attribute__((target("avx2,f16c"))) void transposed_avx2(Load load, const TileG
 }
 #endif
 
-inline bool use_avx2() {
+// The form of each body this process runs, picked once per call, outside the parallel loops.
+template <typename Load>
+auto tile_form() {
 #if defined(R1K_X86_AVX2)
-  return cpu_isa() >= CpuIsa::kAvx2;
-#else
-  return false;
+  if (cpu_isa() >= CpuIsa::kAvx2) return &tile_avx2<Load>;
 #endif
+  return &tile_baseline<Load>;
+}
+
+template <typename Load>
+auto transposed_form() {
+#if defined(R1K_X86_AVX2)
+  if (cpu_isa() >= CpuIsa::kAvx2) return &transposed_avx2<Load>;
+#endif
+  return &transposed_baseline<Load>;
 }
 
 template <typename Load>
 void quantize_tiles(Load load, const TileGeometry& g, const int32_t* ids, uint8_t* out, float* scales, bool pow2) {
   const int64_t tiles_r = (g.rows + g.tile_rows - 1) / g.tile_rows;
   const int64_t tiles_c = (g.cols + g.tile_cols - 1) / g.tile_cols;
-  const bool avx2 = use_avx2();
+  const auto tile = tile_form<Load>();
 #pragma omp parallel if (g.rows * g.cols >= kParallelElements)
   {
     // sized to the tile as clipped by the matrix: a decode-sized call must not pay for a 128 x 128 buffer
     std::vector<float> buf(static_cast<size_t>(std::min(g.tile_rows, g.rows) * std::min(g.tile_cols, g.cols)));
 #pragma omp for collapse(2) schedule(static)
     for (int64_t tr = 0; tr < tiles_r; ++tr) {
-      for (int64_t tc = 0; tc < tiles_c; ++tc) {
-#if defined(R1K_X86_AVX2)
-        if (avx2) {
-          tile_avx2(load, g, ids, out, scales, pow2, tr, tc, buf.data());
-          continue;
-        }
-#endif
-        tile_baseline(load, g, ids, out, scales, pow2, tr, tc, buf.data());
-      }
+      for (int64_t tc = 0; tc < tiles_c; ++tc) tile(load, g, ids, out, scales, pow2, tr, tc, buf.data());
     }
   }
 }
@@ -186,21 +187,13 @@ void quantize_transposed(Load load, const TileGeometry& g, const int32_t* ids, u
                          float* scales) {
   const int64_t groups = (g.rows + g.tile_rows - 1) / g.tile_rows;
   const int64_t chunks = (g.cols + kChannels - 1) / kChannels;
-  const bool avx2 = use_avx2();
+  const auto block = transposed_form<Load>();
 #pragma omp parallel if (g.rows * g.cols >= kParallelElements)
   {
     std::vector<float> buf(static_cast<size_t>(std::min(g.tile_rows, g.rows) * std::min(kChannels, g.cols)));
 #pragma omp for collapse(2) schedule(static)
     for (int64_t tg = 0; tg < groups; ++tg) {
-      for (int64_t cc = 0; cc < chunks; ++cc) {
-#if defined(R1K_X86_AVX2)
-        if (avx2) {
-          transposed_avx2(load, g, ids, out, out_stride, scales, tg, cc, buf.data());
-          continue;
-        }
-#endif
-        transposed_baseline(load, g, ids, out, out_stride, scales, tg, cc, buf.data());
-      }
+      for (int64_t cc = 0; cc < chunks; ++cc) block(load, g, ids, out, out_stride, scales, tg, cc, buf.data());
     }
   }
   for (int64_t c = 0; c < g.cols; ++c) std::fill(out + c * out_stride + g.rows, out + (c + 1) * out_stride, 0);
