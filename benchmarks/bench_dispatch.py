@@ -219,6 +219,7 @@ def other_cases():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2000)
+    parser.add_argument("--only", nargs="+", metavar="OP", help="time these ops and print them (no table written)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny inputs: thread start-up would dominate and vary
     x = torch.randn(1, 128, dtype=torch.bfloat16)
@@ -230,12 +231,18 @@ def main() -> None:
     rows = []
     for name, public, dispatched, bare in (*cases(), *decode_cases(), *other_cases()):
         assert name in OPS
+        if args.only and name not in args.only:
+            continue
         pub, pub_ratio, pub_best = per_call_us(public, expr, args.reps)
         disp, disp_ratio, _ = per_call_us(dispatched, expr, args.reps)
         b = per_call_us(bare, expr, args.reps)[0] if bare is not None else float("nan")
         rows.append([name, round(pub, 1), round(disp, 1), round(b, 1), round(pub_ratio, 2), round(pub_best, 2),
                      round((pub - b) / expr_us, 2), round(disp_ratio, 2)])  # fmt: skip
     print(f"x.abs().amax() on [1, 128] bf16: {expr_us:.1f} us per call")
+    if args.only:
+        for row in rows:
+            print(*row, sep="\t")
+        return
     write_table("dispatch_cpu", ["op", "public us", "torch.ops us", "bare us", "public / expr",
                                  "public / expr (fastest rounds)", "(public - bare) / expr", "torch.ops / expr"],
                 rows)  # fmt: skip

@@ -233,3 +233,67 @@ def test_cpu_fused_loss_leaves_right_padding_out(scattered_zero_gradients, monke
         assert float(metrics[k]) == pytest.approx(float(r_metrics[k]), rel=1e-5, abs=1e-6), k
     for got, want in ((h.grad, rh.grad), (w.grad, rw.grad)):
         assert float((got.double() - want).norm() / want.norm()) < 1e-5
+
+
+def _three_kernel_composition(hidden, weight, bias, ids, t: TokenTerms, temperature, with_entropy):
+    """The fused op's CPU path for tiny problems as the three one-call C++ kernels it joins, called one by one."""
+    logp, lse, entropy = lm_head_cpu._forward_tiny(hidden, weight, bias, ids, 1.0 / temperature, with_entropy)
+    total, g, ge = block_gradients(logp, entropy, t)
+    d_hidden, d_weight, d_bias = lm_head_cpu._backward_tiny(g, ge, hidden, weight, bias, ids, lse, entropy,
+                                                            1.0 / temperature)  # fmt: skip
+    return total, logp, entropy, d_hidden, d_weight, d_bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("extras", ["plain", "kl+is+entropy", "unbiased_kl"])
+def test_cpu_tiny_fused_op_is_its_three_kernels_in_one_call(dtype, with_bias, extras):
+    """Decode-sized problems take one C++ call (csrc/grpo/fused_loss_small.cpp): the same bits as the three kernels
+    called one by one (zero-weight tokens and ties at the clip bounds included), and within fp32 rounding of the
+    blocked torch path."""
+    N, H, V = 90, 20, 37  # N x V x H under TINY_MACS; padded rows, ties, clamps from _terms
+    assert lm_head_cpu.tiny(N, V, H)
+    hidden, weight, bias = torch.randn(N, H).to(dtype), (torch.randn(V, H) * 0.5).to(dtype), torch.randn(V).to(dtype)
+    bias = bias if with_bias else None
+    ids = torch.randint(0, V, (N,), dtype=torch.int32)
+    logp0 = torch.log_softmax((hidden.float() @ weight.float().T) / 0.9, dim=-1).gather(1, ids.long()[:, None])[:, 0]
+    t = _terms(N, logp0, old=True, delta=1.3, extras=extras != "plain", unbiased_kl=extras == "unbiased_kl")
+    t = t._replace(weight=t.weight.index_fill(0, torch.tensor([3, 50, 89]), 0.0))  # padding tokens
+    with_entropy = extras != "plain"
+    args = (hidden, weight, bias, ids, t.weight, t.adv, t.old, t.ref, t.is_ratio, 0.9, t.beta, t.epsilon_low,
+            t.epsilon_high, t.delta, t.clamp, t.entropy_coef, t.unbiased_kl, with_entropy)  # fmt: skip
+    got = fused_loss._fused_op(*args)
+    want = _three_kernel_composition(hidden, weight, bias, ids.long(), t, 0.9, with_entropy)
+    names = ("loss", "logp", "entropy", "d hidden", "d weight", "d bias")
+    for name, g, w in zip(names, got, want, strict=True):
+        if name == "d bias" and bias is None:
+            assert g.shape == (0,) and g.dtype == dtype
+            continue
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert torch.equal(g, w), name
+    assert torch.equal(got[1][[3, 50, 89]], torch.zeros(3))  # reported as 0, as the blocked path does
+    with pytest.MonkeyPatch.context() as mp:  # the blocked torch path on the same inputs
+        mp.setattr(lm_head_cpu, "TINY_MACS", 0)
+        mp.setattr(lm_head_cpu, "SMALL_LOGITS", 0)
+        blocked = fused_loss._fused_op(*args)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g, b in zip(names, got, blocked, strict=True):
+        if g.numel():
+            err = float((g.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+            assert err < tol, f"{name}: {err:.2e}"
+
+
+def test_cpu_tiny_fused_op_rejects_out_of_range_ids():
+    hidden, weight = torch.randn(3, 8), torch.randn(5, 8)
+    ids, w, adv = torch.tensor([0, 5, 1]), torch.ones(3), torch.randn(3)
+    with pytest.raises(ValueError, match="token_ids"):
+        fused_loss._fused_op(hidden, weight, None, ids, w, adv, None, None, None, 1.0, 0.0, 0.2, 0.2, None, 20.0,
+                             0.0, False, False)  # fmt: skip
+
+
+def test_fused_op_rejects_per_token_terms_on_another_device():
+    hidden, weight, ids = torch.randn(3, 8), torch.randn(5, 8), torch.tensor([0, 4, 1])
+    adv = torch.randn(3, device="meta")
+    with pytest.raises(ValueError, match="adv must be on hidden's device"):
+        fused_loss._fused_op(hidden, weight, None, ids, torch.ones(3), adv, None, None, None, 1.0, 0.0, 0.2, 0.2,
+                             None, 20.0, 0.0, False, False)  # fmt: skip

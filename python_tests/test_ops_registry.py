@@ -58,3 +58,25 @@ def test_eager_autograd_path_matches_the_registered_op():
         grads.append(torch.autograd.grad((logp + 0.3 * entropy).sum(), (hidden, weight)))
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_eager_calls_route_tensor_subclasses_to_the_op_and_gradients_to_autograd(monkeypatch):
+    """A tensor subclass (which may trace or carry its own dispatch) goes through the registered op; plain tensors
+    and Parameters take the implementation, through the eager autograd function when one needs a gradient."""
+    op = OPS["token_logprob_stats"]
+    seen = []
+    monkeypatch.setattr(op, "op", lambda *a: seen.append("op"))
+    monkeypatch.setattr(op, "impl", lambda *a: seen.append("impl"))
+    monkeypatch.setattr(op.autograd, "apply", lambda *a: seen.append("autograd"))
+
+    class Marked(torch.Tensor):
+        pass
+
+    hidden, weight, ids = torch.randn(2, 8), torch.randn(5, 8), torch.tensor([1, 4])
+    op(hidden, weight, None, ids, 1.0, False)
+    op(hidden, torch.nn.Parameter(weight, requires_grad=False), None, ids, 1.0, False)
+    op(hidden, weight.as_subclass(Marked), None, ids, 1.0, False)
+    op(hidden, torch.nn.Parameter(weight), None, ids, 1.0, False)
+    with torch.no_grad():
+        op(hidden, torch.nn.Parameter(weight), None, ids, 1.0, False)
+    assert seen == ["impl", "impl", "op", "autograd", "impl"]

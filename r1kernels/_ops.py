@@ -40,15 +40,16 @@ class Op:
     def __call__(self, *args: Any) -> Any:
         if _is_compiling() or _dispatch_modes():
             return self.op(*args)
-        needs_grad = False
-        for a in args:  # one pass: plain tensors only (subclasses trace), and whether any wants a gradient
-            kind = type(a)
-            if kind is _Tensor or kind is _Parameter:
-                needs_grad = needs_grad or a.requires_grad
-            elif isinstance(a, _Tensor):
-                return self.op(*args)
-        if needs_grad and self.autograd is not None and _grad_enabled():
-            return self.autograd.apply(*args)
+        # the types of all arguments in one C-level pass; only an unusual one (a tensor subclass traces, lists
+        # are passed through) needs the per-argument look
+        if not _PLAIN_KINDS.issuperset(map(type, args)):
+            for a in args:
+                if isinstance(a, _Tensor) and type(a) is not _Tensor and type(a) is not _Parameter:
+                    return self.op(*args)
+        if self.autograd is not None and _grad_enabled():
+            for a in args:
+                if (type(a) is _Tensor or type(a) is _Parameter) and a.requires_grad:
+                    return self.autograd.apply(*args)
         return self.impl(*args)
 
 
@@ -69,6 +70,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # Bound once: Op.__call__ runs on every eager call, where each attribute lookup is a measurable share of a
 # decode-sized op (benchmarks/bench_dispatch.py).
 _Tensor, _Parameter = _PLAIN
+_PLAIN_KINDS = frozenset((*_PLAIN, type(None), bool, int, float, str, torch.dtype, torch.device))
 _is_compiling, _dispatch_modes, _grad_enabled = (torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack,
                                                  torch.is_grad_enabled)  # fmt: skip
 

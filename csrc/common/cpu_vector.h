@@ -31,6 +31,46 @@ inline float dot8(const float* x, const float* y, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+// Eight fp32 lanes in GCC's generic vector type: plain arithmetic that each form compiles for its own registers
+// (two SSE registers in the baseline form, one ymm register where compiled with target("avx2")), so code written
+// with it can be inlined into functions of either target and gives the same bits in both.
+typedef float Lanes8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline Lanes8 load_lanes8(const float* p) {
+  Lanes8 v;
+  __builtin_memcpy(&v, p, sizeof v);  // unaligned
+  return v;
+}
+
+__attribute__((always_inline)) inline void store_lanes8(float* p, const Lanes8& v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// dot8's final pairwise sum of the eight lanes.
+__attribute__((always_inline)) inline float sum_lanes8(const Lanes8& v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// dot8(x, y[c], n) for c < 4 in one pass over x, in generic vectors: four independent chains of adds where one dot
+// is a chain of n / 8 dependent adds; dot8's lanes and order, the same four results, in either form.
+__attribute__((always_inline)) inline void dot8_rows4(const float* x, const float* const y[4], int64_t n,
+                                                      float out[4]) {
+  Lanes8 p0 = {}, p1 = {}, p2 = {}, p3 = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const Lanes8 xi = load_lanes8(x + i);
+    p0 += xi * load_lanes8(y[0] + i);
+    p1 += xi * load_lanes8(y[1] + i);
+    p2 += xi * load_lanes8(y[2] + i);
+    p3 += xi * load_lanes8(y[3] + i);
+  }
+  for (; i < n; ++i) {  // dot8's tail: element i adds to lane i % 8
+    p0[i % 8] += x[i] * y[0][i];
+    p1[i % 8] += x[i] * y[1][i];
+    p2[i % 8] += x[i] * y[2][i];
+    p3[i % 8] += x[i] * y[3][i];
+  }
+  out[0] = sum_lanes8(p0), out[1] = sum_lanes8(p1), out[2] = sum_lanes8(p2), out[3] = sum_lanes8(p3);
+}
+
 #if defined(R1K_X86_AVX2)
 // The element types dot8x4 reads y in, each converted to fp32 exactly: fp32, bf16 (bits shifted into place),
 // fp16 (the F16C converter), so a caller need not convert a weight row into a buffer first.

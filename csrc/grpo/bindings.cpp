@@ -2,6 +2,7 @@
 #include "grpo/bindings.h"
 
 #include "common/pybind_util.h"
+#include "grpo/fused_loss_small.h"
 #include "grpo/lm_head_small.h"
 #include "grpo/token_loss.h"
 
@@ -97,6 +98,33 @@ void register_grpo(py::module_& m) {
       "total = sum(weight * token_loss) (0-d) and weight * d token_loss / d logp [n] (and d_entropy [n] when "
       "entropy_coef != 0) of the GRPO loss, fp32 (0 for an absent old / ref / is_ratio / entropy); zero-weight "
       "tokens are left out and their logp / entropy set to 0 in place.");
+
+  // The decode-sized fused loss: LmHeadProblem's fields, then TokenLossTerms', flat and positional like the above.
+  m.def(
+      "grpo_token_loss_fused_small_cpu",
+      [](uintptr_t hidden, uintptr_t weight, uintptr_t bias, DType dtype, uintptr_t ids, int64_t n, int64_t v,
+         int64_t h, int64_t stride_h, int64_t stride_w, float inv_t, uintptr_t token_weight, uintptr_t adv,
+         uintptr_t old, uintptr_t ref, uintptr_t is_ratio, float beta, float epsilon_low, float epsilon_high,
+         float delta, bool has_delta, float clamp, float entropy_coef, bool unbiased_kl, bool with_entropy,
+         uintptr_t total, uintptr_t logp, uintptr_t entropy, uintptr_t d_hidden, uintptr_t d_weight,
+         uintptr_t d_bias) {
+        const LmHeadProblem problem{ptr<const void>(hidden), ptr<const void>(weight), ptr<const void>(bias), dtype,
+                                    ptr<const int64_t>(ids), n, v, h, stride_h, stride_w, inv_t};
+        const TokenLossTerms terms{ptr<const float>(token_weight), ptr<const float>(adv), ptr<const float>(old),
+                                   ptr<const float>(ref), ptr<const float>(is_ratio), beta, epsilon_low, epsilon_high,
+                                   delta, has_delta, clamp, entropy_coef, unbiased_kl};
+        return grpo_token_loss_fused_small_cpu(problem, terms, with_entropy, ptr<float>(total), ptr<float>(logp),
+                                               ptr<float>(entropy), ptr<float>(d_hidden), ptr<float>(d_weight),
+                                               ptr<float>(d_bias));
+      },
+      py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("dtype"), py::arg("ids"), py::arg("n"),
+      py::arg("v"), py::arg("h"), py::arg("stride_h"), py::arg("stride_w"), py::arg("inv_t"), py::arg("token_weight"),
+      py::arg("adv"), py::arg("old"), py::arg("ref"), py::arg("is_ratio"), py::arg("beta"), py::arg("epsilon_low"),
+      py::arg("epsilon_high"), py::arg("delta"), py::arg("has_delta"), py::arg("clamp"), py::arg("entropy_coef"),
+      py::arg("unbiased_kl"), py::arg("with_entropy"), py::arg("total"), py::arg("logp"), py::arg("entropy"),
+      py::arg("d_hidden"), py::arg("d_weight"), py::arg("d_bias"),
+      "The fused GRPO loss of a decode-sized problem in one call: total (0-d), logp and entropy [n], fp32 gradients "
+      "d_hidden [n, h], d_weight [v, h], d_bias [v] (0: none); False if an id is out of range.");
 }
 
 }  // namespace r1k

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/cpu_vector.h"
 #include "common/host_device.h"
 
 namespace r1k {
@@ -58,32 +59,52 @@ struct Fp32Operands {
   const float* row(int64_t j) const { return w + j * w_stride; }
 };
 
-// sum a[k] b[k] over 16 independent partial sums, added in a fixed order: a single running sum is one long
-// chain of dependent adds that the compiler may not reorder (no -ffast-math), ~4x slower at h = 64; these
-// lanes vectorise, and the result does not depend on the compiler.
-__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t h) {
-  constexpr int kLanes = 16;
-  float acc[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= h; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[k + l] * b[k + l];
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
-  float s = acc[0];
-  for (; k < h; ++k) s += a[k] * b[k];
-  return s;
-}
-
-// z[v] of row i, and its max.
+// z[v] of row i, and its max. Four weight rows at a time (dot8_rows4: independent chains of adds, where one dot
+// is a chain of h / 8 dependent adds), the rest one by one, each with dot8's lanes and order.
 __attribute__((always_inline)) inline float logits_row(const LmHeadProblem& p, const Fp32Operands& ops,
                                                        const float* hrow, float* z) {
+  int64_t j = 0;
+  for (; j + 4 <= p.v; j += 4) {
+    const float* const rows[4] = {ops.row(j), ops.row(j + 1), ops.row(j + 2), ops.row(j + 3)};
+    dot8_rows4(hrow, rows, p.h, z + j);
+  }
+  for (; j < p.v; ++j) z[j] = dot8(hrow, ops.row(j), p.h);
   float m = -INFINITY;
-  for (int64_t j = 0; j < p.v; ++j) {
-    const float acc = dot(hrow, ops.row(j), p.h);
-    z[j] = (acc + (ops.b != nullptr ? ops.b[j] : 0.0f)) * p.inv_t;
+  for (j = 0; j < p.v; ++j) {
+    z[j] = (z[j] + (ops.b != nullptr ? ops.b[j] : 0.0f)) * p.inv_t;
     m = std::max(m, z[j]);
   }
   return m;
+}
+
+// dh = sum over j of gz[j] * weight row j, in ascending j, the first term stored (no pass to zero dh first). The
+// columns go 32 at a time, their sums held in registers across all v rows (one load and store per row each
+// otherwise: the store-to-load chain bound the loop), then 8, then one.
+__attribute__((always_inline)) inline void weighted_rows(const LmHeadProblem& p, const Fp32Operands& ops,
+                                                         const float* gz, float* dh) {
+  int64_t k = 0;
+  for (; k + 32 <= p.h; k += 32) {
+    const float* w = ops.row(0) + k;
+    Lanes8 a0 = gz[0] * load_lanes8(w), a1 = gz[0] * load_lanes8(w + 8);
+    Lanes8 a2 = gz[0] * load_lanes8(w + 16), a3 = gz[0] * load_lanes8(w + 24);
+    for (int64_t j = 1; j < p.v; ++j) {
+      w = ops.row(j) + k;
+      a0 += gz[j] * load_lanes8(w), a1 += gz[j] * load_lanes8(w + 8);
+      a2 += gz[j] * load_lanes8(w + 16), a3 += gz[j] * load_lanes8(w + 24);
+    }
+    store_lanes8(dh + k, a0), store_lanes8(dh + k + 8, a1), store_lanes8(dh + k + 16, a2);
+    store_lanes8(dh + k + 24, a3);
+  }
+  for (; k + 8 <= p.h; k += 8) {
+    Lanes8 a = gz[0] * load_lanes8(ops.row(0) + k);
+    for (int64_t j = 1; j < p.v; ++j) a += gz[j] * load_lanes8(ops.row(j) + k);
+    store_lanes8(dh + k, a);
+  }
+  for (; k < p.h; ++k) {
+    float a = gz[0] * ops.row(0)[k];
+    for (int64_t j = 1; j < p.v; ++j) a += gz[j] * ops.row(j)[k];
+    dh[k] = a;
+  }
 }
 
 // The two kernels' bodies are compiled twice, inlined into a baseline and an AVX2 function (cpu_isa picks one
@@ -137,13 +158,7 @@ __attribute__((always_inline)) inline void backward(const LmHeadProblem& p, cons
     }
     // the first term of each sum is stored, not added: no separate pass to zero the outputs (at decode sizes
     // that pass costs as much as the update)
-    float* dh = d_hidden + i * p.h;
-    const float* w0 = ops.row(0);
-    for (int64_t k = 0; k < p.h; ++k) dh[k] = z[0] * w0[k];
-    for (int64_t j = 1; j < p.v; ++j) {
-      const float* wrow = ops.row(j);
-      for (int64_t k = 0; k < p.h; ++k) dh[k] += z[j] * wrow[k];
-    }
+    weighted_rows(p, ops, z.data(), d_hidden + i * p.h);
     for (int64_t j = 0; j < p.v; ++j) {
       float* dwrow = d_weight + j * p.h;
       if (i == 0) {

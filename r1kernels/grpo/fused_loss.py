@@ -29,11 +29,12 @@ import torch
 
 from r1kernels import _alloc, _ops, backend
 from r1kernels._checks import cdiv, check_index_range, check_tensor
+from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
 from r1kernels.grpo import lm_head_cpu
 from r1kernels.grpo import lm_head_logprobs as lm
 from r1kernels.grpo.kernels import logprob_grad_logits, matmul
-from r1kernels.grpo.token_loss import TokenTerms, block_gradients
+from r1kernels.grpo.token_loss import TokenTerms, block_gradients, ptr_or_0
 
 _OP = "grpo_token_loss_fused"
 
@@ -81,6 +82,8 @@ def _two_pass(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with
     # zero-weight tokens are not part of the loss: the CPU's blocked loops leave their runs out, and
     # block_gradients reports them as 0 (a mask is worth its ops only where rows can be left out)
     (N, H), V = hidden.shape, weight.shape[0]
+    if lm_head_cpu.tiny(N, V, H):
+        return _tiny_cpu(hidden, weight, bias, ids, t, temperature, with_entropy)
     skip = t.weight == 0 if lm_head_cpu.blocked(N, V, H) else None
     logp, lse, entropy = lm.logprob_stats(hidden, weight, bias, ids, temperature, with_entropy, op=_OP, skip=skip)
     total, g, ge = block_gradients(logp, entropy, t)
@@ -89,12 +92,51 @@ def _two_pass(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with
     return total, logp, entropy, d_hidden, d_weight, hidden.new_empty((0,)) if d_bias is None else d_bias
 
 
-def _validate_terms(N: int, per_token: dict[str, torch.Tensor | None]) -> None:
-    for name, v in per_token.items():
-        if v is not None:
-            check_tensor(name, v, dtypes=(torch.float32,), ndim=1)
-            if v.shape[0] != N:
-                raise ValueError(f"{name} must have one value per token ({N}), got shape {tuple(v.shape)}")
+def _tiny_cpu(hidden, weight, bias, token_ids, t: TokenTerms, temperature: float, with_entropy: bool):
+    """The same three CPU kernels in one C++ call (csrc/grpo/fused_loss_small.cpp): at decode sizes each call from
+    Python, with its outputs and intermediates, costs more than its math. Sizes as varargs: a tuple costs more."""
+    (N, H), V = hidden.shape, weight.shape[0]
+    ids = lm_head_cpu.ids_int64(token_ids)
+    per_token = [x if x is None or x.is_contiguous() else x.contiguous() for x in t[:5]]
+    total, logp, entropy = torch.empty(()), torch.empty(N), torch.empty(N)
+    d_hidden, d_weight = torch.empty(N, H), torch.empty(V, H)
+    d_bias = torch.empty(0, dtype=hidden.dtype) if bias is None else torch.empty(V)
+    _alloc.poison(total, logp, entropy, d_hidden, d_weight, d_bias)
+    ok = ext().grpo_token_loss_fused_small_cpu(
+        *lm_head_cpu.problem_fields(hidden, weight, bias, ids, 1.0 / temperature), *map(ptr_or_0, per_token), t.beta,
+        t.epsilon_low, t.epsilon_high, 0.0 if t.delta is None else t.delta, t.delta is not None, t.clamp,
+        t.entropy_coef, t.unbiased_kl, with_entropy, total.data_ptr(), logp.data_ptr(), entropy.data_ptr(),
+        d_hidden.data_ptr(), d_weight.data_ptr(), 0 if bias is None else d_bias.data_ptr(),
+    )  # fmt: skip
+    if not ok:
+        check_index_range("token_ids", ids, V, "V")  # raises, naming the values
+    if hidden.dtype is not torch.float32:  # the kernel's gradients are fp32
+        d_hidden, d_weight = d_hidden.to(hidden.dtype), d_weight.to(hidden.dtype)
+        d_bias = d_bias if bias is None else d_bias.to(hidden.dtype)
+    return total, logp, entropy, d_hidden, d_weight, d_bias
+
+
+_TERM_NAMES = ("weights", "adv", "old", "ref", "is_ratio")
+_TENSOR, _FP32 = torch.Tensor, torch.float32
+
+
+def _validate_terms(hidden: torch.Tensor, terms: tuple) -> None:
+    """Each per-token term None or [N] fp32 on hidden's device (the usual case recognised by attribute reads)."""
+    N, cpu = hidden.shape[0], hidden.is_cpu
+    for v in terms:
+        if v is not None and not (isinstance(v, _TENSOR) and v.dtype is _FP32 and v.shape == (N,)
+                                  and (v.is_cpu if cpu else lm.same_device(hidden, v))):  # fmt: skip
+            break
+    else:
+        return
+    for name, v in zip(_TERM_NAMES, terms, strict=True):
+        if v is None:
+            continue
+        check_tensor(name, v, dtypes=(torch.float32,), ndim=1)
+        if v.shape[0] != N:
+            raise ValueError(f"{name} must have one value per token ({N}), got shape {tuple(v.shape)}")
+        if not lm.same_device(hidden, v):
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {v.device}")
 
 
 def _fake(hidden, weight, bias, token_ids, weights, adv, old, ref, is_ratio, temperature, beta, epsilon_low,
@@ -165,7 +207,7 @@ def _fused_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     lm.validate(hidden, weight, bias, token_ids, temperature)
     N = hidden.shape[0]
-    _validate_terms(N, {"weights": weights, "adv": adv, "old": old, "ref": ref, "is_ratio": is_ratio})
+    _validate_terms(hidden, (weights, adv, old, ref, is_ratio))
     t = TokenTerms(weights, adv, old, ref, is_ratio, beta, epsilon_low, epsilon_high, delta, clamp, entropy_coef,
                    unbiased_kl)  # fmt: skip
     if N == 0:

@@ -43,7 +43,7 @@ def blocked(N: int, V: int, H: int) -> bool:
     return not tiny(N, V, H) and N * V > SMALL_LOGITS
 
 
-def _problem(hidden, weight, bias, ids, inv_t: float) -> tuple:
+def problem_fields(hidden, weight, bias, ids, inv_t: float) -> tuple:
     """LmHeadProblem's fields in order, for the extension's positional ``*_fast`` entries (building the struct
     through keywords costs more than the math at decode sizes)."""
     (N, H), V = hidden.shape, weight.shape[0]
@@ -55,7 +55,7 @@ def _problem(hidden, weight, bias, ids, inv_t: float) -> tuple:
 def _forward_tiny(hidden, weight, bias, ids, inv_t: float, with_entropy: bool):
     N = hidden.shape[0]
     logp, lse, entropy = torch.empty(N), torch.empty(N), torch.empty(N)  # op outputs never alias; all written
-    if not ext().lm_head_logprobs_small_cpu_fast(*_problem(hidden, weight, bias, ids, inv_t), with_entropy,
+    if not ext().lm_head_logprobs_small_cpu_fast(*problem_fields(hidden, weight, bias, ids, inv_t), with_entropy,
                                                  logp.data_ptr(), lse.data_ptr(), entropy.data_ptr()):  # fmt: skip
         check_index_range("token_ids", ids, weight.shape[0], "V")  # raises, naming the values
     return logp, lse, entropy
@@ -68,7 +68,7 @@ def _backward_tiny(g, ge, hidden, weight, bias, ids, lse, entropy, inv_t: float)
     d_hidden, d_weight = torch.empty(N, H), torch.empty(V, H)
     d_bias = None if bias is None else torch.empty(V)
     ext().lm_head_logprobs_small_backward_cpu_fast(
-        *_problem(hidden, weight, bias, ids, inv_t), g.data_ptr(), 0 if ge is None else ge.data_ptr(),
+        *problem_fields(hidden, weight, bias, ids, inv_t), g.data_ptr(), 0 if ge is None else ge.data_ptr(),
         lse.data_ptr(), entropy.data_ptr(), d_hidden.data_ptr(), d_weight.data_ptr(),
         0 if d_bias is None else d_bias.data_ptr(),
     )  # fmt: skip
@@ -164,7 +164,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype is torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
-def _ids(token_ids: torch.Tensor) -> torch.Tensor:
+def ids_int64(token_ids: torch.Tensor) -> torch.Tensor:
     return token_ids if token_ids.dtype is torch.int64 and token_ids.is_contiguous() else token_ids.long().contiguous()
 
 
@@ -174,7 +174,7 @@ def forward(hidden, weight, bias, token_ids, temperature: float, with_entropy: b
     backward knows to leave them out too); the caller overwrites them."""
     (N, H), V = hidden.shape, weight.shape[0]
     inv_t = 1.0 / temperature
-    ids = _ids(token_ids)
+    ids = ids_int64(token_ids)
     if tiny(N, V, H):
         return _forward_tiny(hidden, weight, bias, ids, inv_t, with_entropy)
     check_index_range("token_ids", ids, V, "V")
@@ -245,7 +245,7 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entr
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
-    ids = _ids(token_ids)
+    ids = ids_int64(token_ids)
     g = _f32(grad_logp)
     ge = None if grad_entropy is None else _f32(grad_entropy)
     if tiny(N, V, H):

@@ -61,15 +61,15 @@ def _valid(hidden, weight, bias, token_ids, temperature) -> bool:
         return False
     if H > 1 and (hidden.stride(1) != 1 or weight.stride(1) != 1):
         return False
-    if not _same_device(hidden, weight, token_ids):
+    if not same_device(hidden, weight, token_ids):
         return False
     if bias is not None and not (isinstance(bias, _TENSOR) and bias.dtype is dtype and bias.dim() == 1
-                                 and bias.shape[0] == V and _same_device(hidden, bias)):  # fmt: skip
+                                 and bias.shape[0] == V and same_device(hidden, bias)):  # fmt: skip
         return False
     return isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
 
 
-def _same_device(first: torch.Tensor, *others: torch.Tensor) -> bool:
+def same_device(first: torch.Tensor, *others: torch.Tensor) -> bool:
     if first.is_cpu:  # a flag read; comparing torch.device objects costs ~0.3 us a pair
         return all(t.is_cpu for t in others)
     device = first.device
@@ -252,14 +252,14 @@ def validate_backward(grad_logp, grad_entropy, lse, entropy, hidden) -> None:
         if t is None and name == "grad_entropy":
             continue
         if isinstance(t, _TENSOR) and t.dtype in GRAD_DTYPES and t.dim() == 1 and t.shape[0] == N and (
-                _same_device(hidden, t)):  # fmt: skip
+                same_device(hidden, t)):  # fmt: skip
             continue
         check_tensor(name, t)
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.dim() != 1 or t.shape[0] != N:
             raise ValueError(f"{name} must have shape [N] = [{N}] (one value per hidden row), got {tuple(t.shape)}")
-        if not _same_device(hidden, t):
+        if not same_device(hidden, t):
             raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
 
 
