@@ -10,6 +10,7 @@ from conftest import HAS_GPU, backends_for
 
 import r1kernels
 from r1kernels import cpu_caps
+from r1kernels._checks import cdiv
 from r1kernels._ext import ext
 from r1kernels.fp8 import reference as ref
 
@@ -217,3 +218,24 @@ def test_cpu_many_row_forms(amx, M, N, K, b_tile_rows, monkeypatch):
     out32 = torch.full((M, N), float("nan"))
     gemm_module.cpu_gemm(a, sa, b, sb, out32, None, b_tile_rows)
     assert _rel(out32[~nan], r[~nan]) < 1e-6
+
+
+@pytest.mark.skipif(not cpu_caps.amx_bf16(), reason="this CPU / OS has no usable AMX-BF16")
+@pytest.mark.parametrize("k", [256, 272], ids=["whole-vectors", "masked-tail"])
+def test_cpu_amx_decodes_every_e4m3_code_exactly(k):
+    """Each of the 256 codes (subnormals, zeros, both NaNs) through the AMX GEMM's vector decode: a[m] holds
+    code m alone, b is the identity in 1.0 codes, so out[m, m] is the code's value exactly (the product and the
+    sums of zeros are exact), against torch's own e4m3fn decode; a NaN code's row is NaN throughout."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    a = torch.zeros(256, k, dtype=torch.uint8)
+    a[codes.long(), codes.long()] = codes
+    b = torch.zeros(256, k, dtype=torch.uint8)
+    b[codes.long(), codes.long()] = 0x38  # 1.0
+    a, b = a.view(torch.float8_e4m3fn), b.view(torch.float8_e4m3fn)
+    sa, sb = torch.ones(256, cdiv(k, 128)), torch.ones(256, cdiv(k, 128))
+    out = torch.full((256, 256), -7.0)
+    gemm_module._cpu_gemm_amx(a, sa, b, sb, out, None, 1)
+    want = codes.view(torch.float8_e4m3fn).float()
+    nan = torch.isnan(want)
+    assert nan.sum() == 2 and torch.isnan(out[nan]).all()
+    assert torch.equal(out.diagonal()[~nan], want[~nan])

@@ -7,6 +7,9 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+// GCC 12's AVX-512 intrinsics self-initialise their "undefined" operands, which -Wmaybe-uninitialized reports
+// at every use
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "common/e4m3_avx2.h"
 #define R1K_X86 1

@@ -15,6 +15,9 @@
 
 #if defined(__x86_64__) && defined(__linux__)
 #include <immintrin.h>
+// GCC 12's AVX-512 intrinsics self-initialise their "undefined" operands, which -Wmaybe-uninitialized reports
+// at every use
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define R1K_AMX 1
 #endif
 
@@ -38,10 +41,28 @@ int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 // Every CPU with AMX has AVX-512: the decode loops are compiled for it (they run only where AMX does).
 #define R1K_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-// n e4m3 codes -> bf16 bits: exact, the decoded float's upper half (its lower 16 bits are zero). e4m3_decode is
-// branch-free, so this loop vectorizes.
+// 16 e4m3 codes (the first `count`; the rest of dst untouched) -> bf16 bits: exact, e4m3_decode's float's upper half
+// (its lower 16 bits are zero), the same selects in 32-bit lanes. Written out: GCC vectorized the scalar decode
+// only 4 wide, with shuffles, and a row at small K (16 or 32 codes) went through its scalar remainder.
+R1K_AVX512 inline void decode16_bf16(const uint8_t* src, int64_t count, uint16_t* dst) {
+  const __mmask16 lanes = count >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << count) - 1);
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, src));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(0x80)), 24);
+  const __m512i exp = _mm512_and_si512(_mm512_srli_epi32(q, 3), _mm512_set1_epi32(0xF));
+  const __m512i mant = _mm512_and_si512(q, _mm512_set1_epi32(0x7));
+  const __m512i normal = _mm512_or_si512(
+      sign, _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(exp, _mm512_set1_epi32(120)), 23),
+                            _mm512_slli_epi32(mant, 20)));
+  const __m512i subnormal = _mm512_or_si512(  // mant * 2^-9, exact
+      sign, _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(mant), _mm512_set1_ps(0.001953125f))));
+  __m512i bits = _mm512_mask_blend_epi32(_mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512()), normal, subnormal);
+  const __mmask16 nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(q, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(0x7F));
+  bits = _mm512_mask_blend_epi32(nan, bits, _mm512_or_si512(sign, _mm512_set1_epi32(0x7FC00000)));
+  _mm512_mask_cvtepi32_storeu_epi16(dst, lanes, _mm512_srli_epi32(bits, 16));
+}
+
 R1K_AVX512 void decode_bf16(const uint8_t* src, int64_t n, uint16_t* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint16_t>(float_bits(e4m3_decode(src[i])) >> 16);
+  for (int64_t i = 0; i < n; i += 16) decode16_bf16(src + i, n - i, dst + i);
 }
 
 // rows r0:r1 of a [.., k] codes as [rows/16][k_tiles][16][32] bf16 tiles; zeros past r1 (up to a multiple of 32)
@@ -61,22 +82,24 @@ R1K_AVX512 void pack_a(const uint8_t* a, int64_t lda, int64_t r0, int64_t r1, in
 
 // rows n0:n1 of b [.., k] codes as 16-column panels of VNNI pairs: panel p, k step kt holds 16 x 16 words
 // (b[col][2i], b[col][2i + 1]); zeros past n1 (up to a multiple of 32) and past k. A panel's 16 rows are decoded
-// into contiguous buffers (vectorized), where each pair already is one little-endian word; the words are then
-// written panel-row by panel-row, 64 contiguous bytes at a time.
+// into contiguous buffers (vectorized), where each pair already is one 32-bit word; each panel row of 16 words
+// (pair i of the 16 rows) is then one gather, 64 contiguous bytes written.
 R1K_AVX512 void pack_b(const uint8_t* b, int64_t ldb, int64_t n0, int64_t n1, int64_t k, uint32_t* packed) {
   const int64_t panels = round_up(n1 - n0, kBlock) / kRows, pairs = round_up(k, kK) / 2;
-  std::unique_ptr<uint16_t[]> rows(new uint16_t[static_cast<size_t>(kRows * 2 * pairs)]);
+  std::unique_ptr<uint32_t[]> rows(new uint32_t[static_cast<size_t>(kRows * pairs)]);
+  const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(static_cast<int>(pairs)));
 #pragma omp for schedule(static)
   for (int64_t p = 0; p < panels; ++p) {
     for (int64_t j = 0; j < kRows; ++j) {
-      uint16_t* row = rows.get() + j * 2 * pairs;
+      uint16_t* row = reinterpret_cast<uint16_t*>(rows.get() + j * pairs);
       const int64_t n = n0 + p * kRows + j, valid = n < n1 ? k : 0;
       if (valid > 0) decode_bf16(b + n * ldb, valid, row);
       std::fill(row + valid, row + 2 * pairs, uint16_t{0});
     }
     uint32_t* panel = packed + p * pairs * kRows;
     for (int64_t i = 0; i < pairs; ++i)
-      for (int64_t j = 0; j < kRows; ++j) std::memcpy(panel + i * kRows + j, rows.get() + j * 2 * pairs + 2 * i, 4);
+      _mm512_storeu_si512(panel + i * kRows, _mm512_i32gather_epi32(row_starts, rows.get() + i, 4));
   }
 }
 
@@ -93,6 +116,10 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
   const int64_t m_blocks = round_up(m1 - m0, kBlock) / kBlock, n_blocks = round_up(n1 - n0, kBlock) / kBlock;
   alignas(64) float part[kBlock * kBlock], sum[kBlock * kBlock];
   float row_scale[kBlock], col_scale[kBlock];
+  // where each column's scales start in sb, worked out once per chunk: a division per column, block and K block
+  // (b_tile_rows is a run-time value) cost as much as the tile products at small K
+  std::unique_ptr<int64_t[]> sb_row(new int64_t[static_cast<size_t>(n1 - n0)]);
+  for (int64_t n = n0; n < n1; ++n) sb_row[n - n0] = (p.b_tile_rows == 1 ? n : n / p.b_tile_rows) * p.sb_stride_n;
 #pragma omp for collapse(2) schedule(static)
   for (int64_t nb = 0; nb < n_blocks; ++nb) {
     for (int64_t mb = 0; mb < m_blocks; ++mb) {
@@ -102,16 +129,18 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
       const uint16_t* a1 = a0 + k_tiles * kRows * kK;
       const int64_t r0 = m0 + mb * kBlock, c0 = n0 + nb * kBlock;
       const int64_t rows = std::min(kBlock, m1 - r0), cols = std::min(kBlock, n1 - c0);
-      std::fill(sum, sum + kBlock * kBlock, 0.0f);
       for (int64_t kb = 0; kb < k_blocks; ++kb) {
         const int64_t kt0 = kb * (kScaleK / kK), kt1 = std::min(k_tiles, kt0 + kScaleK / kK);
         amx::block_2x2(a0, a1, b0, b1, kt0, kt1, part);
         for (int64_t r = 0; r < rows; ++r) row_scale[r] = sa[(r0 + r) * p.sa_stride_m + kb * p.sa_stride_k];
         for (int64_t c = 0; c < cols; ++c)
-          col_scale[c] = sb[(c0 + c) / p.b_tile_rows * p.sb_stride_n + kb * p.sb_stride_k];
+          col_scale[c] = sb[sb_row[c0 + c - n0] + kb * p.sb_stride_k];
+        // the first block's terms stored, not added to zeros (0 + x is x, -0 aside): no pass to clear sum first
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < cols; ++c)
-            sum[r * kBlock + c] += part[r * kBlock + c] * (row_scale[r] * col_scale[c]);
+          for (int64_t c = 0; c < cols; ++c) {
+            const float term = part[r * kBlock + c] * (row_scale[r] * col_scale[c]);
+            sum[r * kBlock + c] = kb == 0 ? term : sum[r * kBlock + c] + term;
+          }
       }
       for (int64_t r = 0; r < rows; ++r) {  // + c, then one rounding into out's dtype (branches outside the loops)
         float* s = sum + r * kBlock;
@@ -119,7 +148,12 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
         if (c != nullptr)
           for (int64_t col = 0; col < cols; ++col) s[col] += load_float(c, c_dtype, c_at + col);
         if (out_dtype == DType::kFloat32) {
-          std::copy(s, s + cols, static_cast<float*>(out) + at);
+          // a whole row in a fixed-size copy, which compiles to two vector moves (GCC turns a copy loop of run-time
+          // length into a library call, which cost more than the tile products at small K)
+          if (cols == kBlock)
+            std::memcpy(static_cast<float*>(out) + at, s, kBlock * sizeof(float));
+          else
+            std::memcpy(static_cast<float*>(out) + at, s, static_cast<size_t>(cols) * sizeof(float));
         } else {
           uint16_t* o = static_cast<uint16_t*>(out) + at;
           for (int64_t col = 0; col < cols; ++col) o[col] = float_to_bf16_rne(s[col]);

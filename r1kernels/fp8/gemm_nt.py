@@ -28,22 +28,32 @@ CPU_SMALL_ROWS = 16
 
 def validate(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows=BLOCK) -> None:
     """``b_tile_rows``: 128 for weight blocks (b_scales [ceil(N/128), ceil(K/128)]), 1 for row scales like a's."""
-    for name, t in (("a", a), ("b", b)):
-        check_tensor(name, t, dtypes=FP8, ndim=2)
-    for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):
-        check_tensor(name, t, dtypes=SCALES, ndim=2)
+    if not _typed(a, a_scales, b, b_scales, 2, 2):
+        for name, t in (("a", a), ("b", b)):
+            check_tensor(name, t, dtypes=FP8, ndim=2)
+        for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):
+            check_tensor(name, t, dtypes=SCALES, ndim=2)
     validate_matrices(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows)
 
 
-def typed_grouped(a, a_scales, b, b_scales, ids, a_ndim: int) -> bool:
-    """Whether the grouped GEMMs' operands pass their check_tensor calls (e4m3 a and b, fp32 scales, a and
-    a_scales ``a_ndim``-D, b and b_scales 3-D, ``ids`` a contiguous int32 vector), read in one expression: a
-    decode-sized call's budget. False sends the caller to the checks, which name what is wrong."""
+def _typed(a, a_scales, b, b_scales, a_ndim: int, b_ndim: int) -> bool:
+    """Whether the operands pass their check_tensor calls (e4m3 a and b, fp32 scales, a and a_scales ``a_ndim``-D,
+    b and b_scales ``b_ndim``-D), read in one expression: a decode-sized call's budget. False sends the caller to
+    the checks, which name what is wrong."""
     try:
         return (a.dtype is E4M3 and b.dtype is E4M3 and a_scales.dtype is F32 and b_scales.dtype is F32
-                and ids.dtype is I32 and a.dim() == a_ndim and a_scales.dim() == a_ndim and b.dim() == 3
-                and b_scales.dim() == 3 and ids.dim() == 1 and ids.is_contiguous())  # fmt: skip
+                and a.dim() == a_ndim and a_scales.dim() == a_ndim and b.dim() == b_ndim
+                and b_scales.dim() == b_ndim)  # fmt: skip
     except AttributeError:  # not tensors
+        return False
+
+
+def typed_grouped(a, a_scales, b, b_scales, ids, a_ndim: int) -> bool:
+    """``_typed`` for the grouped GEMMs (b and b_scales 3-D), and ``ids`` a contiguous int32 vector."""
+    try:
+        return _typed(a, a_scales, b, b_scales, a_ndim, 3) and ids.dtype is I32 and ids.dim() == 1 and (
+            ids.is_contiguous())  # fmt: skip
+    except AttributeError:
         return False
 
 
@@ -120,7 +130,8 @@ def _cpu_gemm_amx(a, a_scales, b, b_scales, out, c, b_tile_rows) -> None:
     sums fp32 with the scales applied per 128-wide K block, then c added and one rounding into out's dtype, all
     in C++ (no fp32 staging copy)."""
     (M, K), N = a.shape, b.shape[0]
-    a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
+    a = a if a.stride(1) == 1 else a.contiguous()
+    b = b if b.stride(1) == 1 else b.contiguous()
     target = out if out.stride(1) == 1 or N == 1 else torch.empty((M, N), dtype=out.dtype)
     dims = (1, M, N, K, b_tile_rows, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *b_scales.stride(),
             0 if c is None else c.stride(0), 0, target.stride(0))  # fmt: skip
