@@ -6,6 +6,8 @@ fresh process on the same inputs and must match this process's results exactly, 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import r1kernels
+from r1kernels._ext import ext
 
 NAN_CODE = torch.tensor(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
 
@@ -89,3 +92,15 @@ def test_capped_vector_form_gives_the_same_bits(isa, fresh_seed, tmp_path):
     assert got.keys() == want.keys()
     for name, t in want.items():
         torch.testing.assert_close(got[name], t, rtol=0, atol=0, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="binutils' objdump is not installed")
+def test_no_fused_multiply_add_in_the_cpu_kernels():
+    """The forms the loader picks per CPU (R1K_VECTOR_CLONES' AVX-512 / AVX2 / baseline clones, which R1K_CPU_ISA
+    cannot cap) agree only if no form fuses a * b + c into one rounding: the build turns contraction off
+    (CMakeLists.txt), so the module holds no FMA instruction at all."""
+    module = Path(ext().__file__)
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(module)], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    fused = [line for line in listing.splitlines() if re.search(r"\bv?f(n)?m(add|sub)\d{3}[ps][sd]\b", line)]
+    assert not fused, f"{len(fused)} FMA instructions in {module.name}, e.g. {fused[:3]}"
