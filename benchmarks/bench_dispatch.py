@@ -73,7 +73,7 @@ def per_call_us(fn, baseline, reps: int, rounds: int = 11) -> tuple[float, float
 
 
 def cases():
-    """(op, public call, torch.ops call, bare kernel call) on tiny inputs."""
+    """(op, input, public call, torch.ops call, bare kernel call) on tiny inputs."""
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     q, s = r1kernels.fp8.quantize_per_token_group(x)
     w = torch.randn(1, 128)
@@ -99,34 +99,36 @@ def cases():
     h, lm, ids = torch.randn(1, 64), torch.randn(128, 64), torch.randint(0, 128, (1,))
     _, lse, ent = r1kernels.grpo.token_logprob_stats(h, lm, ids, return_entropy=True)
     g = torch.randn(1)
-    yield ("quantize_fp8_per_token_group", lambda: r1kernels.fp8.quantize_per_token_group(x),
+    yield ("quantize_fp8_per_token_group", "[1, 128] bf16", lambda: r1kernels.fp8.quantize_per_token_group(x),
            lambda: ops.quantize_fp8_per_token_group(x, 128, False, False), bare_quant)  # fmt: skip
-    yield ("quantize_fp8_per_block", lambda: r1kernels.fp8.quantize_per_block(w),
+    yield ("quantize_fp8_per_block", "[1, 128] fp32", lambda: r1kernels.fp8.quantize_per_block(w),
            lambda: ops.quantize_fp8_per_block(w, 128, False), bare_block_quant)  # fmt: skip
-    yield ("dequantize_fp8_per_token_group", lambda: r1kernels.fp8.dequantize_per_token_group(q, s),
+    yield ("dequantize_fp8_per_token_group", "[1, 128] codes", lambda: r1kernels.fp8.dequantize_per_token_group(q, s),
            lambda: ops.dequantize_fp8_per_token_group(q, s, 128, torch.bfloat16), bare_dequant)  # fmt: skip
-    yield ("dequantize_fp8_per_block", lambda: r1kernels.fp8.dequantize_per_block(wq, ws),
+    yield ("dequantize_fp8_per_block", "[1, 128] codes", lambda: r1kernels.fp8.dequantize_per_block(wq, ws),
            lambda: ops.dequantize_fp8_per_block(wq, ws, 128, torch.bfloat16), None)  # fmt: skip
-    yield ("token_logprob_stats", lambda: r1kernels.grpo.token_logprob_stats(h, lm, ids),
+    yield ("token_logprob_stats", "1 token, H 64, V 128", lambda: r1kernels.grpo.token_logprob_stats(h, lm, ids),
            lambda: ops.token_logprob_stats(h, lm, None, ids, 1.0, False),
            lambda: lm_head_cpu.forward(h, lm, None, ids, 1.0, False))  # fmt: skip
-    yield ("token_logprob_stats_backward", lambda: OPS["token_logprob_stats_backward"](g, None, h, lm, None, ids, lse,
+    yield ("token_logprob_stats_backward", "1 token, H 64, V 128",
+           lambda: OPS["token_logprob_stats_backward"](g, None, h, lm, None, ids, lse,
            ent, 1.0), lambda: ops.token_logprob_stats_backward(g, None, h, lm, None, ids, lse, ent, 1.0),
            lambda: lm_head_cpu.backward(g, None, h, lm, None, ids, lse, ent, 1.0))  # fmt: skip
 
 
 def decode_cases():
-    """(op, public call, torch.ops call, None) of the other ops a decode step calls, at DeepSeek-V3's decode
-    sizes for one token: routing over 256 experts (8 groups, top 4 groups, top 8), the permutation index and
-    the permute / unpermute of its 8 rows (hidden 128 here, to stay tiny), absorbed MLA decode of 16 heads over
-    one 64-key page. Their own math is not negligible at these sizes (mla_decode's is ~1.2M multiply-adds),
-    so the ratios bound the overhead from above."""
+    """(op, input, public call, torch.ops call, bare call) of the other ops a decode step calls, at DeepSeek-V3's
+    decode sizes for one token: routing over 256 experts (8 groups, top 4 groups, top 8), the permutation index
+    and the permute / unpermute of its 8 rows (hidden 128 here, to stay tiny), absorbed MLA decode of 16 heads
+    over one cached key (a sequence's first step: the tiny input) and over a 64-key page, whose own math
+    (~1.1M multiply-adds) the overhead column separates from the call's."""
     ops = torch.ops.r1k
     logits, bias = torch.randn(1, 256), torch.randn(256)
     route_out = torch.empty(1, 8), torch.empty(1, 8, dtype=torch.int32)
     route_problem = ext().RouteProblem(tokens=1, experts=256, top_k=8, n_group=8, topk_group=4,
                                        routed_scaling_factor=2.5, norm_topk_prob=True, softmax=False)  # fmt: skip
-    yield ("moe_route", lambda: r1kernels.moe.route(logits, bias, top_k=8, n_group=8, topk_group=4,
+    yield ("moe_route", "1 token, 256 experts",
+           lambda: r1kernels.moe.route(logits, bias, top_k=8, n_group=8, topk_group=4,
                                                     routed_scaling_factor=2.5),
            lambda: ops.moe_route(logits, bias, 8, 8, 4, 2.5, True, "sigmoid"),
            lambda: ext().route_cpu(logits=logits.data_ptr(), dtype=cpp_dtype(logits.dtype), bias=bias.data_ptr(),
@@ -136,82 +138,96 @@ def decode_cases():
     index = r1kernels.moe.permutation_index(expert_ids, 256)
     index_out = {n: torch.empty_like(t) for n, t in index._asdict().items()}
     perm_problem = ext().PermutationProblem(slots=8, experts=256, align=1, rows=8)
-    yield ("moe_permutation_index", lambda: r1kernels.moe.permutation_index(expert_ids, 256),
+    yield ("moe_permutation_index", "1 token, top 8 of 256", lambda: r1kernels.moe.permutation_index(expert_ids, 256),
            lambda: ops.moe_permutation_index(expert_ids, 256, 1, 8),
            lambda: ext().permutation_index_cpu(expert_ids=expert_ids.data_ptr(), problem=perm_problem,
                                                **{n: t.data_ptr() for n, t in index_out.items()}))  # fmt: skip
     x = torch.randn(1, 128, dtype=torch.bfloat16)
-    yield ("moe_permute", lambda: r1kernels.moe.moe_permute(x, index),
+    yield ("moe_permute", "8 rows of 128", lambda: r1kernels.moe.moe_permute(x, index),
            lambda: ops.moe_permute(x, index.source, index.row_of),
            lambda: row_launchers.gather_rows(x, index.source, 8, None, "moe_permute"))  # fmt: skip
     rows, weights = r1kernels.moe.moe_permute(x, index), torch.rand(1, 8)
-    yield ("moe_unpermute", lambda: r1kernels.moe.moe_unpermute(rows, index, weights),
+    yield ("moe_unpermute", "8 rows of 128", lambda: r1kernels.moe.moe_unpermute(rows, index, weights),
            lambda: ops.moe_unpermute(rows, index.source, index.row_of, weights),
            lambda: row_launchers.combine_rows(rows, index.row_of, weights, "moe_unpermute"))  # fmt: skip
     q = torch.randn(1, 1, 16, 576, dtype=torch.bfloat16)
     cache = torch.randn(2, 64, 576, dtype=torch.bfloat16)
-    table, lengths = torch.tensor([[1]], dtype=torch.int32), torch.tensor([64], dtype=torch.int32)
     out, lse = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16), torch.empty(1, 16, 1)
-    yield ("mla_decode", lambda: r1kernels.mla.mla_decode(q, cache, table, lengths, softmax_scale=0.07),
-           lambda: ops.mla_decode(q, cache, table, lengths, 0.07, True, 512),
-           lambda: mla_decode_module._decode_cpu(q, cache, table, lengths, 0.07, True, out, lse))  # fmt: skip
+    table = torch.tensor([[1]], dtype=torch.int32)
+    for keys, label in ((1, "16 heads, 1 key"), (64, "16 heads, 64 keys (1.1M MACs)")):
+        lengths = torch.tensor([keys], dtype=torch.int32)
+        yield ("mla_decode", label, lambda n=lengths: r1kernels.mla.mla_decode(q, cache, table, n, softmax_scale=0.07),
+               lambda n=lengths: ops.mla_decode(q, cache, table, n, 0.07, True, 512),
+               lambda n=lengths: mla_decode_module._decode_cpu(q, cache, table, n, 0.07, True, out, lse))  # fmt: skip
 
 
 def other_cases():
-    """(op, public call, torch.ops call, None) of the remaining ops at their smallest useful inputs: one token
-    through a 128 x 128 FP8 GEMM (the contiguous grouped form: one real row in a 128-row segment, as a decode
-    step routes one token to an expert; the grouped weight gradient needs 128 real tokens, 2M multiply-adds),
-    a [1, 256] SwiGLU, one token's 8 rows through 8 experts' 64 x 128 weights, one query of a 1-head MLA with
-    32 + 16 dims, the fused GRPO loss op on one token (H 64, V 128)."""
+    """(op, input, public call, torch.ops call, bare call) of the remaining ops at their smallest useful inputs: one
+    token through a 128 x 128 FP8 GEMM (the grouped forms: one real row in a 128-row segment, as a decode step
+    routes one token to an expert; the grouped weight gradient also with all 128 tokens real), the weight
+    gradient of a 128 x 128 weight over the 16 tokens quantize_transposed pads to, a [1, 256] SwiGLU, one
+    token's 8 rows through 8 experts' 64 x 128 weights, one query of a 1-head MLA with 32 + 16 dims, the fused
+    GRPO loss op on one token (H 64, V 128)."""
     ops, fp8, moe = torch.ops.r1k, r1kernels.fp8, r1kernels.moe
     x, w = torch.randn(1, 128, dtype=torch.bfloat16), torch.randn(128, 128)
     (a, sa), (b, sb) = fp8.quantize_per_token_group(x), fp8.quantize_per_block(w)
-    yield ("quantize_fp8_transposed", lambda: fp8.quantize_transposed(x),
+    yield ("quantize_fp8_transposed", "[1, 128] bf16", lambda: fp8.quantize_transposed(x),
            lambda: ops.quantize_fp8_transposed(x, False, None),
            lambda: quantize_transposed_module._cpu(x, None, False))  # fmt: skip
     out = torch.empty(1, 128, dtype=torch.bfloat16)
-    yield ("fp8_gemm_nt", lambda: fp8.gemm_nt(a, sa, b, sb),
+    yield ("fp8_gemm_nt", "1 x 128 x 128", lambda: fp8.gemm_nt(a, sa, b, sb),
            lambda: ops.fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, None),
            lambda: gemm_module.cpu_gemm(a, sa, b, sb, out))  # fmt: skip
     am, sam = (t[None] for t in (a, sa))
     masked_m, bg, sbg = torch.tensor([1], dtype=torch.int32), b[None], sb[None]
-    yield ("fp8_grouped_gemm_nt_masked", lambda: fp8.grouped_gemm_nt_masked(am, sam, bg, sbg, masked_m),
+    yield ("fp8_grouped_gemm_nt_masked", "1 x 128 x 128",
+           lambda: fp8.grouped_gemm_nt_masked(am, sam, bg, sbg, masked_m),
            lambda: ops.fp8_grouped_gemm_nt_masked(am, sam, bg, sbg, masked_m, torch.bfloat16),
            lambda: masked_module._cpu(am, sam, bg, sbg, masked_m, out[None]))  # fmt: skip
     xt, sxt = fp8.quantize_transposed(torch.randn(16, 128, dtype=torch.bfloat16))
     out32 = torch.empty(128, 128)
-    yield ("fp8_wgrad_gemm", lambda: fp8.wgrad_gemm(xt, sxt, xt, sxt),
+    yield ("fp8_wgrad_gemm", "128 x 128 x 16 tokens (262k MACs)", lambda: fp8.wgrad_gemm(xt, sxt, xt, sxt),
            lambda: ops.fp8_wgrad_gemm(xt, sxt, xt, sxt, None),
            lambda: gemm_module.cpu_gemm(xt, sxt, xt, sxt, out32, None, b_tile_rows=1))  # fmt: skip
     a128, s128 = fp8.quantize_per_token_group(torch.randn(128, 128))
     m_idx, out128 = torch.zeros(128, dtype=torch.int32), torch.empty(128, 128, dtype=torch.bfloat16)
     one_real = torch.full((128,), -1, dtype=torch.int32)
     one_real[0] = 0  # decode: one token routed to the expert, its segment padded to 128 rows
-    yield ("fp8_grouped_gemm_nt_contiguous", lambda: fp8.grouped_gemm_nt_contiguous(a128, s128, bg, sbg, one_real),
+    yield ("fp8_grouped_gemm_nt_contiguous", "1 real row of 128, 128 x 128",
+           lambda: fp8.grouped_gemm_nt_contiguous(a128, s128, bg, sbg, one_real),
            lambda: ops.fp8_grouped_gemm_nt_contiguous(a128, s128, bg, sbg, one_real, torch.bfloat16),
            lambda: grouped_module._cpu(a128, s128, bg, sbg, one_real, out128, 1))  # fmt: skip
-    t128, st128 = fp8.quantize_transposed(torch.randn(128, 128))
     out_g = torch.empty(1, 128, 128)
-    yield ("fp8_grouped_wgrad_gemm", lambda: fp8.grouped_wgrad_gemm(t128, st128, t128, st128, m_idx, 1),
-           lambda: ops.fp8_grouped_wgrad_gemm(t128, st128, t128, st128, m_idx, 1, None),
-           lambda: grouped_wgrad_module._cpu(t128, st128, t128, st128, grouped_wgrad_module.token_ranges(m_idx, 1),
-                                             out_g, None))  # fmt: skip
+    for ids, label in ((one_real, "1 real token of 128, 128 x 128"), (m_idx, "128 tokens, 128 x 128 (2.1M MACs)")):
+        t, st = fp8.quantize_transposed(torch.randn(128, 128), m_indices=ids)
+        yield ("fp8_grouped_wgrad_gemm", label,
+               lambda t=t, st=st, ids=ids: fp8.grouped_wgrad_gemm(t, st, t, st, ids, 1),
+               lambda t=t, st=st, ids=ids: ops.fp8_grouped_wgrad_gemm(t, st, t, st, ids, 1, None),
+               lambda t=t, st=st, ids=ids: grouped_wgrad_module._cpu(
+                   t, st, t, st, grouped_wgrad_module.token_ranges(ids, 1, real_end=True), out_g, None))  # fmt: skip
     h = torch.randn(1, 256, dtype=torch.bfloat16)
-    yield ("moe_swiglu", lambda: moe.swiglu(h), lambda: ops.moe_swiglu(h), lambda: swiglu_module._run(h))
+    yield (
+        "moe_swiglu",
+        "[1, 256] bf16",
+        lambda: moe.swiglu(h),
+        lambda: ops.moe_swiglu(h),
+        lambda: swiglu_module._run(h),
+    )
     index = moe.permutation_index(torch.randperm(8)[None].to(torch.int32), 8)
     rows, ew = torch.randn(8, 128, dtype=torch.bfloat16), torch.randn(8, 64, 128, dtype=torch.bfloat16)
-    yield ("moe_grouped_linear", lambda: moe.grouped_linear(rows, ew, index),
+    yield ("moe_grouped_linear", "8 rows, 8 experts of 64 x 128", lambda: moe.grouped_linear(rows, ew, index),
            lambda: ops.moe_grouped_linear(rows, ew, index.row_expert, index.offsets, index.counts),
            lambda: grouped_linear_module._forward(rows, ew, index.row_expert, index.offsets, index.counts))  # fmt: skip
     q, kn, kp, v = (torch.randn(1, 1, 1, 48), torch.randn(1, 1, 1, 32), torch.randn(1, 1, 16), torch.randn(1, 1, 1, 32))
-    yield ("mla_attention", lambda: r1kernels.mla.mla_attention(q, kn, kp, v),
+    yield ("mla_attention", "1 query, 1 head, 32 + 16 dims", lambda: r1kernels.mla.mla_attention(q, kn, kp, v),
            lambda: ops.mla_attention(q, kn, kp, v, True, 48**-0.5, None, None),
            lambda: mla_attention_module._forward(q, kn, kp, v, True, 48**-0.5, None, None))  # fmt: skip
     hid, lm, ids = torch.randn(1, 64), torch.randn(128, 64), torch.randint(0, 128, (1,))
     one, adv = torch.ones(1), torch.randn(1)
     terms = (one, adv, None, None, None, 1.0, 0.0, 0.2, 0.2, None, 20.0, 0.0, False, False)
     token_terms = TokenTerms(one, adv, None, None, None, 0.0, 0.2, 0.2, None, 20.0, 0.0, False)
-    yield ("grpo_token_loss_fused", lambda: OPS["grpo_token_loss_fused"](hid, lm, None, ids, *terms),
+    yield ("grpo_token_loss_fused", "1 token, H 64, V 128",
+           lambda: OPS["grpo_token_loss_fused"](hid, lm, None, ids, *terms),
            lambda: ops.grpo_token_loss_fused(hid, lm, None, ids, *terms),
            lambda: fused_loss_module._two_pass(hid, lm, None, ids, token_terms, 1.0, False))  # fmt: skip
 
@@ -229,21 +245,21 @@ def main() -> None:
 
     expr_us = per_call_us(expr, expr, args.reps)[0]
     rows = []
-    for name, public, dispatched, bare in (*cases(), *decode_cases(), *other_cases()):
+    for name, label, public, dispatched, bare in (*cases(), *decode_cases(), *other_cases()):
         assert name in OPS
         if args.only and name not in args.only:
             continue
         pub, pub_ratio, pub_best = per_call_us(public, expr, args.reps)
         disp, disp_ratio, _ = per_call_us(dispatched, expr, args.reps)
         b = per_call_us(bare, expr, args.reps)[0] if bare is not None else float("nan")
-        rows.append([name, round(pub, 1), round(disp, 1), round(b, 1), round(pub_ratio, 2), round(pub_best, 2),
+        rows.append([name, label, round(pub, 1), round(disp, 1), round(b, 1), round(pub_ratio, 2), round(pub_best, 2),
                      round((pub - b) / expr_us, 2), round(disp_ratio, 2)])  # fmt: skip
     print(f"x.abs().amax() on [1, 128] bf16: {expr_us:.1f} us per call")
     if args.only:
         for row in rows:
             print(*row, sep="\t")
         return
-    write_table("dispatch_cpu", ["op", "public us", "torch.ops us", "bare us", "public / expr",
+    write_table("dispatch_cpu", ["op", "input", "public us", "torch.ops us", "bare us", "public / expr",
                                  "public / expr (fastest rounds)", "(public - bare) / expr", "torch.ops / expr"],
                 rows)  # fmt: skip
 

@@ -113,17 +113,26 @@ def _grouped_case(segments, N, K, device):
     return ids, dy, x, a, sa, b, sb
 
 
+@pytest.mark.parametrize("amx", ["1", pytest.param("0", id="no-amx")])
 @pytest.mark.parametrize("backend,device", backends_for())
-def test_grouped_wgrad_per_expert(backend, device):
+@pytest.mark.parametrize("segments", [[(1, 100), (3, 300), (0, 128)], [(0, 1), (3, 17)]], ids=["train", "decode"])
+def test_grouped_wgrad_per_expert(backend, device, amx, segments, monkeypatch):
+    """Experts without tokens (2; also 1 in the decode layout), several segments, and experts whose last real token
+    ends a 16-token group or not (the CPU path stops there: the padding past it is zeroed); on the CPU with AMX
+    (operands read in place, where the machine has it) and without (views, dequantize + matmul)."""
+    if amx == "0" and backend != "cpu":
+        pytest.skip("the CPU path's choice")
+    monkeypatch.setenv("R1K_CPU_AMX", amx)
     G, N, K = 4, 130, 144
-    ids, dy, x, a, sa, b, sb = _grouped_case([(1, 100), (3, 300), (0, 128)], N, K, device)  # expert 2: no tokens
+    ids, dy, x, a, sa, b, sb = _grouped_case(segments, N, K, device)
     c = torch.randn(G, N, K, device=device)
     with r1kernels.use_backend(backend):
         d = r1kernels.fp8.grouped_wgrad_gemm(a, sa, b, sb, ids.to(device), G, c=c)
     assert d.shape == (G, N, K)
     d, c = d.cpu(), c.cpu()
-    assert torch.equal(d[2], c[2])
-    for g in (0, 1, 3):
+    for g in set(range(G)) - {e for e, _ in segments}:
+        assert torch.equal(d[g], c[g])
+    for g, _ in segments:
         sel = (ids == g).nonzero().squeeze(1)
         lo, hi = int(sel[0]), int(sel[0]) + -(-sel.numel() // 128) * 128
         r = ref.wgrad_gemm(a.cpu()[:, lo:hi], sa.cpu()[:, lo // 128 : hi // 128], b.cpu()[:, lo:hi],
@@ -160,6 +169,12 @@ def test_token_ranges_cpp_matches_the_device_form(layout):
         rows = (ids == e).nonzero().squeeze(1)
         assert got[e].tolist() == [int(rows[0]), int(rows[0]) + -(-n // 128) * 128]
     assert all(got[e].tolist() == [0, 0] for e in range(4) if e not in dict(layout))
+    trimmed = grouped_wgrad_module.token_ranges(ids, 4, real_end=True)  # the CPU GEMM's: up to the last real token
+    for e in range(4):
+        start, end = got[e].tolist()
+        real_end = int((ids == e).nonzero().max()) + 1 if start < end else 0
+        want = [start, min(end, -(-real_end // 16) * 16)] if start < end else [0, 0]
+        assert trimmed[e].tolist() == want, e
 
 
 @pytest.mark.parametrize(

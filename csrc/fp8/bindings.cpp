@@ -61,13 +61,15 @@ void register_fp8(py::module_& m) {
 
   m.def(
       "token_ranges_cpu",
-      [](uintptr_t m_indices, int64_t rows, int64_t experts, int64_t segment, uintptr_t ranges) {
-        return token_ranges_cpu(ptr<const int32_t>(m_indices), rows, experts, segment, ptr<int32_t>(ranges));
+      [](uintptr_t m_indices, int64_t rows, int64_t experts, int64_t segment, bool real_end, uintptr_t ranges) {
+        return token_ranges_cpu(ptr<const int32_t>(m_indices), rows, experts, segment, real_end,
+                                ptr<int32_t>(ranges));
       },
       py::kw_only(), py::arg("m_indices"), py::arg("rows"), py::arg("experts"), py::arg("segment"),
-      py::arg("ranges"),
+      py::arg("real_end"), py::arg("ranges"),
       "Each expert's (first row, end row) into ranges [experts, 2] int32, (0, 0) when absent, for ids that pass "
-      "contiguous_segments_cpu; False, nothing written, when an expert's segments are not contiguous.");
+      "contiguous_segments_cpu (real_end: the end at the last real row + 1, rounded up to 16); False, nothing "
+      "written, when an expert's segments are not contiguous.");
 
   m.def(
       "fp8_gemm_small_cpu",

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "common/cpu_vector.h"
@@ -77,15 +78,19 @@ R1K_VECTOR_CLONES void to_float(const void* base, DType dtype, int64_t offset, i
   }
 }
 
-void store(const float* row, int64_t n, float factor, DType dtype, void* base, int64_t offset) {
+// One loop per dtype: with the dtype chosen per element (and fp16's rounding branches beside bf16's) the loop stayed
+// scalar, ~10 cycles an element, most of a one-token decode.
+R1K_VECTOR_CLONES void store(const float* row, int64_t n, float factor, DType dtype, void* base, int64_t offset) {
   if (dtype == DType::kFloat32) {
     float* p = static_cast<float*>(base) + offset;
     for (int64_t i = 0; i < n; ++i) p[i] = row[i] * factor;
-    return;
+  } else if (dtype == DType::kBFloat16) {
+    uint16_t* p = static_cast<uint16_t*>(base) + offset;
+    for (int64_t i = 0; i < n; ++i) p[i] = float_to_bf16_rne(row[i] * factor);
+  } else {
+    uint16_t* p = static_cast<uint16_t*>(base) + offset;
+    for (int64_t i = 0; i < n; ++i) p[i] = float_to_fp16_rne(row[i] * factor);
   }
-  uint16_t* p = static_cast<uint16_t*>(base) + offset;
-  for (int64_t i = 0; i < n; ++i)
-    p[i] = dtype == DType::kBFloat16 ? float_to_bf16_rne(row[i] * factor) : float_to_fp16_rne(row[i] * factor);
 }
 
 // One row's online-softmax step over the block: scores s (the first `visible` used) -> weights in s; returns the
@@ -105,13 +110,34 @@ float softmax_step(float* s, int64_t visible, float& max_score, float& sum) {
   return keep;
 }
 
+// A thread's buffers, kept across calls: the block's fp32 keys alone are 144 KiB, past malloc's mmap threshold, so
+// fresh ones cost an mmap, a page fault per 4 KiB and an munmap per call (~15 us, most of a one-token decode).
+struct Scratch {
+  std::vector<float> rows, acc, keys, scores, max_score, sum;
+  void fit(int64_t padded) {
+    for (auto [v, n] : {std::pair{&rows, padded * kWidth}, {&acc, padded * kLatent}, {&keys, kKeys * kWidth},
+                        {&scores, padded * kKeys}, {&max_score, padded}, {&sum, padded}})
+      if (static_cast<int64_t>(v->size()) < n) v->resize(static_cast<size_t>(n));
+  }
+};
+
 void decode_sequence(const void* q, const void* kv, DType dtype, const int32_t* table, int64_t len, int64_t b,
                      void* out, float* lse, const MlaDecodeProblem& p) {
   const int64_t R = p.s_q * p.heads, padded = (R + kGroup - 1) / kGroup * kGroup;  // padding rows: zero, unseen
-  std::vector<float> rows(static_cast<size_t>(padded * kWidth), 0.0f), acc(static_cast<size_t>(padded * kLatent), 0.0f);
-  std::vector<float> keys(static_cast<size_t>(kKeys * kWidth)), scores(static_cast<size_t>(padded * kKeys));
-  std::vector<float> max_score(static_cast<size_t>(padded), -std::numeric_limits<float>::infinity());
-  std::vector<float> sum(static_cast<size_t>(padded), 0.0f);
+  static thread_local Scratch scratch;
+  scratch.fit(padded);
+  std::vector<float>& rows = scratch.rows;
+  std::vector<float>& acc = scratch.acc;
+  std::vector<float>& keys = scratch.keys;
+  std::vector<float>& scores = scratch.scores;
+  std::vector<float>& max_score = scratch.max_score;
+  std::vector<float>& sum = scratch.sum;
+  // what the loops read before they write: the padding rows, the accumulators (scaled by 0 on a row's first
+  // block: garbage could be Inf), each row's running max and sum
+  std::fill(rows.begin() + R * kWidth, rows.begin() + padded * kWidth, 0.0f);
+  std::fill(acc.begin(), acc.begin() + padded * kLatent, 0.0f);
+  std::fill(max_score.begin(), max_score.begin() + padded, -std::numeric_limits<float>::infinity());
+  std::fill(sum.begin(), sum.begin() + padded, 0.0f);
   to_float(q, dtype, b * R * kWidth, R * kWidth, rows.data());
   for (int64_t j0 = 0; j0 < len; j0 += kKeys) {
     const int64_t n = std::min(kKeys, len - j0);

@@ -95,7 +95,7 @@ def validate_matrices(a, a_scales, b, b_scales, out_dtype, c=None, b_tile_rows=B
 
 
 @functools.lru_cache(maxsize=512)
-def _small_problem(*dims: int):
+def small_problem(*dims: int):
     names = ("groups", "m", "n", "k", "b_tile_rows", "a_stride_g", "a_stride_m", "b_stride_g", "b_stride_n",
              "sa_stride_g", "sa_stride_m", "sa_stride_k", "sb_stride_g", "sb_stride_n", "sb_stride_k", "c_stride_m",
              "out_stride_g", "out_stride_m")  # fmt: skip
@@ -115,7 +115,7 @@ def cpu_gemm_small(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK, row
         a.data_ptr(), a_scales.data_ptr(), b.data_ptr(), b_scales.data_ptr(), 0 if c is None else c.data_ptr(),
         cpp_dtype((out if c is None else c).dtype), out.data_ptr(), cpp_dtype(out.dtype),
         0 if row_expert is None else row_expert.data_ptr(), 0 if masked_m is None else masked_m.data_ptr(),
-        _small_problem(*dims),
+        small_problem(*dims),
     )  # fmt: skip
 
 
@@ -137,7 +137,7 @@ def _cpu_gemm_amx(a, a_scales, b, b_scales, out, c, b_tile_rows) -> None:
             0 if c is None else c.stride(0), 0, target.stride(0))  # fmt: skip
     ext().fp8_gemm_amx_cpu(a.data_ptr(), a_scales.data_ptr(), b.data_ptr(), b_scales.data_ptr(),
                            0 if c is None else c.data_ptr(), cpp_dtype(out.dtype if c is None else c.dtype),
-                           target.data_ptr(), cpp_dtype(out.dtype), _small_problem(*dims))  # fmt: skip
+                           target.data_ptr(), cpp_dtype(out.dtype), small_problem(*dims))  # fmt: skip
     if target is not out:
         out.copy_(target)
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from r1kernels import _alloc, backend
-from r1kernels._checks import check_tensor
-from r1kernels._ext import ext
+from r1kernels import _alloc, backend, cpu_caps
+from r1kernels._checks import cdiv, check_tensor
+from r1kernels._ext import cpp_dtype, ext
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import BLOCK, cpu_gemm, launch_gemm, validate
+from r1kernels.fp8.gemm_nt import BLOCK, CPU_SMALL_ROWS, cpu_gemm, launch_gemm, small_problem, validate
 from r1kernels.fp8.grouped_gemm_nt import SEGMENT, check_segment_ids
 
 _OP = "fp8_grouped_wgrad_gemm"
@@ -34,14 +34,16 @@ def validate_grouped(a, a_scales, b, b_scales, m_indices, num_groups, c) -> None
             raise ValueError(f"c must be [G, N, K] = {expected} on {a.device}, got {tuple(c.shape)} on {c.device}")
 
 
-def token_ranges(m_indices: torch.Tensor, num_groups: int) -> torch.Tensor:
+def token_ranges(m_indices: torch.Tensor, num_groups: int, real_end: bool = False) -> torch.Tensor:
     """[G, 2] int32 (first token, end token) of each expert's segment, (0, 0) for an expert with no tokens, for
     ids that pass ``check_segment_ids``. The segments must be contiguous: checked in the same C++ pass for CPU
-    tensors, on the device (no host synchronisation) for CUDA ones."""
-    if m_indices.device.type == "cpu":
+    tensors, on the device (no host synchronisation) for CUDA ones. ``real_end`` (CPU tensors): each end at the
+    expert's last real token + 1, rounded up to 16, instead of its segment's end (the padding past it adds zeros:
+    a decode step's one token per expert is then a 16-token product, not a 128-token one)."""
+    if m_indices.is_cpu:
         ranges = torch.empty(num_groups, 2, dtype=torch.int32)
         if not ext().token_ranges_cpu(m_indices=m_indices.data_ptr(), rows=m_indices.shape[0], experts=num_groups,
-                                      segment=SEGMENT, ranges=ranges.data_ptr()):  # fmt: skip
+                                      segment=SEGMENT, real_end=real_end, ranges=ranges.data_ptr()):  # fmt: skip
             raise ValueError(_NOT_CONTIGUOUS)
         return ranges
     return token_ranges_torch(m_indices, num_groups)
@@ -66,13 +68,33 @@ def token_ranges_torch(m_indices: torch.Tensor, num_groups: int) -> torch.Tensor
 
 
 def _cpu(a, a_scales, b, b_scales, ranges, out, c) -> None:
-    for g, (lo, hi) in enumerate(ranges.tolist()):
-        if hi > lo:
-            cols = slice(lo // BLOCK, hi // BLOCK)
+    """``ranges`` from ``token_ranges(.., real_end=True)``: an end need not close a 128-token scale block. Experts
+    without tokens get 0 (or c) in one op; on AMX each expert's product reads its token range in place (views of
+    a, b, their scales, out and c cost ~1.5 us each, more than the product of a decode step's one token)."""
+    present = [(g, lo, hi) for g, (lo, hi) in enumerate(ranges.tolist()) if hi > lo]
+    if len(present) < out.shape[0]:
+        absent = torch.tensor(sorted(set(range(out.shape[0])) - {g for g, _, _ in present}))
+        out.index_copy_(0, absent, c.index_select(0, absent)) if c is not None else out.index_fill_(0, absent, 0.0)
+    in_place = cpu_caps.amx_bf16() and a.shape[0] > CPU_SMALL_ROWS and a.stride(1) == 1 and b.stride(1) == 1
+    for g, lo, hi in present:
+        if in_place:
+            _amx_range(a, a_scales, b, b_scales, out, c, g, lo, hi)
+        else:
+            cols = slice(lo // BLOCK, cdiv(hi, BLOCK))
             cpu_gemm(a[:, lo:hi], a_scales[:, cols], b[:, lo:hi], b_scales[:, cols], out[g],
                      None if c is None else c[g], b_tile_rows=1)  # fmt: skip
-        else:
-            out[g] = 0 if c is None else c[g]
+
+
+def _amx_range(a, a_scales, b, b_scales, out, c, g: int, lo: int, hi: int) -> None:
+    """out[g] = a[:, lo:hi] @ b[:, lo:hi].T (+ c[g]), row scales, on AMX tiles by address (lo a multiple of 128)."""
+    (M, _), N, f32, fp32 = a.shape, b.shape[0], 4, cpp_dtype(torch.float32)
+    kb = lo // BLOCK
+    dims = (1, M, N, hi - lo, 1, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *b_scales.stride(),
+            0 if c is None else c.stride(1), 0, out.stride(1))  # fmt: skip
+    ext().fp8_gemm_amx_cpu(a.data_ptr() + lo, a_scales.data_ptr() + kb * a_scales.stride(1) * f32, b.data_ptr() + lo,
+                           b_scales.data_ptr() + kb * b_scales.stride(1) * f32,
+                           0 if c is None else c.data_ptr() + g * c.stride(0) * f32, fp32,
+                           out.data_ptr() + g * out.stride(0) * f32, fp32, small_problem(*dims))  # fmt: skip
 
 
 def _fake(a, a_scales, b, b_scales, m_indices, num_groups, c):
@@ -106,11 +128,10 @@ def _grouped_wgrad_op(
     if out.numel() == 0:
         return out
     check_segment_ids(m_indices, num_groups)
-    ranges = token_ranges(m_indices, num_groups)
     if backend.resolve(a.device, _OP) == "cpu":
-        _cpu(a, a_scales, b, b_scales, ranges, out, c)
+        _cpu(a, a_scales, b, b_scales, token_ranges(m_indices, num_groups, real_end=True), out, c)
     else:
-        launch_gemm(a, a_scales, b, b_scales, out, c, k_ranges=ranges, b_row_scales=True)
+        launch_gemm(a, a_scales, b, b_scales, out, c, k_ranges=token_ranges(m_indices, num_groups), b_row_scales=True)
     return out
 
 
