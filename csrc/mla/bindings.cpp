@@ -38,7 +38,7 @@ void register_mla(py::module_& m) {
         return mla_decode_cpu(ptr<const void>(q), ptr<const void>(kv_cache), dtype, ptr<const int32_t>(block_table),
                               ptr<const int32_t>(cache_seqlens), ptr<void>(out), ptr<float>(lse), problem);
       },
-      py::kw_only(), py::arg("q"), py::arg("kv_cache"), py::arg("dtype"), py::arg("block_table"),
+      py::arg("q"), py::arg("kv_cache"), py::arg("dtype"), py::arg("block_table"),  // positional too: per step
       py::arg("cache_seqlens"), py::arg("out"), py::arg("lse"), py::arg("problem"),
       "Absorbed-MLA decode over a paged latent cache on the CPU (online softmax, fp32).");
 
