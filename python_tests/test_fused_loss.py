@@ -283,6 +283,32 @@ def test_cpu_tiny_fused_op_is_its_three_kernels_in_one_call(dtype, with_bias, ex
             assert err < tol, f"{name}: {err:.2e}"
 
 
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01], ids=["no-entropy", "entropy"])
+def test_cpu_tiny_fused_op_leaves_padding_out(entropy_coef):
+    """Decode-sized problems (one C++ call) leave every zero-weight token out of the backward too, not only runs of
+    them: a NaN hidden state there reaches no gradient; the rest matches the float64 reference on clean inputs."""
+    B, T, H, V = 2, 9, 16, 40
+    hidden, weight, _, ids, _, _, old, refp = _batch(B, T, H, V, torch.float32, "cpu")
+    mask = (torch.arange(T)[None] < torch.tensor([9, 4])[:, None]).float()
+    mask[0, 3] = 0.0  # a masked token between real ones: not a run
+    adv = torch.randn(B)
+    poisoned = hidden.clone()
+    poisoned[1, 6, 2], poisoned[0, 3, 5] = float("nan"), float("inf")
+    kwargs = dict(old_logps=old, ref_logps=refp, beta=0.04, loss_type="dapo", entropy_coef=entropy_coef)
+    assert lm_head_cpu.tiny(B * T, V, H)
+    h, w = poisoned.clone().requires_grad_(), weight.clone().requires_grad_()
+    with r1kernels.use_backend("cpu"):
+        loss, _ = grpo_loss(h, w, ids, mask, adv, return_entropy=entropy_coef > 0, **kwargs)
+        loss.backward()
+    rh, rw = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    r_loss, _ = ref.grpo_loss(rh, rw, ids, mask, adv, **kwargs)
+    r_loss.backward()
+    assert torch.isfinite(w.grad).all() and torch.equal(h.grad[mask == 0], torch.zeros_like(h.grad[mask == 0]))
+    assert float(loss.detach()) == pytest.approx(float(r_loss.detach()), rel=1e-5, abs=1e-6)
+    for got, want in ((h.grad, rh.grad), (w.grad, rw.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-5
+
+
 def test_cpu_tiny_fused_op_rejects_out_of_range_ids():
     hidden, weight = torch.randn(3, 8), torch.randn(5, 8)
     ids, w, adv = torch.tensor([0, 5, 1]), torch.ones(3), torch.randn(3)

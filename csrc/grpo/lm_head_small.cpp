@@ -135,14 +135,14 @@ __attribute__((always_inline)) inline bool forward(const LmHeadProblem& p, bool 
 __attribute__((always_inline)) inline void backward(const LmHeadProblem& p, const float* g, const float* ge,
                                                     const float* lse, const float* entropy, float* d_hidden,
                                                     float* d_weight, float* d_bias) {
-  if (p.n == 0) {  // nothing adds to the gradients: zeros
-    std::fill(d_weight, d_weight + p.v * p.h, 0.0f);
-    if (d_bias != nullptr) std::fill(d_bias, d_bias + p.v, 0.0f);
-    return;
-  }
   const Fp32Operands ops(p);
   std::vector<float> hrow(static_cast<size_t>(p.h)), z(static_cast<size_t>(p.v));
+  bool first = true;  // no row has added to d_weight / d_bias yet
   for (int64_t i = 0; i < p.n; ++i) {
+    if (g[i] == 0.0f && (ge == nullptr || ge[i] == 0.0f)) {  // nothing flows back (padding; NaN is not 0): the
+      std::fill(d_hidden + i * p.h, d_hidden + (i + 1) * p.h, 0.0f);  // row is left out, a NaN in it reaches nothing
+      continue;
+    }
     load_row(p.hidden, p.dtype, p.stride_h, i, p.h, hrow.data());
     logits_row(p, ops, hrow.data(), z.data());
     // z becomes d loss / d z in its own loop: the exp calls clobber every vector register, so the update loops
@@ -161,14 +161,19 @@ __attribute__((always_inline)) inline void backward(const LmHeadProblem& p, cons
     weighted_rows(p, ops, z.data(), d_hidden + i * p.h);
     for (int64_t j = 0; j < p.v; ++j) {
       float* dwrow = d_weight + j * p.h;
-      if (i == 0) {
+      if (first) {
         for (int64_t k = 0; k < p.h; ++k) dwrow[k] = z[j] * hrow[k];
       } else {
         for (int64_t k = 0; k < p.h; ++k) dwrow[k] += z[j] * hrow[k];
       }
     }
     if (d_bias != nullptr)
-      for (int64_t j = 0; j < p.v; ++j) d_bias[j] = i == 0 ? z[j] : d_bias[j] + z[j];
+      for (int64_t j = 0; j < p.v; ++j) d_bias[j] = first ? z[j] : d_bias[j] + z[j];
+    first = false;
+  }
+  if (first) {  // every row left out (or none): zeros
+    std::fill(d_weight, d_weight + p.v * p.h, 0.0f);
+    if (d_bias != nullptr) std::fill(d_bias, d_bias + p.v, 0.0f);
   }
 }
 

@@ -26,7 +26,8 @@ bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float
                                 float* entropy);
 
 // Gradients of sum(g * logp + ge * entropy) (ge may be null; v >= 1) into fp32 d_hidden [n, h], d_weight [v, h] and
-// d_bias [v] (may be null), all dense and overwritten.
+// d_bias [v] (may be null), all dense and overwritten. Rows whose g (and ge) are exactly 0 are left out: their d
+// hidden is 0 and they add nothing, whatever their hidden state holds (NaN included).
 void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
                                          const float* entropy, float* d_hidden, float* d_weight, float* d_bias);
 

@@ -225,7 +225,8 @@ def fused_token_loss(hidden, weight, bias, token_ids, t: TokenTerms, temperature
     ``weight [V, H]`` (+ ``bias``), differentiable w.r.t. hidden, weight and bias through gradients computed
     in this forward; logp and entropy ``[N]`` fp32 (no gradient; entropy zeros unless ``with_entropy``).
     Tokens whose weight is 0 (masked, padding) are not part of the loss: their logp and entropy are 0, their
-    gradients 0, and the CPU path does not compute them (runs of them; a NaN there reaches nothing)."""
+    gradients 0, and the CPU path does not compute them (runs of them; all of them in decode-sized problems), so a
+    NaN there reaches nothing."""
     terms = (t.weight, t.adv, t.old, t.ref, t.is_ratio, temperature, t.beta, t.epsilon_low, t.epsilon_high, t.delta,
              t.clamp, t.entropy_coef, t.unbiased_kl, with_entropy)  # fmt: skip
     return _FusedLoss.apply(hidden, weight, bias, token_ids, *terms)

@@ -239,9 +239,9 @@ def _zero_gradient(g: torch.Tensor, ge: torch.Tensor | None) -> torch.Tensor:
 
 def backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature: float):
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)``; ``grad_entropy`` may be None. Rows whose
-    incoming gradients are exactly zero (masked tokens) are skipped when enough are, in runs (``_row_chunks``):
-    their d hidden is 0 and they add nothing to d weight, also when their hidden state holds NaN (the forward's
-    log-prob and the loss carry that NaN)."""
+    incoming gradients are exactly zero (masked tokens) are skipped when enough are, in runs (``_row_chunks``;
+    decode-sized problems, one C++ call: every such row): their d hidden is 0 and they add nothing to d weight,
+    also when their hidden state holds NaN (the forward's log-prob and the loss carry that NaN)."""
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
