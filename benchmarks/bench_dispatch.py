@@ -1,7 +1,8 @@
 """Host-side overhead of each public op on tiny (decode-sized) CPU inputs.
 
-Per op, microseconds per call (median of repeated timing loops), against the cost of a two-op torch
-expression (``x.abs().amax()`` on the same tiny tensor) in the same process:
+Per op and input (the ``input`` column; MLA decode and the grouped weight gradient also at full size, where
+their own math is most of the call), microseconds per call (median of repeated timing loops), against the cost
+of a two-op torch expression (``x.abs().amax()`` on the same tiny tensor) in the same process:
 
 - ``public``: the public function (validation once, backend choice, eager call of the implementation);
 - ``torch.ops``: the registered op through torch.library's dispatcher (what torch.compile graphs call);
@@ -10,11 +11,12 @@ expression (``x.abs().amax()`` on the same tiny tensor) in the same process:
 - ``public / expr``: the target is at most 5x (median of the ratios of alternating timing rounds, robust to
   noise; beside it the ratio of each one's fastest round);
 - ``(public - bare) / expr``: the host-side overhead alone, for ops whose smallest input already holds more math
-  than the expression (the 128-row grouped GEMMs, attention, the loss).
+  than the expression (the weight gradients, full-size MLA decode, the loss); it is a difference of medians, so
+  a load spike in one column moves it more than the ratios.
 
 Below the FP8 and LM-head ops, the other ops of a decode step at one token's size (``decode_cases``).
 
-    python benchmarks/bench_dispatch.py [--reps 2000]
+    python benchmarks/bench_dispatch.py [--reps 2000] [--only OP ...]   # --only: print those rows, write nothing
 """
 
 from __future__ import annotations
