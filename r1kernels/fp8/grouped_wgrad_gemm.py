@@ -157,7 +157,8 @@ def grouped_wgrad_gemm(
         num_groups: G, the number of experts; an expert with no tokens gets a zero gradient.
         c: optional ``[G, N, K] float32`` contiguous, added to the result (gradient accumulation).
 
-    Returns ``[G, N, K] float32``. One launch over (expert, N tile, K tile) programs, each summing over its
-    expert's token range (found on the device: no host synchronisation).
+    Returns ``[G, N, K] float32``. GPU: one launch over (expert, N tile, K tile) programs, each summing over its
+    expert's token range (found on the device: no host synchronisation). CPU: per expert, up to its last real token
+    (rounded up to 16; the zeroed padding past it adds nothing), on AMX tiles where the CPU has them.
     """
     return _grouped_wgrad_op(a, a_scales, b, b_scales, m_indices, num_groups, c)
