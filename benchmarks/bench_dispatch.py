@@ -205,8 +205,7 @@ def other_cases():
         yield ("fp8_grouped_wgrad_gemm", label,
                lambda t=t, st=st, ids=ids: fp8.grouped_wgrad_gemm(t, st, t, st, ids, 1),
                lambda t=t, st=st, ids=ids: ops.fp8_grouped_wgrad_gemm(t, st, t, st, ids, 1, None),
-               lambda t=t, st=st, ids=ids: grouped_wgrad_module._cpu(
-                   t, st, t, st, grouped_wgrad_module.token_ranges(ids, 1, real_end=True), out_g, None))  # fmt: skip
+               lambda t=t, st=st, ids=ids: grouped_wgrad_module._cpu(t, st, t, st, ids, out_g, None))  # fmt: skip
     h = torch.randn(1, 256, dtype=torch.bfloat16)
     yield (
         "moe_swiglu",

@@ -7,6 +7,7 @@
 #include "common/pybind_util.h"
 #include "fp8/gemm_amx.h"
 #include "fp8/gemm_small.h"
+#include "fp8/grouped_wgrad_amx.h"
 #include "fp8/quantize.h"
 #include "fp8/segments.h"
 
@@ -98,6 +99,27 @@ void register_fp8(py::module_& m) {
       py::arg("out"), py::arg("out_dtype"), py::arg("problem"),  // positional calls allowed, as the few-row GEMM's
       "Block-scaled FP8 GEMM on AMX tiles (c: 0 for none; out and c float32 / bfloat16 with unit column stride; "
       "problem.groups 1); only where amx_bf16_usable().");
+
+  py::enum_<GroupedWgradStatus>(m, "GroupedWgradStatus",
+                                 "What fp8_grouped_wgrad_amx_cpu found wrong in m_indices (nothing written) or ok.")
+      .value("ok", GroupedWgradStatus::kOk)
+      .value("bad_ids", GroupedWgradStatus::kBadIds)
+      .value("not_contiguous", GroupedWgradStatus::kNotContiguous);
+
+  m.def(
+      "fp8_grouped_wgrad_amx_cpu",
+      [](uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales, uintptr_t c, uintptr_t out,
+         uintptr_t m_indices, int64_t tokens, int64_t experts, int64_t segment, const Fp8GemmProblem& problem) {
+        py::gil_scoped_release release;
+        return fp8_grouped_wgrad_amx_cpu(ptr<const uint8_t>(a), ptr<const float>(a_scales), ptr<const uint8_t>(b),
+                                         ptr<const float>(b_scales), ptr<const float>(c), ptr<float>(out),
+                                         ptr<const int32_t>(m_indices), tokens, experts, segment, problem);
+      },
+      py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("c"), py::arg("out"),
+      py::arg("m_indices"), py::arg("tokens"), py::arg("experts"), py::arg("segment"),
+      py::arg("problem"),  // positional too: per call
+      "The k-grouped FP8 weight gradient on AMX tiles in one call (out / c [experts, m, n] fp32 dense, c 0 for none; "
+      "problem: one expert's m, n, row and scale strides); the m_indices status, nothing written unless ok.");
 
   m.def(
       "quantize_fp8_tiles_cpu",

@@ -8,7 +8,7 @@ import torch
 
 from r1kernels import _alloc, backend, cpu_caps
 from r1kernels._checks import cdiv, check_tensor
-from r1kernels._ext import cpp_dtype, ext
+from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.gemm_nt import BLOCK, CPU_SMALL_ROWS, cpu_gemm, launch_gemm, small_problem, validate
 from r1kernels.fp8.grouped_gemm_nt import SEGMENT, check_segment_ids
@@ -20,9 +20,12 @@ _NOT_CONTIGUOUS = ("m_indices: each expert's tokens must form one contiguous run
 
 def validate_grouped(a, a_scales, b, b_scales, m_indices, num_groups, c) -> None:
     validate(a, a_scales, b, b_scales, torch.float32, None, b_tile_rows=1)
-    check_tensor("m_indices", m_indices, dtypes=(torch.int32,), ndim=1, contiguous=True)
     T = a.shape[1]
-    if m_indices.shape[0] != T or m_indices.device != a.device or T % SEGMENT:
+    if not (isinstance(m_indices, torch.Tensor) and m_indices.dtype is torch.int32 and m_indices.dim() == 1
+            and m_indices.is_contiguous()):  # fmt: skip
+        check_tensor("m_indices", m_indices, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    same_device = m_indices.is_cpu if a.is_cpu else m_indices.device == a.device  # flags: device objects cost
+    if m_indices.shape[0] != T or not same_device or T % SEGMENT:
         raise ValueError(f"m_indices must hold one expert id per token (a.shape[1] = {T}, a multiple of {SEGMENT}) "
                          f"on {a.device}, got {tuple(m_indices.shape)} on {m_indices.device}")  # fmt: skip
     if not isinstance(num_groups, int) or num_groups < 0:
@@ -67,34 +70,32 @@ def token_ranges_torch(m_indices: torch.Tensor, num_groups: int) -> torch.Tensor
     return torch.where(present[:, None], ranges, 0).to(torch.int32)
 
 
-def _cpu(a, a_scales, b, b_scales, ranges, out, c) -> None:
-    """``ranges`` from ``token_ranges(.., real_end=True)``: an end need not close a 128-token scale block. Experts
-    without tokens get 0 (or c) in one op; on AMX each expert's product reads its token range in place (views of
-    a, b, their scales, out and c cost ~1.5 us each, more than the product of a decode step's one token)."""
-    present = [(g, lo, hi) for g, (lo, hi) in enumerate(ranges.tolist()) if hi > lo]
-    if len(present) < out.shape[0]:
-        absent = torch.tensor(sorted(set(range(out.shape[0])) - {g for g, _, _ in present}))
+def _cpu(a, a_scales, b, b_scales, m_indices, out, c) -> None:
+    """On AMX: one C++ call (the ids' check, each expert's range, every product read in place; per expert, views of
+    a, b, their scales, out and c cost ~1.5 us each, more than the product of a decode step's one token). Else per
+    expert, up to its last real token (an end need not close a 128-token scale block), experts without tokens in
+    one op."""
+    G = out.shape[0]
+    if cpu_caps.amx_bf16() and a.shape[0] > CPU_SMALL_ROWS:
+        (M, T), N = a.shape, b.shape[0]
+        dims = (1, M, N, T, 1, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *b_scales.stride(), N, 0, N)
+        status = ext().fp8_grouped_wgrad_amx_cpu(a.data_ptr(), a_scales.data_ptr(), b.data_ptr(), b_scales.data_ptr(),
+                                                 0 if c is None else c.data_ptr(), out.data_ptr(), m_indices.data_ptr(),
+                                                 T, G, SEGMENT, small_problem(*dims))  # fmt: skip
+        if int(status) != 0:  # not GroupedWgradStatus.ok: the checks below name what is wrong
+            check_segment_ids(m_indices, G)
+            token_ranges(m_indices, G)
+            raise AssertionError(f"fp8_grouped_wgrad_amx_cpu reported {status} but the ids pass the checks")
+        return
+    check_segment_ids(m_indices, G)
+    present = [(g, lo, hi) for g, (lo, hi) in enumerate(token_ranges(m_indices, G, real_end=True).tolist()) if hi > lo]
+    if len(present) < G:
+        absent = torch.tensor(sorted(set(range(G)) - {g for g, _, _ in present}))
         out.index_copy_(0, absent, c.index_select(0, absent)) if c is not None else out.index_fill_(0, absent, 0.0)
-    in_place = cpu_caps.amx_bf16() and a.shape[0] > CPU_SMALL_ROWS and a.stride(1) == 1 and b.stride(1) == 1
     for g, lo, hi in present:
-        if in_place:
-            _amx_range(a, a_scales, b, b_scales, out, c, g, lo, hi)
-        else:
-            cols = slice(lo // BLOCK, cdiv(hi, BLOCK))
-            cpu_gemm(a[:, lo:hi], a_scales[:, cols], b[:, lo:hi], b_scales[:, cols], out[g],
-                     None if c is None else c[g], b_tile_rows=1)  # fmt: skip
-
-
-def _amx_range(a, a_scales, b, b_scales, out, c, g: int, lo: int, hi: int) -> None:
-    """out[g] = a[:, lo:hi] @ b[:, lo:hi].T (+ c[g]), row scales, on AMX tiles by address (lo a multiple of 128)."""
-    (M, _), N, f32, fp32 = a.shape, b.shape[0], 4, cpp_dtype(torch.float32)
-    kb = lo // BLOCK
-    dims = (1, M, N, hi - lo, 1, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *b_scales.stride(),
-            0 if c is None else c.stride(1), 0, out.stride(1))  # fmt: skip
-    ext().fp8_gemm_amx_cpu(a.data_ptr() + lo, a_scales.data_ptr() + kb * a_scales.stride(1) * f32, b.data_ptr() + lo,
-                           b_scales.data_ptr() + kb * b_scales.stride(1) * f32,
-                           0 if c is None else c.data_ptr() + g * c.stride(0) * f32, fp32,
-                           out.data_ptr() + g * out.stride(0) * f32, fp32, small_problem(*dims))  # fmt: skip
+        cols = slice(lo // BLOCK, cdiv(hi, BLOCK))
+        cpu_gemm(a[:, lo:hi], a_scales[:, cols], b[:, lo:hi], b_scales[:, cols], out[g], None if c is None else c[g],
+                 b_tile_rows=1)  # fmt: skip
 
 
 def _fake(a, a_scales, b, b_scales, m_indices, num_groups, c):
@@ -127,10 +128,10 @@ def _grouped_wgrad_op(
     out = _alloc.empty((num_groups, a.shape[0], b.shape[0]), torch.float32, a.device)
     if out.numel() == 0:
         return out
-    check_segment_ids(m_indices, num_groups)
     if backend.resolve(a.device, _OP) == "cpu":
-        _cpu(a, a_scales, b, b_scales, token_ranges(m_indices, num_groups, real_end=True), out, c)
+        _cpu(a, a_scales, b, b_scales, m_indices, out, c)  # checks the ids before writing
     else:
+        check_segment_ids(m_indices, num_groups)
         launch_gemm(a, a_scales, b, b_scales, out, c, k_ranges=token_ranges(m_indices, num_groups), b_row_scales=True)
     return out
 
