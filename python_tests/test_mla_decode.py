@@ -66,6 +66,37 @@ def test_append_to_cache_then_decode_sees_the_new_keys():
     assert torch.allclose(out.double(), ref.mla_decode(q, cache, table, grown, 0.05)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["c++", "torch"])
+def test_append_to_cache_writes_only_new_slots_and_checks_first(form):
+    """The CPU's C++ append (dense inputs) and the torch form (here: strided latents): the new rows land in their
+    slots across a page boundary and nothing else changes; lengths past the table, a table entry outside the cache
+    for a page the new rows need, or a negative length raise the named error with the cache untouched."""
+    _, (_q, cache, table, lengths) = _case(3, 1, 4, 16, [14, 0, 40], "cpu", torch.float32)  # 3 pages each
+    wide = torch.randn(3, 3, 2 * 576)
+    new = wide[..., ::2] if form == "torch" else wide[..., :576].contiguous()
+    assert new.is_contiguous() == (form == "c++")
+    before = cache.clone()
+    grown = r1kernels.mla.append_to_cache(cache, table, lengths, new)
+    assert grown.dtype == torch.int32 and grown.tolist() == [17, 3, 43]
+    touched = torch.zeros(cache.shape[:2], dtype=torch.bool)
+    for b, n in enumerate(lengths.tolist()):
+        for i in range(3):
+            block, slot = int(table[b, (n + i) // 16]), (n + i) % 16
+            assert torch.equal(cache[block, slot], new[b, i])
+            touched[block, slot] = True
+    assert torch.equal(cache[~touched], before[~touched])
+    cases = [
+        (torch.tensor([14, 0, 62], dtype=torch.int32), table, r"cache_seqlens must lie in \[0, block_table"),
+        (lengths, table.index_fill(1, torch.tensor([2]), cache.shape[0]), r"block_table's used entries"),
+        (torch.tensor([14, -2, 31], dtype=torch.int32), table, r"cache_seqlens must lie in \[0, block_table"),
+    ]
+    for bad_lengths, bad_table, match in cases:
+        snapshot = cache.clone()
+        with pytest.raises(ValueError, match=match):
+            r1kernels.mla.append_to_cache(cache, bad_table, bad_lengths, new)
+        assert torch.equal(cache, snapshot)
+
+
 def test_bad_input():
     (q, cache, table, lengths), _ = _case(2, 1, 2, 16, [20, 3], "cpu", torch.float32)
     decode = r1kernels.mla.mla_decode

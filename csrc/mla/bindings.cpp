@@ -7,6 +7,7 @@
 #include <array>
 
 #include "common/pybind_util.h"
+#include "mla/append.h"
 #include "mla/attention_small.h"
 #include "mla/decode.h"
 
@@ -41,6 +42,21 @@ void register_mla(py::module_& m) {
       py::arg("q"), py::arg("kv_cache"), py::arg("dtype"), py::arg("block_table"),  // positional too: per step
       py::arg("cache_seqlens"), py::arg("out"), py::arg("lse"), py::arg("problem"),
       "Absorbed-MLA decode over a paged latent cache on the CPU (online softmax, fp32).");
+
+  m.def(
+      "mla_append_cpu",
+      [](uintptr_t kv_cache, int64_t elt, uintptr_t block_table, uintptr_t lengths, uintptr_t latents,
+         uintptr_t new_lengths, int64_t batch, int64_t s_new, int64_t width, int64_t page, int64_t max_blocks,
+         int64_t num_blocks) {
+        return mla_append_cpu(ptr<void>(kv_cache), elt, ptr<const int32_t>(block_table), ptr<const int32_t>(lengths),
+                              ptr<const void>(latents), ptr<int32_t>(new_lengths), batch, s_new, width, page,
+                              max_blocks, num_blocks);
+      },
+      py::arg("kv_cache"), py::arg("elt"), py::arg("block_table"), py::arg("lengths"), py::arg("latents"),
+      py::arg("new_lengths"), py::arg("batch"), py::arg("s_new"), py::arg("width"), py::arg("page"),
+      py::arg("max_blocks"), py::arg("num_blocks"),  // positional too: per decode step and layer
+      "Append latents [batch, s_new, width] (dense, elt-byte elements) to the paged cache after each sequence's "
+      "length; new_lengths = lengths + s_new. A status, nothing written unless ok.");
 
   py::class_<MlaAttentionProblem>(m, "MlaAttentionProblem",
                                   "q [batch, seq, heads, dn + dr], k_nope [.., dn], k_pe [batch, seq, dr], v [.., "

@@ -17,6 +17,10 @@ struct MlaDecodeProblem {
 
 enum class MlaDecodeStatus : int { kOk = 0, kBadLength = 1, kBadBlock = 2 };
 
+// Each of the batch lengths in [0, max_blocks * page] and the table entries its pages use in [0, num_blocks).
+MlaDecodeStatus check_paged_lengths(const int32_t* block_table, const int32_t* lengths, int64_t batch, int64_t page,
+                                    int64_t max_blocks, int64_t num_blocks);
+
 // out [batch, s_q, heads, 512] in `dtype` (q's and the cache's), lse [batch, heads, s_q] fp32; a row with no
 // visible key gets out 0 and lse +inf. Lengths must lie in [0, max_blocks * page] and the table entries a
 // sequence uses in [0, num_blocks): otherwise nothing is written and the status says which.

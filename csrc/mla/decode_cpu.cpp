@@ -176,16 +176,25 @@ void decode_sequence(const void* q, const void* kv, DType dtype, const int32_t* 
 
 }  // namespace
 
-MlaDecodeStatus mla_decode_cpu(const void* q, const void* kv_cache, DType dtype, const int32_t* block_table,
-                               const int32_t* cache_seqlens, void* out, float* lse, const MlaDecodeProblem& p) {
-  for (int64_t b = 0; b < p.batch; ++b) {  // every check before anything is written
-    const int64_t len = cache_seqlens[b];
-    if (len < 0 || len > p.max_blocks * p.page) return MlaDecodeStatus::kBadLength;
-    for (int64_t k = 0; k < (len + p.page - 1) / p.page; ++k) {
-      const int32_t block = block_table[b * p.max_blocks + k];
-      if (block < 0 || block >= p.num_blocks) return MlaDecodeStatus::kBadBlock;
+MlaDecodeStatus check_paged_lengths(const int32_t* block_table, const int32_t* lengths, int64_t batch, int64_t page,
+                                    int64_t max_blocks, int64_t num_blocks) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = lengths[b];
+    if (len < 0 || len > max_blocks * page) return MlaDecodeStatus::kBadLength;
+    for (int64_t k = 0; k < (len + page - 1) / page; ++k) {
+      const int32_t block = block_table[b * max_blocks + k];
+      if (block < 0 || block >= num_blocks) return MlaDecodeStatus::kBadBlock;
     }
   }
+  return MlaDecodeStatus::kOk;
+}
+
+MlaDecodeStatus mla_decode_cpu(const void* q, const void* kv_cache, DType dtype, const int32_t* block_table,
+                               const int32_t* cache_seqlens, void* out, float* lse, const MlaDecodeProblem& p) {
+  // every check before anything is written
+  const MlaDecodeStatus status =
+      check_paged_lengths(block_table, cache_seqlens, p.batch, p.page, p.max_blocks, p.num_blocks);
+  if (status != MlaDecodeStatus::kOk) return status;
   const int64_t work = p.batch * p.s_q * p.heads * p.max_blocks * p.page;
 #pragma omp parallel for schedule(dynamic, 1) if (p.batch > 1 && work >= (1 << 14))
   for (int64_t b = 0; b < p.batch; ++b)

@@ -210,6 +210,14 @@ def mla_decode(
     return _decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), causal, head_dim_v)
 
 
+def _dense_cpu(kv_cache, block_table, cache_seqlens, latents) -> bool:
+    """The C++ append's inputs: CPU tensors, dense, int32 table and lengths (else the torch form runs)."""
+    return (kv_cache.is_cpu and block_table.is_cpu and cache_seqlens.is_cpu and latents.is_cpu
+            and block_table.dtype is _I32 and cache_seqlens.dtype is _I32 and block_table.dim() == 2
+            and cache_seqlens.dim() == 1 and kv_cache.is_contiguous() and block_table.is_contiguous()
+            and cache_seqlens.is_contiguous() and latents.is_contiguous())  # fmt: skip
+
+
 def append_to_cache(
     kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor, latents: torch.Tensor
 ) -> torch.Tensor:
@@ -221,7 +229,18 @@ def append_to_cache(
         raise ValueError(f"latents must be [B, s_new, {kv_cache.shape[-1]}] with B = {block_table.shape[0]}, got "
                          f"{tuple(latents.shape)}")  # fmt: skip
     page = kv_cache.shape[1]
+    if _dense_cpu(kv_cache, block_table, cache_seqlens, latents):  # one C++ pass: checks, then the copies
+        new_lengths = torch.empty_like(cache_seqlens)
+        status = ext().mla_append_cpu(kv_cache.data_ptr(), kv_cache.element_size(), block_table.data_ptr(),
+                                      cache_seqlens.data_ptr(), latents.data_ptr(), new_lengths.data_ptr(), B, s_new,
+                                      width, page, block_table.shape[1], kv_cache.shape[0])  # fmt: skip
+        if int(status) != 0:  # not MlaDecodeStatus.ok: these name what is wrong
+            check_lengths(cache_seqlens, block_table, page, kv_cache.shape[0])
+            check_lengths(cache_seqlens + s_new, block_table, page, kv_cache.shape[0])
+            raise AssertionError(f"mla_append_cpu reported {status} but the lengths pass the checks")
+        return new_lengths
     new_lengths = cache_seqlens + s_new
+    check_lengths(cache_seqlens, block_table, page, kv_cache.shape[0])  # negative lengths would index backwards
     check_lengths(new_lengths, block_table, page, kv_cache.shape[0])
     pos = cache_seqlens.long()[:, None] + torch.arange(s_new, device=latents.device)
     blocks = block_table.long().gather(1, pos // page)
