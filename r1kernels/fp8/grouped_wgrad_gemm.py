@@ -91,7 +91,10 @@ def _cpu(a, a_scales, b, b_scales, m_indices, out, c) -> None:
     present = [(g, lo, hi) for g, (lo, hi) in enumerate(token_ranges(m_indices, G, real_end=True).tolist()) if hi > lo]
     if len(present) < G:
         absent = torch.tensor(sorted(set(range(G)) - {g for g, _, _ in present}))
-        out.index_copy_(0, absent, c.index_select(0, absent)) if c is not None else out.index_fill_(0, absent, 0.0)
+        if c is None:
+            out.index_fill_(0, absent, 0.0)
+        else:
+            out.index_copy_(0, absent, c.index_select(0, absent))
     for g, lo, hi in present:
         cols = slice(lo // BLOCK, cdiv(hi, BLOCK))
         cpu_gemm(a[:, lo:hi], a_scales[:, cols], b[:, lo:hi], b_scales[:, cols], out[g], None if c is None else c[g],
