@@ -280,7 +280,9 @@ def test_cpu_tiny_fused_op_is_its_three_kernels_in_one_call(dtype, with_bias, ex
     for name, g, b in zip(names, got, blocked, strict=True):
         if g.numel():
             err = float((g.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
-            assert err < tol, f"{name}: {err:.2e}"
+            # the loss sums O(1) per-token terms that cancel, in another order on each path: up to ~2e-5 of it
+            # over 450 random draws (the other outputs stayed 5x inside their bars in fp32, 2x in bf16)
+            assert err < (1e-4 if name == "loss" else tol), f"{name}: {err:.2e}"
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01], ids=["no-entropy", "entropy"])
