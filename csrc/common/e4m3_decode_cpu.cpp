@@ -1,7 +1,5 @@
 #include "common/e4m3_decode_cpu.h"
 
-#include <cmath>
-
 #include "common/cpu_isa.h"
 #include "common/e4m3.h"
 
@@ -12,6 +10,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "common/e4m3_avx2.h"
+#include "common/e4m3_avx512.h"
 #define R1K_X86 1
 #endif
 
@@ -24,20 +23,10 @@ void decode_table(const uint8_t* codes, int64_t n, float* out) {
 }
 
 #if defined(R1K_X86)
-// e4m3 (bias 7, 3 mantissa bits) placed in fp16's fields (bias 15) is the same number times 2^-8, subnormals
-// included (they become fp16 subnormals); times 256 restores it exactly. Only 0x7F / 0xFF are NaN in e4m3fn.
 __attribute__((target("avx512f,avx512bw"))) void decode_avx512(const uint8_t* codes, int64_t n, float* out) {
-  const __m512i magnitude = _mm512_set1_epi32(0x7F), sign = _mm512_set1_epi32(0x80);
-  const __m512 rebias = _mm512_set1_ps(256.0f), nan = _mm512_set1_ps(std::nanf(""));
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-    const __m512i mag = _mm512_and_si512(c, magnitude);
-    const __m512i half = _mm512_or_si512(_mm512_slli_epi32(mag, 7), _mm512_slli_epi32(_mm512_and_si512(c, sign), 8));
-    __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(half)), rebias);
-    v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, magnitude), nan);
-    _mm512_storeu_ps(out + i, v);
-  }
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, e4m3_decode16_avx512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i))));
   decode_table(codes + i, n - i, out + i);
 }
 

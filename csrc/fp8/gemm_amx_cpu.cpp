@@ -11,7 +11,6 @@
 #include <memory>
 
 #include "common/dtype_io.h"
-#include "common/e4m3.h"
 
 #if defined(__x86_64__) && defined(__linux__)
 #include <immintrin.h>
@@ -23,6 +22,7 @@
 
 #if defined(R1K_AMX)
 #include "common/amx_tiles.h"
+#include "common/e4m3_avx512.h"
 #endif
 
 namespace r1k {
@@ -41,24 +41,13 @@ int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 // Every CPU with AMX has AVX-512: the decode loops are compiled for it (they run only where AMX does).
 #define R1K_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-// 16 e4m3 codes (the first `count`; the rest of dst untouched) -> bf16 bits: exact, e4m3_decode's float's upper half
-// (its lower 16 bits are zero), the same selects in 32-bit lanes. Written out: GCC vectorized the scalar decode
-// only 4 wide, with shuffles, and a row at small K (16 or 32 codes) went through its scalar remainder.
+// 16 e4m3 codes (the first `count`; the rest of dst untouched) -> bf16 bits: exact, the decoded float's upper half
+// (its lower 16 bits are zero). 16 at a time, masked: a row at small K (16 or 32 codes) went through the scalar
+// remainder of a plain loop, which GCC vectorized in wider steps.
 R1K_AVX512 inline void decode16_bf16(const uint8_t* src, int64_t count, uint16_t* dst) {
   const __mmask16 lanes = count >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << count) - 1);
-  const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, src));
-  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(0x80)), 24);
-  const __m512i exp = _mm512_and_si512(_mm512_srli_epi32(q, 3), _mm512_set1_epi32(0xF));
-  const __m512i mant = _mm512_and_si512(q, _mm512_set1_epi32(0x7));
-  const __m512i normal = _mm512_or_si512(
-      sign, _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(exp, _mm512_set1_epi32(120)), 23),
-                            _mm512_slli_epi32(mant, 20)));
-  const __m512i subnormal = _mm512_or_si512(  // mant * 2^-9, exact
-      sign, _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(mant), _mm512_set1_ps(0.001953125f))));
-  __m512i bits = _mm512_mask_blend_epi32(_mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512()), normal, subnormal);
-  const __mmask16 nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(q, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(0x7F));
-  bits = _mm512_mask_blend_epi32(nan, bits, _mm512_or_si512(sign, _mm512_set1_epi32(0x7FC00000)));
-  _mm512_mask_cvtepi32_storeu_epi16(dst, lanes, _mm512_srli_epi32(bits, 16));
+  const __m512 v = e4m3_decode16_avx512(_mm_maskz_loadu_epi8(lanes, src));
+  _mm512_mask_cvtepi32_storeu_epi16(dst, lanes, _mm512_srli_epi32(_mm512_castps_si512(v), 16));
 }
 
 R1K_AVX512 void decode_bf16(const uint8_t* src, int64_t n, uint16_t* dst) {
