@@ -139,6 +139,36 @@ def test_bad_input(change, match):
         r1kernels.fp8.gemm_nt(args.pop("a"), args.pop("a_scales"), args.pop("b"), args.pop("b_scales"), **args)
 
 
+def _padded_rows(t):  # same values, row stride 160: a multiple of 16
+    return torch.cat([t, t[:, :16]], 1)[:, : t.shape[1]]
+
+
+_RULE_BREAKS = [  # each rule of validate_matrices broken once, on operands that pass all the others
+    ("a", lambda t: t.view(torch.uint8), "a must have dtype"),
+    ("a_scales", lambda t: t[None], "a_scales must be 2-D"),
+    ("b", lambda t: t[:, :128], "b must be"),
+    ("a", lambda t: torch.cat([t, t], 1)[:, ::2], "a must be row-major"),
+    ("a", lambda t: torch.cat([t, t[:, :8]], 1)[:, :144], "a must be row-major"),  # row stride 152
+    ("b", lambda t: torch.cat([t, t[:, :8]], 1)[:, :144], "b must be row-major"),
+    ("a_scales", lambda t: t[:-1], r"a_scales must be \[M, ceil"),
+    ("b_scales", lambda t: torch.cat([t, t], 1), r"b_scales must be \[ceil"),
+    ("out_dtype", lambda t: torch.float16, "out_dtype must be"),
+]
+
+
+@pytest.mark.parametrize("operand,change,match", _RULE_BREAKS, ids=[m for _, _, m in _RULE_BREAKS])
+def test_fast_validation_accepts_nothing_the_checks_reject(operand, change, match):
+    """``read_operands`` (one pass, the usual case) must refuse whatever the named checks reject: else a bad
+    input would pass unnamed. Each case: it says no and the op raises the named error."""
+    _, _, a, sa, b, sb = _operands(5, 130, 144, "cpu")
+    args = {"a": _padded_rows(a), "a_scales": sa, "b": _padded_rows(b), "b_scales": sb, "out_dtype": torch.bfloat16}
+    assert gemm_module.read_operands(*args.values(), 2, 2) is not None  # strided rows are fine
+    args[operand] = change(args[operand])
+    assert gemm_module.read_operands(*args.values(), 2, 2) is None
+    with pytest.raises((TypeError, ValueError), match=match):
+        r1kernels.fp8.gemm_nt(*list(args.values())[:4], out_dtype=args["out_dtype"])
+
+
 def test_k_must_be_a_multiple_of_16():
     a = torch.zeros(2, 40).to(torch.float8_e4m3fn)
     b = torch.zeros(3, 40).to(torch.float8_e4m3fn)

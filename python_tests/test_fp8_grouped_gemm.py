@@ -184,3 +184,35 @@ def test_persistent_grid_walks_every_work_item(kernel_device, monkeypatch, tma):
     assert float((d.double().cpu() - r).norm() / r.norm()) < 1e-6
     assert torch.equal(d[2, 33:].cpu(), torch.zeros(37, 130))
     assert launched == [(1,), (1,)]
+
+
+def _odd_expert_stride(t):  # same values, 8 codes between experts' blocks: not 16-element aligned
+    flat = torch.cat([t.reshape(-1), t.reshape(-1)[:8]])
+    return torch.cat([flat, flat[:8]]).as_strided(t.shape, (t.shape[1] * t.shape[2] + 8, t.shape[2], 1))
+
+
+_GROUPED_RULE_BREAKS = [  # the grouped forms' own rules, checked on what the one-pass read returns
+    ("contiguous", "b_scales", lambda t: t[:1], "block grid per expert"),
+    ("contiguous", "ids", lambda t: t[:64], "one expert id per row"),
+    ("contiguous", "b", _odd_expert_stride, "expert stride"),
+    ("masked", "b_scales", lambda t: t[:1], "one entry per group"),
+    ("masked", "ids", lambda t: t[:1], "one entry per group"),
+    ("masked", "b", _odd_expert_stride, "group stride"),
+]
+
+
+@pytest.mark.parametrize("form,operand,change,match", _GROUPED_RULE_BREAKS,
+                         ids=[f"{f}-{o}-{m}" for f, o, _, m in _GROUPED_RULE_BREAKS])  # fmt: skip
+def test_grouped_rules_are_checked_on_the_fast_path(form, operand, change, match):
+    if form == "contiguous":
+        b, sb = _experts(2, 130, 144, "cpu")
+        a, sa = r1kernels.fp8.quantize_per_token_group(torch.randn(128, 144))
+        args = {"a": a, "a_scales": sa, "b": b, "b_scales": sb, "ids": torch.zeros(128, dtype=torch.int32)}
+        op = r1kernels.fp8.grouped_gemm_nt_contiguous
+    else:
+        a, sa, b, sb = _masked_operands(2, 6, 130, 144, "cpu")
+        args = {"a": a, "a_scales": sa, "b": b, "b_scales": sb, "ids": torch.tensor([3, 4], dtype=torch.int32)}
+        op = r1kernels.fp8.grouped_gemm_nt_masked
+    args[operand] = change(args[operand])
+    with pytest.raises(ValueError, match=match):
+        op(*args.values())

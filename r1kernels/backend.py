@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import torch
 
+from r1kernels import _env
+
 BACKENDS = ("auto", "triton", "cpu", "cuda")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("r1k_backend", default=None)
 
@@ -30,24 +32,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _env_reader():
-    """A function returning R1K_BACKEND's value or None, read afresh on every call (tests and users may set it
-    at run time). ``os.environ.get`` costs ~0.7 us when the variable is unset (it raises and catches KeyError
-    inside), a fifth of a decode-sized op's whole budget; CPython's mapping behind ``os.environ`` (kept in step
-    by every ``os.environ[...] = ...``, ``putenv`` aside) answers in a dict lookup. Elsewhere: the public way."""
-    data, encode, decode = (getattr(os.environ, name, None) for name in ("_data", "encodekey", "decodevalue"))
-    if isinstance(data, dict) and callable(encode) and callable(decode):
-        key = encode("R1K_BACKEND")
-
-        def read() -> str | None:
-            raw = data.get(key)
-            return None if raw is None else decode(raw)
-
-        return read
-    return lambda: os.environ.get("R1K_BACKEND")
-
-
-_read_env = _env_reader()
+_read_env = _env.reader("R1K_BACKEND")
 
 
 def requested_backend() -> str:

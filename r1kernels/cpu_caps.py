@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from r1kernels import _env
+
 ENV = "R1K_CPU_BF16_GEMM"
 AMX_ENV = "R1K_CPU_AMX"
 # Native bf16 dot products: x86 AVX512-BF16 and AMX-BF16; Arm's BF16 extension (BFDOT / BFMMLA), named "bf16"
@@ -97,6 +99,9 @@ def fast_bf16_gemm() -> bool:
     return _detect()[0] if forced is None else forced
 
 
+_read_amx_env = _env.reader(AMX_ENV)  # on every call: each CPU GEMM asks
+
+
 @functools.cache
 def _amx_usable() -> bool:
     from r1kernels._ext import ext  # the extension asks the OS for the tile permission on first use
@@ -106,7 +111,10 @@ def _amx_usable() -> bool:
 
 def amx_bf16() -> bool:
     """True when bf16 GEMMs with fp32 results run on AMX tiles here; ``R1K_CPU_AMX=0`` switches them off."""
-    value = os.environ.get(AMX_ENV, "").strip()
+    value = _read_amx_env()
+    if value is None:  # the usual case, first
+        return _amx_usable()
+    value = value.strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"{AMX_ENV} must be 0 (off) or 1 / unset (use AMX where usable), got {value!r}")
     return value != "0" and _amx_usable()

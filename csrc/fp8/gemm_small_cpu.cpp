@@ -29,8 +29,8 @@ constexpr int64_t kCols = 4;     // rows of b per step
 constexpr int64_t kParallelWork = 1 << 18;  // multiply-adds below which the calling thread works alone
 
 void zero_rows(void* out, DType dtype, int64_t base, int64_t first, int64_t end, int64_t n, int64_t stride) {
-  for (int64_t r = first; r < end; ++r)
-    for (int64_t j = 0; j < n; ++j) store_float(out, dtype, base + r * stride + j, 0.0f);
+  if (stride == n) return store_zeros(out, dtype, base + first * stride, (end - first) * n);  // one dense run
+  for (int64_t r = first; r < end; ++r) store_zeros(out, dtype, base + r * stride, n);
 }
 
 // One row block of a (decoded) against b: what a step over kCols rows of b reads.
@@ -125,13 +125,14 @@ bool fp8_gemm_small_cpu(const uint8_t* a, const float* sa, const uint8_t* b, con
       // a block of rows that share one expert (always, without row_expert)
       const int64_t e = row_expert != nullptr ? row_expert[m0] : g;
       int64_t m1 = m0 + 1;
-      while (m1 < std::min(live, m0 + kRows) && (row_expert == nullptr || row_expert[m1] == e)) ++m1;
-      const int64_t rows = m1 - m0;
-      if (e < 0) {  // padding rows
+      if (e < 0) {  // a run of padding rows, however long
+        while (m1 < live && row_expert[m1] < 0) ++m1;
         zero_rows(out, out_dtype, out_g, m0, m1, N, p.out_stride_m);
         m0 = m1;
         continue;
       }
+      while (m1 < std::min(live, m0 + kRows) && (row_expert == nullptr || row_expert[m1] == e)) ++m1;
+      const int64_t rows = m1 - m0;
       for (int64_t i = 0; i < rows; ++i)
         e4m3_decode_run(a + g * p.a_stride_g + (m0 + i) * p.a_stride_m, K, rows_f32.data() + i * K);
       const float* sa_g = sa + g * p.sa_stride_g;

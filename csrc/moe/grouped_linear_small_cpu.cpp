@@ -96,7 +96,7 @@ void grouped_linear_small_cpu(const void* x, const void* weight, const int32_t* 
     while (m1 < std::min(p.rows, m0 + kRows) && row_expert[m1] == e) ++m1;
     const int64_t rows = m1 - m0;
     if (e < 0) {  // padding rows
-      for (int64_t i = m0 * N; i < m1 * N; ++i) store_float(out, dtype, i, 0.0f);
+      store_zeros(out, dtype, m0 * N, rows * N);
       m0 = m1;
       continue;
     }

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from r1kernels import _alloc, backend, cpu_caps
-from r1kernels._checks import cdiv, check_tensor
+from r1kernels._checks import cdiv, check_tensor, same_device
 from r1kernels._ext import cpp_dtype, ext
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
@@ -28,33 +28,40 @@ CPU_SMALL_ROWS = 16
 
 def validate(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows=BLOCK) -> None:
     """``b_tile_rows``: 128 for weight blocks (b_scales [ceil(N/128), ceil(K/128)]), 1 for row scales like a's."""
-    if not _typed(a, a_scales, b, b_scales, 2, 2):
-        for name, t in (("a", a), ("b", b)):
-            check_tensor(name, t, dtypes=FP8, ndim=2)
-        for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):
-            check_tensor(name, t, dtypes=SCALES, ndim=2)
+    if c is None and read_operands(a, a_scales, b, b_scales, out_dtype, 2, 2, b_tile_rows) is not None:
+        return
+    for name, t in (("a", a), ("b", b)):
+        check_tensor(name, t, dtypes=FP8, ndim=2)
+    for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):
+        check_tensor(name, t, dtypes=SCALES, ndim=2)
     validate_matrices(a, a_scales, b, b_scales, out_dtype, c, b_tile_rows)
 
 
-def _typed(a, a_scales, b, b_scales, a_ndim: int, b_ndim: int) -> bool:
-    """Whether the operands pass their check_tensor calls (e4m3 a and b, fp32 scales, a and a_scales ``a_ndim``-D,
-    b and b_scales ``b_ndim``-D), read in one expression: a decode-sized call's budget. False sends the caller to
-    the checks, which name what is wrong."""
+def read_operands(a, a_scales, b, b_scales, out_dtype, a_ndim: int, b_ndim: int, b_tile_rows: int = BLOCK):
+    """``(a.shape, b.shape, a.stride(), b.stride())`` when the operands pass every check of ``validate_matrices``
+    and the dtype and rank checks before it (a and a_scales ``a_ndim``-D, b and b_scales ``b_ndim``-D), each
+    attribute read once (~1.5 us: a decode-sized call's budget, which the checks one by one took twice over);
+    else None, and the caller runs those checks, which name what is wrong. The grouped forms check the rest of
+    their rules on what it read."""
     try:
-        return (a.dtype is E4M3 and b.dtype is E4M3 and a_scales.dtype is F32 and b_scales.dtype is F32
-                and a.dim() == a_ndim and a_scales.dim() == a_ndim and b.dim() == b_ndim
-                and b_scales.dim() == b_ndim)  # fmt: skip
+        if not (a.dtype is E4M3 and b.dtype is E4M3 and a_scales.dtype is F32 and b_scales.dtype is F32
+                and out_dtype in OUT_DTYPES
+                and ((a.is_cpu and a_scales.is_cpu and b.is_cpu and b_scales.is_cpu)  # flags first: the usual case
+                     or same_device(a, a_scales, b, b_scales))):  # fmt: skip
+            return None
+        a_shape, b_shape, sa_shape, sb_shape = a.shape, b.shape, a_scales.shape, b_scales.shape
+        a_strides, b_strides = a.stride(), b.stride()
     except AttributeError:  # not tensors
-        return False
-
-
-def typed_grouped(a, a_scales, b, b_scales, ids, a_ndim: int) -> bool:
-    """``_typed`` for the grouped GEMMs (b and b_scales 3-D), and ``ids`` a contiguous int32 vector."""
-    try:
-        return _typed(a, a_scales, b, b_scales, a_ndim, 3) and ids.dtype is I32 and ids.dim() == 1 and (
-            ids.is_contiguous())  # fmt: skip
-    except AttributeError:
-        return False
+        return None
+    if len(a_shape) != a_ndim or len(sa_shape) != a_ndim or len(b_shape) != b_ndim or len(sb_shape) != b_ndim:
+        return None
+    M, K, N = a_shape[-2], a_shape[-1], b_shape[-2]
+    k_blocks = -(-K // BLOCK)
+    ok = (b_shape[-1] == K and K % 16 == 0 and sa_shape[-2] == M and sa_shape[-1] == k_blocks
+          and sb_shape[-2] == -(-N // b_tile_rows) and sb_shape[-1] == k_blocks
+          and a_strides[-1] == 1 and (M <= 1 or a_strides[-2] % 16 == 0)
+          and b_strides[-1] == 1 and (N <= 1 or b_strides[-2] % 16 == 0))  # fmt: skip
+    return (a_shape, b_shape, a_strides, b_strides) if ok else None
 
 
 def validate_matrices(a, a_scales, b, b_scales, out_dtype, c=None, b_tile_rows=BLOCK) -> None:
@@ -95,27 +102,33 @@ def validate_matrices(a, a_scales, b, b_scales, out_dtype, c=None, b_tile_rows=B
 
 
 @functools.lru_cache(maxsize=512)
-def small_problem(*dims: int):
-    names = ("groups", "m", "n", "k", "b_tile_rows", "a_stride_g", "a_stride_m", "b_stride_g", "b_stride_n",
-             "sa_stride_g", "sa_stride_m", "sa_stride_k", "sb_stride_g", "sb_stride_n", "sb_stride_k", "c_stride_m",
-             "out_stride_g", "out_stride_m")  # fmt: skip
-    return ext().Fp8GemmProblem(**dict(zip(names, dims, strict=True)))
+def gemm_problem(groups, m, n, k, b_tile_rows, a_strides, b_strides, sa_strides, sb_strides, c_stride_m, out_strides):
+    """The extension's Fp8GemmProblem, cached on sizes and the operands' ``stride()`` tuples as torch gives them
+    (2-D, or 3-D with a stride between groups): the decode hot path reads each stride tuple once and builds
+    nothing when the geometry repeats."""
+    fields = (groups, m, n, k, b_tile_rows, *_strides(a_strides), *_strides(b_strides), *_strides(sa_strides, False),
+              *_strides(sb_strides, False), c_stride_m, *_strides(out_strides))  # fmt: skip
+    return ext().Fp8GemmProblem(**dict(zip(_PROBLEM_FIELDS, fields, strict=True)))
+
+
+_PROBLEM_FIELDS = ("groups", "m", "n", "k", "b_tile_rows", "a_stride_g", "a_stride_m", "b_stride_g", "b_stride_n",
+                   "sa_stride_g", "sa_stride_m", "sa_stride_k", "sb_stride_g", "sb_stride_n", "sb_stride_k",
+                   "c_stride_m", "out_stride_g", "out_stride_m")  # fmt: skip
 
 
 def cpu_gemm_small(a, a_scales, b, b_scales, out, c=None, b_tile_rows=BLOCK, row_expert=None, masked_m=None) -> bool:
     """``cpu_gemm`` from the codes, for few rows: a [M, K] or [G, M, K] with masked_m (out [G, M, N]); b [N, K]
     or [E, N, K] with row_expert (one expert per row of a, -1 a zero row) or masked_m (expert = group). False,
     with nothing written, when a masked_m entry lies outside [0, M]."""
-    G, M, K = (*a.shape,) if a.dim() == 3 else (1, *a.shape)
-    dims = (G, M, b.shape[-2], K, b_tile_rows, *_strides(a.stride()), *_strides(b.stride()),
-            *_strides(a_scales.stride(), False), *_strides(b_scales.stride(), False),
-            c.stride(0) if c is not None else 0, *_strides(out.stride()))  # fmt: skip
+    a_shape = a.shape
+    G, M, K = a_shape if len(a_shape) == 3 else (1, *a_shape)
+    problem = gemm_problem(G, M, b.shape[-2], K, b_tile_rows, a.stride(), b.stride(), a_scales.stride(),
+                           b_scales.stride(), 0 if c is None else c.stride(0), out.stride())  # fmt: skip
     # positionally: the decode hot path, where matching eleven keywords costs a third of the call
     return ext().fp8_gemm_small_cpu(
         a.data_ptr(), a_scales.data_ptr(), b.data_ptr(), b_scales.data_ptr(), 0 if c is None else c.data_ptr(),
         cpp_dtype((out if c is None else c).dtype), out.data_ptr(), cpp_dtype(out.dtype),
-        0 if row_expert is None else row_expert.data_ptr(), 0 if masked_m is None else masked_m.data_ptr(),
-        small_problem(*dims),
+        0 if row_expert is None else row_expert.data_ptr(), 0 if masked_m is None else masked_m.data_ptr(), problem,
     )  # fmt: skip
 
 
@@ -130,14 +143,20 @@ def _cpu_gemm_amx(a, a_scales, b, b_scales, out, c, b_tile_rows) -> None:
     sums fp32 with the scales applied per 128-wide K block, then c added and one rounding into out's dtype, all
     in C++ (no fp32 staging copy)."""
     (M, K), N = a.shape, b.shape[0]
-    a = a if a.stride(1) == 1 else a.contiguous()
-    b = b if b.stride(1) == 1 else b.contiguous()
-    target = out if out.stride(1) == 1 or N == 1 else torch.empty((M, N), dtype=out.dtype)
-    dims = (1, M, N, K, b_tile_rows, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *b_scales.stride(),
-            0 if c is None else c.stride(0), 0, target.stride(0))  # fmt: skip
+    a_strides, b_strides, out_strides = a.stride(), b.stride(), out.stride()
+    if a_strides[1] != 1:
+        a = a.contiguous()
+        a_strides = a.stride()
+    if b_strides[1] != 1:
+        b = b.contiguous()
+        b_strides = b.stride()
+    target = out if out_strides[1] == 1 or N == 1 else torch.empty((M, N), dtype=out.dtype)
+    target_strides = out_strides if target is out else target.stride()
+    problem = gemm_problem(1, M, N, K, b_tile_rows, a_strides, b_strides, a_scales.stride(), b_scales.stride(),
+                           0 if c is None else c.stride(0), target_strides)  # fmt: skip
     ext().fp8_gemm_amx_cpu(a.data_ptr(), a_scales.data_ptr(), b.data_ptr(), b_scales.data_ptr(),
                            0 if c is None else c.data_ptr(), cpp_dtype(out.dtype if c is None else c.dtype),
-                           target.data_ptr(), cpp_dtype(out.dtype), small_problem(*dims))  # fmt: skip
+                           target.data_ptr(), cpp_dtype(out.dtype), problem)  # fmt: skip
     if target is not out:
         out.copy_(target)
 

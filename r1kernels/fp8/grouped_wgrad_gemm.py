@@ -10,7 +10,7 @@ from r1kernels import _alloc, backend, cpu_caps
 from r1kernels._checks import cdiv, check_tensor
 from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
-from r1kernels.fp8.gemm_nt import BLOCK, CPU_SMALL_ROWS, cpu_gemm, launch_gemm, small_problem, validate
+from r1kernels.fp8.gemm_nt import BLOCK, CPU_SMALL_ROWS, cpu_gemm, gemm_problem, launch_gemm, validate
 from r1kernels.fp8.grouped_gemm_nt import SEGMENT, check_segment_ids
 
 _OP = "fp8_grouped_wgrad_gemm"
@@ -78,10 +78,11 @@ def _cpu(a, a_scales, b, b_scales, m_indices, out, c) -> None:
     G = out.shape[0]
     if cpu_caps.amx_bf16() and a.shape[0] > CPU_SMALL_ROWS:
         (M, T), N = a.shape, b.shape[0]
-        dims = (1, M, N, T, 1, 0, a.stride(0), 0, b.stride(0), 0, *a_scales.stride(), 0, *b_scales.stride(), N, 0, N)
+        # one expert's [M, N] block of out and of c (the C++ steps between experts)
+        problem = gemm_problem(1, M, N, T, 1, a.stride(), b.stride(), a_scales.stride(), b_scales.stride(), N, (N, 1))
         status = ext().fp8_grouped_wgrad_amx_cpu(a.data_ptr(), a_scales.data_ptr(), b.data_ptr(), b_scales.data_ptr(),
                                                  0 if c is None else c.data_ptr(), out.data_ptr(), m_indices.data_ptr(),
-                                                 T, G, SEGMENT, small_problem(*dims))  # fmt: skip
+                                                 T, G, SEGMENT, problem)  # fmt: skip
         if int(status) != 0:  # not GroupedWgradStatus.ok: the checks below name what is wrong
             check_segment_ids(m_indices, G)
             token_ranges(m_indices, G)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from r1kernels import _alloc, backend
-from r1kernels._checks import check_tensor
+from r1kernels._checks import check_tensor, same_device
 from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.gemm_nt import (
     CPU_SMALL_ROWS,
@@ -17,18 +17,29 @@ from r1kernels.fp8.gemm_nt import (
     cpu_gemm,
     cpu_gemm_small,
     launch_gemm,
-    typed_grouped,
+    read_operands,
     validate_matrices,
 )
 
 
 def validate(a, a_scales, b, b_scales, masked_m, out_dtype) -> None:
-    if not typed_grouped(a, a_scales, b, b_scales, masked_m, 3):
-        check_tensor("a", a, dtypes=(E4M3,), ndim=3)
-        check_tensor("a_scales", a_scales, dtypes=(F32,), ndim=3)
-        check_tensor("b", b, dtypes=(E4M3,), ndim=3)
-        check_tensor("b_scales", b_scales, dtypes=(F32,), ndim=3)
-        check_tensor("masked_m", masked_m, dtypes=(I32,), ndim=1, contiguous=True)
+    read = read_operands(a, a_scales, b, b_scales, out_dtype, 3, 3)
+    if read is not None:  # the rest of the rules on what it read: the usual case costs one pass
+        a_shape, b_shape, a_strides, b_strides = read
+        G = a_shape[0]
+        try:
+            counts_ok = (masked_m.dtype is I32 and masked_m.shape == (G,) and masked_m.is_contiguous()
+                         and (masked_m.is_cpu if a.is_cpu else same_device(a, masked_m)))  # fmt: skip
+        except AttributeError:
+            counts_ok = False
+        if (counts_ok and a_scales.shape[0] == G and b_shape[0] == G and b_scales.shape[0] == G
+                and a_strides[0] % 16 == 0 and b_strides[0] % 16 == 0):  # fmt: skip
+            return
+    check_tensor("a", a, dtypes=(E4M3,), ndim=3)
+    check_tensor("a_scales", a_scales, dtypes=(F32,), ndim=3)
+    check_tensor("b", b, dtypes=(E4M3,), ndim=3)
+    check_tensor("b_scales", b_scales, dtypes=(F32,), ndim=3)
+    check_tensor("masked_m", masked_m, dtypes=(I32,), ndim=1, contiguous=True)
     G = a.shape[0]
     for name, t in (("a_scales", a_scales), ("b", b), ("b_scales", b_scales), ("masked_m", masked_m)):
         if t.shape[0] != G:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from r1kernels import _alloc, _ops, backend
-from r1kernels._checks import cdiv, check_index_range, check_tensor
+from r1kernels._checks import cdiv, check_index_range, check_tensor, same_device
 from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
 from r1kernels.grpo import lm_head_cpu
@@ -125,7 +125,7 @@ def _validate_terms(hidden: torch.Tensor, terms: tuple) -> None:
     N, cpu = hidden.shape[0], hidden.is_cpu
     for v in terms:
         if v is not None and not (isinstance(v, _TENSOR) and v.dtype is _FP32 and v.shape == (N,)
-                                  and (v.is_cpu if cpu else lm.same_device(hidden, v))):  # fmt: skip
+                                  and (v.is_cpu if cpu else same_device(hidden, v))):  # fmt: skip
             break
     else:
         return
@@ -135,7 +135,7 @@ def _validate_terms(hidden: torch.Tensor, terms: tuple) -> None:
         check_tensor(name, v, dtypes=(torch.float32,), ndim=1)
         if v.shape[0] != N:
             raise ValueError(f"{name} must have one value per token ({N}), got shape {tuple(v.shape)}")
-        if not lm.same_device(hidden, v):
+        if not same_device(hidden, v):
             raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {v.device}")
 
 

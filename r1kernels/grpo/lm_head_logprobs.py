@@ -15,7 +15,7 @@ import math
 import torch
 
 from r1kernels import _alloc, backend
-from r1kernels._checks import cdiv, check_index_range, check_same_device, check_tensor
+from r1kernels._checks import cdiv, check_index_range, check_same_device, check_tensor, same_device
 from r1kernels._launch import launch
 from r1kernels._ops import Sample, define_op
 from r1kernels.grpo import lm_head_cpu
@@ -67,13 +67,6 @@ def _valid(hidden, weight, bias, token_ids, temperature) -> bool:
                                  and bias.shape[0] == V and same_device(hidden, bias)):  # fmt: skip
         return False
     return isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
-
-
-def same_device(first: torch.Tensor, *others: torch.Tensor) -> bool:
-    if first.is_cpu:  # a flag read; comparing torch.device objects costs ~0.3 us a pair
-        return all(t.is_cpu for t in others)
-    device = first.device
-    return all(t.device == device for t in others)
 
 
 def _explain(hidden, weight, bias, token_ids, temperature) -> None:
