@@ -63,8 +63,8 @@ R1K_AVX512 void pack_a(const uint8_t* a, int64_t lda, int64_t r0, int64_t r1, in
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
       uint16_t* dst = packed + ((r / kRows * k_tiles + kt) * kRows + r % kRows) * kK;
       const int64_t k0 = kt * kK, valid = r0 + r < r1 ? std::clamp<int64_t>(k - k0, 0, kK) : 0;
+      _mm512_storeu_si512(dst, _mm512_setzero_si512());  // the row's 64 bytes: zeros past k in one store
       if (valid > 0) decode_bf16(a + (r0 + r) * lda + k0, valid, dst);
-      std::fill(dst + valid, dst + kK, uint16_t{0});
     }
   }
 }
@@ -83,8 +83,9 @@ R1K_AVX512 void pack_b(const uint8_t* b, int64_t ldb, int64_t n0, int64_t n1, in
     for (int64_t j = 0; j < kRows; ++j) {
       uint16_t* row = reinterpret_cast<uint16_t*>(rows.get() + j * pairs);
       const int64_t n = n0 + p * kRows + j, valid = n < n1 ? k : 0;
+      for (int64_t i = valid / kK * kK; i < 2 * pairs; i += kK)  // zeros past k, 64 bytes a store (a library call
+        _mm512_storeu_si512(row + i, _mm512_setzero_si512());     // per row otherwise, at small k)
       if (valid > 0) decode_bf16(b + n * ldb, valid, row);
-      std::fill(row + valid, row + 2 * pairs, uint16_t{0});
     }
     uint32_t* panel = packed + p * pairs * kRows;
     for (int64_t i = 0; i < pairs; ++i)
@@ -107,7 +108,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void gemm_chunk(const uint1
   float row_scale[kBlock], col_scale[kBlock];
   // where each column's scales start in sb, worked out once per chunk: a division per column, block and K block
   // (b_tile_rows is a run-time value) cost as much as the tile products at small K. Two loops: with the choice
-  // inside one, GCC divides by 1 too (a 64-bit division per column: ~40% of a 128 x 128 x 16 product)
+  // inside one, GCC divides by 1 too
   std::unique_ptr<int64_t[]> sb_row(new int64_t[static_cast<size_t>(n1 - n0)]);
   if (p.b_tile_rows == 1)
     for (int64_t n = n0; n < n1; ++n) sb_row[n - n0] = n * p.sb_stride_n;
@@ -170,15 +171,24 @@ void fp8_gemm_amx_cpu(const uint8_t* a, const float* sa, const uint8_t* b, const
   const int64_t b_rows = round_up(std::min(p.n, kChunkRows), kBlock);
   std::unique_ptr<uint16_t[]> packed_a(new uint16_t[static_cast<size_t>(a_rows * k_padded)]);
   std::unique_ptr<uint32_t[]> packed_b(new uint32_t[static_cast<size_t>(b_rows * k_padded / 2)]);
-#pragma omp parallel if (p.m * p.n * p.k >= (1 << 20))
-  for (int64_t m0 = 0; m0 < p.m; m0 += kChunkRows) {
-    const int64_t m1 = std::min(p.m, m0 + kChunkRows);
-    pack_a(a, p.a_stride_m, m0, m1, p.k, packed_a.get());  // each ends with its omp for's barrier
-    for (int64_t n0 = 0; n0 < p.n; n0 += kChunkRows) {
-      const int64_t n1 = std::min(p.n, n0 + kChunkRows);
-      pack_b(b, p.b_stride_n, n0, n1, p.k, packed_b.get());
-      gemm_chunk(packed_a.get(), packed_b.get(), sa, sb, c, c_dtype, out, out_dtype, p, m0, m1, n0, n1);
+  const auto chunks = [&] {
+    for (int64_t m0 = 0; m0 < p.m; m0 += kChunkRows) {
+      const int64_t m1 = std::min(p.m, m0 + kChunkRows);
+      pack_a(a, p.a_stride_m, m0, m1, p.k, packed_a.get());  // each ends with its omp for's barrier
+      for (int64_t n0 = 0; n0 < p.n; n0 += kChunkRows) {
+        const int64_t n1 = std::min(p.n, n0 + kChunkRows);
+        pack_b(b, p.b_stride_n, n0, n1, p.k, packed_b.get());
+        gemm_chunk(packed_a.get(), packed_b.get(), sa, sb, c, c_dtype, out, out_dtype, p, m0, m1, n0, n1);
+      }
     }
+  };
+  // small products on the calling thread alone, outside any parallel region (whose set-up costs even when an if()
+  // clause keeps it to one thread); the loops' omp for directives then run it all
+  if (p.m * p.n * p.k >= (1 << 20)) {
+#pragma omp parallel
+    chunks();
+  } else {
+    chunks();
   }
 #else
   (void)a, (void)sa, (void)b, (void)sb, (void)c, (void)c_dtype, (void)out, (void)out_dtype, (void)p;
