@@ -36,7 +36,6 @@ from r1kernels._ext import cpp_dtype, ext
 from r1kernels._ops import OPS
 from r1kernels.fp8.tiles import tile_geometry
 from r1kernels.grpo import lm_head_cpu
-from r1kernels.grpo.token_loss import TokenTerms
 from r1kernels.moe import row_launchers
 
 # the implementations behind the ops (the "bare" column); some share a name with a function the package exports
@@ -226,11 +225,11 @@ def other_cases():
     hid, lm, ids = torch.randn(1, 64), torch.randn(128, 64), torch.randint(0, 128, (1,))
     one, adv = torch.ones(1), torch.randn(1)
     terms = (one, adv, None, None, None, 1.0, 0.0, 0.2, 0.2, None, 20.0, 0.0, False, False)
-    token_terms = TokenTerms(one, adv, None, None, None, 0.0, 0.2, 0.2, None, 20.0, 0.0, False)
+    pointers = [one.data_ptr(), adv.data_ptr(), 0, 0, 0]  # the per-token terms, as the op passes them
     yield ("grpo_token_loss_fused", "1 token, H 64, V 128",
            lambda: OPS["grpo_token_loss_fused"](hid, lm, None, ids, *terms),
            lambda: ops.grpo_token_loss_fused(hid, lm, None, ids, *terms),
-           lambda: fused_loss_module._two_pass(hid, lm, None, ids, token_terms, 1.0, False))  # fmt: skip
+           lambda: fused_loss_module._tiny_cpu(hid, lm, None, ids, 1, 64, 128, pointers, *terms[5:]))  # fmt: skip
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
 """Backend choice: env var, context manager, and clear errors for impossible requests."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -9,6 +11,19 @@ from r1kernels import backend
 
 def test_default_cpu_tensors_use_cpu_path():
     assert backend.resolve(torch.device("cpu"), "op") == "cpu"
+
+
+@pytest.mark.parametrize("where", ["default", "env", "scoped"])
+@pytest.mark.parametrize("name", ["auto", "cpu", "triton"])
+def test_on_cpu_answers_as_resolve(where, name, monkeypatch):
+    """The ops' shortcut (flags in the usual case) gives resolve's answer whichever way a backend is asked for."""
+    t = torch.randn(2)
+    if where == "env":
+        monkeypatch.setenv("R1K_BACKEND", name)
+    with r1kernels.use_backend(name) if where == "scoped" else contextlib.nullcontext():
+        want = "cpu" if where == "default" or name != "triton" else "triton"
+        assert backend.resolve(t.device, "op") == want
+        assert backend.on_cpu(t, "op") == (want == "cpu")
 
 
 def test_context_manager_overrides_env(monkeypatch):

@@ -285,6 +285,25 @@ def test_cpu_tiny_fused_op_is_its_three_kernels_in_one_call(dtype, with_bias, ex
             assert err < (1e-4 if name == "loss" else tol), f"{name}: {err:.2e}"
 
 
+def test_cpu_tiny_fused_op_takes_strided_terms():
+    """Per-token terms that are views with a stride (valid input) go the general way (the three kernels one by
+    one), the contiguous ones the one-call path: the same bits."""
+    N, H, V = 90, 16, 24  # _terms wants 90 tokens; N x V x H under TINY_MACS
+    hidden, weight, ids = torch.randn(N, H), torch.randn(V, H) * 0.5, torch.randint(0, V, (N,))
+    logp0 = torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, ids[:, None])[:, 0]
+    t = _terms(N, logp0, old=True, delta=1.3, extras=True, unbiased_kl=False)
+    assert lm_head_cpu.tiny(N, V, H)
+
+    def strided(x):
+        return None if x is None else torch.stack([x, torch.full_like(x, float("nan"))], 1)[:, 0]
+
+    rest = (1.0, t.beta, t.epsilon_low, t.epsilon_high, t.delta, t.clamp, t.entropy_coef, t.unbiased_kl, True)
+    want = fused_loss._fused_op(hidden, weight, None, ids, *t[:5], *rest)
+    got = fused_loss._fused_op(hidden, weight, None, ids, *map(strided, t[:5]), *rest)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01], ids=["no-entropy", "entropy"])
 def test_cpu_tiny_fused_op_leaves_padding_out(entropy_coef):
     """Decode-sized problems (one C++ call) leave every zero-weight token out of the backward too, not only runs of

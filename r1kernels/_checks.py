@@ -51,7 +51,10 @@ def same_device(first: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether all are on ``first``'s device, read cheaply for the fast paths of validation (which then name what
     is wrong with ``check_same_device`` or their own messages)."""
     if first.is_cpu:  # a flag read; comparing torch.device objects costs ~0.3 us a pair
-        return all(t.is_cpu for t in others)
+        for t in others:  # noqa: SIM110 (a loop, not all() over a generator: half the cost)
+            if not t.is_cpu:
+                return False
+        return True
     device = first.device
     return all(t.device == device for t in others)
 

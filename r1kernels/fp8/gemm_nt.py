@@ -247,7 +247,7 @@ def _gemm_nt_op(
     out = _alloc.empty((a.shape[0], b.shape[0]), out_dtype, a.device)
     if out.numel() == 0 or a.shape[1] == 0:
         return out.zero_() if c is None else out.copy_(c)
-    (cpu_gemm if backend.resolve(a.device, "fp8_gemm_nt") == "cpu" else launch_gemm)(a, a_scales, b, b_scales, out, c)
+    (cpu_gemm if backend.on_cpu(a, "fp8_gemm_nt") else launch_gemm)(a, a_scales, b, b_scales, out, c)
     return out
 
 

@@ -116,7 +116,7 @@ def _grouped_op(
     if out.numel() == 0:
         return out
     real_rows = check_segment_ids(m_indices, b.shape[0])
-    if backend.resolve(a.device, "fp8_grouped_gemm_nt_contiguous") == "cpu":
+    if backend.on_cpu(a, "fp8_grouped_gemm_nt_contiguous"):
         _cpu(a, a_scales, b, b_scales, m_indices, out, real_rows)
     else:
         launch_gemm(a, a_scales, b, b_scales, out, None, m_indices)

@@ -132,7 +132,7 @@ def _grouped_wgrad_op(
     out = _alloc.empty((num_groups, a.shape[0], b.shape[0]), torch.float32, a.device)
     if out.numel() == 0:
         return out
-    if backend.resolve(a.device, _OP) == "cpu":
+    if backend.on_cpu(a, _OP):
         _cpu(a, a_scales, b, b_scales, m_indices, out, c)  # checks the ids before writing
     else:
         check_segment_ids(m_indices, num_groups)

@@ -103,7 +103,7 @@ def _masked_op(
     out = _alloc.empty((G, M, b.shape[1]), out_dtype, a.device)
     if out.numel() == 0:
         return out
-    if backend.resolve(a.device, "fp8_grouped_gemm_nt_masked") == "cpu":
+    if backend.on_cpu(a, "fp8_grouped_gemm_nt_masked"):
         _cpu(a, a_scales, b, b_scales, masked_m, out)  # checks the counts
     else:
         _check_counts(masked_m, M)

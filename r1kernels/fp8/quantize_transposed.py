@@ -78,7 +78,7 @@ def _quantize_transposed_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     validate(x, m_indices)
     T, C = x.shape
-    if T and C and backend.resolve(x.device, _OP) == "cpu":
+    if T and C and backend.on_cpu(x, _OP):
         return _cpu(x, m_indices, rowwise)
     outputs = _outputs(x, rowwise)
     if T == 0 or C == 0:

@@ -36,7 +36,7 @@ def _wgrad_op(
     out = _alloc.empty((a.shape[0], b.shape[0]), torch.float32, a.device)
     if out.numel() == 0 or a.shape[1] == 0:
         return out.zero_() if c is None else out.copy_(c)
-    if backend.resolve(a.device, _OP) == "cpu":
+    if backend.on_cpu(a, _OP):
         cpu_gemm(a, a_scales, b, b_scales, out, c, b_tile_rows=1)
     else:
         launch_gemm(a, a_scales, b, b_scales, out, c, b_row_scales=True)

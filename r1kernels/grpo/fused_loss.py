@@ -29,12 +29,12 @@ import torch
 
 from r1kernels import _alloc, _ops, backend
 from r1kernels._checks import cdiv, check_index_range, check_tensor, same_device
-from r1kernels._ext import ext
+from r1kernels._ext import cpp_dtype, ext
 from r1kernels._ops import Sample, define_op
 from r1kernels.grpo import lm_head_cpu
 from r1kernels.grpo import lm_head_logprobs as lm
 from r1kernels.grpo.kernels import logprob_grad_logits, matmul
-from r1kernels.grpo.token_loss import TokenTerms, block_gradients, ptr_or_0
+from r1kernels.grpo.token_loss import TokenTerms, block_gradients
 
 _OP = "grpo_token_loss_fused"
 
@@ -82,8 +82,6 @@ def _two_pass(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with
     # zero-weight tokens are not part of the loss: the CPU's blocked loops leave their runs out, and
     # block_gradients reports them as 0 (a mask is worth its ops only where rows can be left out)
     (N, H), V = hidden.shape, weight.shape[0]
-    if lm_head_cpu.tiny(N, V, H):
-        return _tiny_cpu(hidden, weight, bias, ids, t, temperature, with_entropy)
     skip = t.weight == 0 if lm_head_cpu.blocked(N, V, H) else None
     logp, lse, entropy = lm.logprob_stats(hidden, weight, bias, ids, temperature, with_entropy, op=_OP, skip=skip)
     total, g, ge = block_gradients(logp, entropy, t)
@@ -92,43 +90,57 @@ def _two_pass(hidden, weight, bias, ids, t: TokenTerms, temperature: float, with
     return total, logp, entropy, d_hidden, d_weight, hidden.new_empty((0,)) if d_bias is None else d_bias
 
 
-def _tiny_cpu(hidden, weight, bias, token_ids, t: TokenTerms, temperature: float, with_entropy: bool):
-    """The same three CPU kernels in one C++ call (csrc/grpo/fused_loss_small.cpp): at decode sizes each call from
-    Python, with its outputs and intermediates, costs more than its math. Sizes as varargs: a tuple costs more."""
-    (N, H), V = hidden.shape, weight.shape[0]
-    ids = lm_head_cpu.ids_int64(token_ids)
-    per_token = [x if x is None or x.is_contiguous() else x.contiguous() for x in t[:5]]
+def _tiny_cpu(hidden, weight, bias, token_ids, N, H, V, term_pointers, temperature, beta, epsilon_low, epsilon_high,
+              delta, clamp, entropy_coef, unbiased_kl, with_entropy):  # fmt: skip
+    """The three CPU kernels of ``_two_pass`` in one C++ call (csrc/grpo/fused_loss_small.cpp), for decode sizes,
+    where each call from Python, with its outputs and intermediates, cost more than its math; hidden [N, H],
+    weight [V, H], the per-token terms as ``_term_pointers`` gives them. Every attribute read once, arguments
+    positional: this glue was most of the op."""
+    ids = token_ids if token_ids.dtype is _I64 and token_ids.is_contiguous() else token_ids.long().contiguous()
     total, logp, entropy = torch.empty(()), torch.empty(N), torch.empty(N)
     d_hidden, d_weight = torch.empty(N, H), torch.empty(V, H)
     d_bias = torch.empty(0, dtype=hidden.dtype) if bias is None else torch.empty(V)
     _alloc.poison(total, logp, entropy, d_hidden, d_weight, d_bias)
     ok = ext().grpo_token_loss_fused_small_cpu(
-        *lm_head_cpu.problem_fields(hidden, weight, bias, ids, 1.0 / temperature), *map(ptr_or_0, per_token), t.beta,
-        t.epsilon_low, t.epsilon_high, 0.0 if t.delta is None else t.delta, t.delta is not None, t.clamp,
-        t.entropy_coef, t.unbiased_kl, with_entropy, total.data_ptr(), logp.data_ptr(), entropy.data_ptr(),
-        d_hidden.data_ptr(), d_weight.data_ptr(), 0 if bias is None else d_bias.data_ptr(),
+        hidden.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), cpp_dtype(hidden.dtype),
+        ids.data_ptr(), N, V, H, hidden.stride()[0] if N > 1 else H, weight.stride()[0] if V > 1 else H,
+        1.0 / temperature, *term_pointers, beta, epsilon_low, epsilon_high, 0.0 if delta is None else delta,
+        delta is not None, clamp, entropy_coef, unbiased_kl, with_entropy, total.data_ptr(), logp.data_ptr(),
+        entropy.data_ptr(), d_hidden.data_ptr(), d_weight.data_ptr(), 0 if bias is None else d_bias.data_ptr(),
     )  # fmt: skip
     if not ok:
         check_index_range("token_ids", ids, V, "V")  # raises, naming the values
-    if hidden.dtype is not torch.float32:  # the kernel's gradients are fp32
+    if hidden.dtype is not _FP32:  # the kernel's gradients are fp32
         d_hidden, d_weight = d_hidden.to(hidden.dtype), d_weight.to(hidden.dtype)
         d_bias = d_bias if bias is None else d_bias.to(hidden.dtype)
     return total, logp, entropy, d_hidden, d_weight, d_bias
 
 
 _TERM_NAMES = ("weights", "adv", "old", "ref", "is_ratio")
-_TENSOR, _FP32 = torch.Tensor, torch.float32
+_TENSOR, _FP32, _I64 = torch.Tensor, torch.float32, torch.int64
+
+
+def _term_pointers(hidden: torch.Tensor, N: int, terms: tuple) -> list[int] | None:
+    """The per-token terms' addresses (0 for None) when each is None or a contiguous [N] fp32 tensor on hidden's
+    device, read in one pass (the usual case); else None, and ``_validate_terms`` names what is wrong, if anything
+    is (a strided term is valid: it goes the general way)."""
+    cpu = hidden.is_cpu
+    pointers = []
+    for v in terms:
+        if v is None:
+            pointers.append(0)
+        elif (isinstance(v, _TENSOR) and v.dtype is _FP32 and v.shape == (N,) and v.is_contiguous()
+              and (v.is_cpu if cpu else same_device(hidden, v))):  # fmt: skip
+            pointers.append(v.data_ptr())
+        else:
+            return None
+    return pointers
 
 
 def _validate_terms(hidden: torch.Tensor, terms: tuple) -> None:
-    """Each per-token term None or [N] fp32 on hidden's device (the usual case recognised by attribute reads)."""
-    N, cpu = hidden.shape[0], hidden.is_cpu
-    for v in terms:
-        if v is not None and not (isinstance(v, _TENSOR) and v.dtype is _FP32 and v.shape == (N,)
-                                  and (v.is_cpu if cpu else same_device(hidden, v))):  # fmt: skip
-            break
-    else:
-        return
+    """Raises, naming the term, unless each is None or [N] fp32 on hidden's device (after ``_term_pointers``
+    said no: the usual case never comes here)."""
+    N = hidden.shape[0]
     for name, v in zip(_TERM_NAMES, terms, strict=True):
         if v is None:
             continue
@@ -206,15 +218,21 @@ def _fused_op(
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     lm.validate(hidden, weight, bias, token_ids, temperature)
-    N = hidden.shape[0]
-    _validate_terms(hidden, (weights, adv, old, ref, is_ratio))
+    (N, H), V = hidden.shape, weight.shape[0]
+    terms = (weights, adv, old, ref, is_ratio)
+    pointers = _term_pointers(hidden, N, terms)
+    if pointers is None:
+        _validate_terms(hidden, terms)
+    elif N and lm_head_cpu.tiny(N, V, H) and backend.on_cpu(hidden, _OP):
+        return _tiny_cpu(hidden, weight, bias, token_ids, N, H, V, pointers, temperature, beta, epsilon_low,
+                         epsilon_high, delta, clamp, entropy_coef, unbiased_kl, with_entropy)  # fmt: skip
     t = TokenTerms(weights, adv, old, ref, is_ratio, beta, epsilon_low, epsilon_high, delta, clamp, entropy_coef,
                    unbiased_kl)  # fmt: skip
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         d_bias = hidden.new_empty((0,)) if bias is None else torch.zeros_like(bias)
         return empty.sum(), empty, empty.clone(), torch.zeros_like(hidden), torch.zeros_like(weight), d_bias
-    if backend.resolve(hidden.device, _OP) == "cpu":
+    if backend.on_cpu(hidden, _OP):
         return _two_pass(hidden, weight, bias, token_ids, t, temperature, with_entropy)  # checks the ids
     check_index_range("token_ids", token_ids, weight.shape[0], "V")
     return _single_pass_triton(hidden, weight, bias, token_ids.long(), t, temperature, with_entropy)

@@ -59,9 +59,9 @@ def _valid(hidden, weight, bias, token_ids, temperature) -> bool:
         return False
     if Hw != H or Ni != N or V == 0 or H == 0:
         return False
-    if H > 1 and (hidden.stride(1) != 1 or weight.stride(1) != 1):
+    if H > 1 and (hidden.stride()[1] != 1 or weight.stride()[1] != 1):  # the tuple: stride(1) costs twice
         return False
-    if not same_device(hidden, weight, token_ids):
+    if not ((hidden.is_cpu and weight.is_cpu and token_ids.is_cpu) or same_device(hidden, weight, token_ids)):
         return False
     if bias is not None and not (isinstance(bias, _TENSOR) and bias.dtype is dtype and bias.dim() == 1
                                  and bias.shape[0] == V and same_device(hidden, bias)):  # fmt: skip
@@ -138,7 +138,7 @@ def logprob_stats(hidden, weight, bias, token_ids, temperature, return_entropy, 
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
-    if backend.resolve(hidden.device, op) == "cpu":
+    if backend.on_cpu(hidden, op):
         return lm_head_cpu.forward(hidden, weight, bias, token_ids, temperature, return_entropy, skip)  # checks ids
     check_index_range("token_ids", token_ids, weight.shape[0], "V")
     return forward_triton(hidden, weight, bias, token_ids.long(), temperature, return_entropy)
@@ -225,7 +225,7 @@ def logprob_stats_backward(grad_logp, grad_entropy, hidden, weight, bias, token_
     if hidden.shape[0] == 0:
         db = None if bias is None else torch.zeros_like(bias)
         return torch.zeros_like(hidden), torch.zeros_like(weight), db
-    if backend.resolve(hidden.device, "token_logprob_stats_backward") == "cpu":
+    if backend.on_cpu(hidden, "token_logprob_stats_backward"):
         return lm_head_cpu.backward(grad_logp, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature)
     return _backward_triton(grad_logp, grad_entropy, hidden, weight, bias, token_ids.long(), lse, entropy, temperature)
 

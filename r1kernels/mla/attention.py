@@ -85,7 +85,7 @@ def _packing(cu: torch.Tensor | None, S: int, max_seqlen: int | None, triton: bo
 
 
 def _uses_triton(q, k_nope, k_pe, v) -> bool:
-    if q.dtype == torch.float32 or backend.resolve(q.device, _OP) == "cpu":
+    if q.dtype == torch.float32 or backend.on_cpu(q, _OP):
         return False
     return all(_pow2(d) for d in (k_nope.shape[-1], k_pe.shape[-1], v.shape[-1]))
 

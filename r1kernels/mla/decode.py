@@ -172,7 +172,7 @@ def _decode_op(
     lse = _alloc.empty((B, H, s_q), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    if backend.resolve(q.device, _OP) == "cpu":
+    if backend.on_cpu(q, _OP):
         _decode_cpu(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, out, lse)
         return out, lse
     check_lengths(cache_seqlens, block_table, kv_cache.shape[1], kv_cache.shape[0])

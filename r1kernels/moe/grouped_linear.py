@@ -73,7 +73,7 @@ def _forward(x, weight, row_expert, offsets, counts, transpose_weight=False):
         return out
     if x.shape[1] == 0:
         return out.zero_()
-    if backend.resolve(x.device, _OP) == "cpu":
+    if backend.on_cpu(x, _OP):
         if not transpose_weight and x.shape[0] <= CPU_SMALL_ROWS:  # decode: no per-expert loop in Python
             problem = _small_problem(x.shape[0], N, x.shape[1])
             ext().grouped_linear_small_cpu(
@@ -101,7 +101,7 @@ def _weight_grad(grad_out, x, offsets, counts, E) -> torch.Tensor:
     out = _alloc.empty((E, N, K), torch.float32, x.device)
     if out.numel() == 0:
         return out
-    if backend.resolve(x.device, _OP) == "cpu":
+    if backend.on_cpu(x, _OP):
         for e, (lo, n) in enumerate(zip(offsets[:-1].tolist(), counts.tolist(), strict=True)):
             if n and x.dtype == torch.float32:
                 torch.mm(grad_out[lo : lo + n].T, x[lo : lo + n], out=out[e])

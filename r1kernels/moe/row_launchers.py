@@ -35,7 +35,7 @@ def gather_rows(x: torch.Tensor, slots: torch.Tensor, top_k: int, weights: torch
     out = _alloc.empty((R, H), x.dtype, x.device)
     if out.numel() == 0:
         return out
-    if backend.resolve(x.device, op) == "cpu":
+    if backend.on_cpu(x, op):
         # unweighted rows are copied as bytes (FP8 codes, float32 scales): dtype is then not read
         dtype = cpp_dtype(x.dtype) if weights is not None else ext().DType.float32
         ext().gather_rows_cpu(x=x.data_ptr(), slots=slots.data_ptr(), weights=_ptr(weights), out=out.data_ptr(),
@@ -56,7 +56,7 @@ def combine_rows(y: torch.Tensor, row_of: torch.Tensor, weights: torch.Tensor | 
     out = _alloc.empty((T, H), y.dtype, y.device)
     if out.numel() == 0:
         return out
-    if backend.resolve(y.device, op) == "cpu":
+    if backend.on_cpu(y, op):
         ext().combine_rows_cpu(y=y.data_ptr(), row_of=row_of.data_ptr(), weights=_ptr(weights), out=out.data_ptr(),
                                problem=_problem(0, T, k, H, y.stride(0)), dtype=cpp_dtype(y.dtype))  # fmt: skip
         return out
@@ -75,7 +75,7 @@ def row_dot(d: torch.Tensor, y: torch.Tensor, row_of: torch.Tensor, op: str) -> 
         return out
     if H == 0 or y.shape[0] == 0:
         return out.zero_()
-    if backend.resolve(d.device, op) == "cpu":
+    if backend.on_cpu(d, op):
         ext().row_dot_cpu(d=d.data_ptr(), d_dtype=cpp_dtype(d.dtype), y=y.data_ptr(), y_dtype=cpp_dtype(y.dtype),
                           row_of=row_of.data_ptr(), out=out.data_ptr(),
                           problem=_problem(0, T, k, H, y.stride(0)))  # fmt: skip

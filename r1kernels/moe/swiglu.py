@@ -25,7 +25,7 @@ def _run(h, d=None):
     out = _alloc.empty((R, 2 * I) if d is not None else (R, I), h.dtype, h.device)
     if out.numel() == 0:
         return out
-    if backend.resolve(h.device, _OP) == "cpu":
+    if backend.on_cpu(h, _OP):
         hf = h.float()  # no copy for fp32
         g, u = hf[:, :I], hf[:, I:]
         if d is None:
