@@ -59,6 +59,19 @@ struct Fp32Operands {
   const float* row(int64_t j) const { return w + j * w_stride; }
 };
 
+// A row of hidden and one of logits in fp32, kept per thread: at decode sizes their allocations were a visible share
+// of the call.
+struct Scratch {
+  std::vector<float> hrow, z;
+};
+
+inline Scratch& thread_scratch(const LmHeadProblem& p, bool with_logits_row) {
+  static thread_local Scratch scratch;
+  if (scratch.hrow.size() < static_cast<size_t>(p.h)) scratch.hrow.resize(static_cast<size_t>(p.h));
+  if (with_logits_row && scratch.z.size() < static_cast<size_t>(p.v)) scratch.z.resize(static_cast<size_t>(p.v));
+  return scratch;
+}
+
 // z[v] of row i, and its max. Four weight rows at a time (dot8_rows4: independent chains of adds, where one dot
 // is a chain of h / 8 dependent adds), the rest one by one, each with dot8's lanes and order.
 __attribute__((always_inline)) inline float logits_row(const LmHeadProblem& p, const Fp32Operands& ops,
@@ -111,14 +124,16 @@ __attribute__((always_inline)) inline void weighted_rows(const LmHeadProblem& p,
 // per process): the loops are the same, each lane's operations and every sum's order too, so both give the same
 // bits; the AVX2 form runs the dots and updates 8 wide.
 __attribute__((always_inline)) inline bool forward(const LmHeadProblem& p, bool with_entropy, float* logp,
-                                                   float* lse, float* entropy) {
+                                                   float* lse, float* entropy, float* logits) {
   for (int64_t i = 0; i < p.n; ++i)
     if (p.ids[i] < 0 || p.ids[i] >= p.v) return false;
   const Fp32Operands ops(p);
-  std::vector<float> hrow(static_cast<size_t>(p.h)), z(static_cast<size_t>(p.v));
+  Scratch& scratch = thread_scratch(p, logits == nullptr);
+  float* const hrow = scratch.hrow.data();
   for (int64_t i = 0; i < p.n; ++i) {
-    load_row(p.hidden, p.dtype, p.stride_h, i, p.h, hrow.data());
-    const float m = logits_row(p, ops, hrow.data(), z.data());
+    float* const z = logits != nullptr ? logits + i * p.v : scratch.z.data();
+    load_row(p.hidden, p.dtype, p.stride_h, i, p.h, hrow);
+    const float m = logits_row(p, ops, hrow, z);
     float s = 0.0f, t = 0.0f;  // sum exp(z - m), sum exp(z - m) (z - m): relative to the max, no cancellation
     for (int64_t j = 0; j < p.v; ++j) {
       const float e = std::exp(z[j] - m);
@@ -134,17 +149,19 @@ __attribute__((always_inline)) inline bool forward(const LmHeadProblem& p, bool 
 
 __attribute__((always_inline)) inline void backward(const LmHeadProblem& p, const float* g, const float* ge,
                                                     const float* lse, const float* entropy, float* d_hidden,
-                                                    float* d_weight, float* d_bias) {
+                                                    float* d_weight, float* d_bias, float* logits) {
   const Fp32Operands ops(p);
-  std::vector<float> hrow(static_cast<size_t>(p.h)), z(static_cast<size_t>(p.v));
+  Scratch& scratch = thread_scratch(p, logits == nullptr);
+  float* const hrow = scratch.hrow.data();
   bool first = true;  // no row has added to d_weight / d_bias yet
   for (int64_t i = 0; i < p.n; ++i) {
     if (g[i] == 0.0f && (ge == nullptr || ge[i] == 0.0f)) {  // nothing flows back (padding; NaN is not 0): the
       std::fill(d_hidden + i * p.h, d_hidden + (i + 1) * p.h, 0.0f);  // row is left out, a NaN in it reaches nothing
       continue;
     }
-    load_row(p.hidden, p.dtype, p.stride_h, i, p.h, hrow.data());
-    logits_row(p, ops, hrow.data(), z.data());
+    load_row(p.hidden, p.dtype, p.stride_h, i, p.h, hrow);
+    float* const z = logits != nullptr ? logits + i * p.v : scratch.z.data();
+    if (logits == nullptr) logits_row(p, ops, hrow, z);  // else the forward's, the same bits
     // z becomes d loss / d z in its own loop: the exp calls clobber every vector register, so the update loops
     // below stay free of calls (one loop doing both: ~15% slower at n = 1, v = 128, h = 64)
     for (int64_t j = 0; j < p.v; ++j) {
@@ -158,7 +175,7 @@ __attribute__((always_inline)) inline void backward(const LmHeadProblem& p, cons
     }
     // the first term of each sum is stored, not added: no separate pass to zero the outputs (at decode sizes
     // that pass costs as much as the update)
-    weighted_rows(p, ops, z.data(), d_hidden + i * p.h);
+    weighted_rows(p, ops, z, d_hidden + i * p.h);
     for (int64_t j = 0; j < p.v; ++j) {
       float* dwrow = d_weight + j * p.h;
       if (first) {
@@ -177,45 +194,47 @@ __attribute__((always_inline)) inline void backward(const LmHeadProblem& p, cons
   }
 }
 
-bool forward_baseline(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse, float* entropy) {
-  return forward(p, with_entropy, logp, lse, entropy);
+bool forward_baseline(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse, float* entropy,
+                      float* logits) {
+  return forward(p, with_entropy, logp, lse, entropy, logits);
 }
 
 void backward_baseline(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
-                       const float* entropy, float* d_hidden, float* d_weight, float* d_bias) {
-  backward(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias);
+                       const float* entropy, float* d_hidden, float* d_weight, float* d_bias, float* logits) {
+  backward(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias, logits);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define R1K_AVX2_FORMS 1
 __attribute__((target("avx2,f16c"))) bool forward_avx2(const LmHeadProblem& p, bool with_entropy, float* logp,
-                                                       float* lse, float* entropy) {
-  return forward(p, with_entropy, logp, lse, entropy);
+                                                       float* lse, float* entropy, float* logits) {
+  return forward(p, with_entropy, logp, lse, entropy, logits);
 }
 
 __attribute__((target("avx2,f16c"))) void backward_avx2(const LmHeadProblem& p, const float* g, const float* ge,
                                                         const float* lse, const float* entropy, float* d_hidden,
-                                                        float* d_weight, float* d_bias) {
-  backward(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias);
+                                                        float* d_weight, float* d_bias, float* logits) {
+  backward(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias, logits);
 }
 #endif
 
 }  // namespace
 
-bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse,
-                                float* entropy) {
+bool lm_head_logprobs_small_cpu(const LmHeadProblem& p, bool with_entropy, float* logp, float* lse, float* entropy,
+                                float* logits) {
 #if defined(R1K_AVX2_FORMS)
-  if (cpu_isa() >= CpuIsa::kAvx2) return forward_avx2(p, with_entropy, logp, lse, entropy);
+  if (cpu_isa() >= CpuIsa::kAvx2) return forward_avx2(p, with_entropy, logp, lse, entropy, logits);
 #endif
-  return forward_baseline(p, with_entropy, logp, lse, entropy);
+  return forward_baseline(p, with_entropy, logp, lse, entropy, logits);
 }
 
 void lm_head_logprobs_small_backward_cpu(const LmHeadProblem& p, const float* g, const float* ge, const float* lse,
-                                         const float* entropy, float* d_hidden, float* d_weight, float* d_bias) {
+                                         const float* entropy, float* d_hidden, float* d_weight, float* d_bias,
+                                         float* logits) {
 #if defined(R1K_AVX2_FORMS)
-  if (cpu_isa() >= CpuIsa::kAvx2) return backward_avx2(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias);
+  if (cpu_isa() >= CpuIsa::kAvx2) return backward_avx2(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias, logits);
 #endif
-  backward_baseline(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias);
+  backward_baseline(p, g, ge, lse, entropy, d_hidden, d_weight, d_bias, logits);
 }
 
 }  // namespace r1k
