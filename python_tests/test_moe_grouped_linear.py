@@ -2,6 +2,8 @@
 segments with padding rows holding NaN (never read by the weight gradient), an expert with no rows, and the
 persistent grid with one program."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import HAS_GPU, backends_for
@@ -78,6 +80,34 @@ def test_bad_input():
         r1kernels.moe.grouped_linear(x, weight.bfloat16(), index)
     with pytest.raises(ValueError, match="index must describe"):
         r1kernels.moe.grouped_linear(x[:-1].contiguous(), weight, index)
+
+
+_RULE_BREAKS = [  # each rule broken once on otherwise valid operands: the one-pass check says no, the op names it
+    ("x", lambda t: t[:, ::2], "x must be contiguous"),
+    ("x", lambda t: t[None], "x must be 2-D"),
+    ("weight", lambda t: t.transpose(1, 2), "weight must be contiguous"),
+    ("weight", lambda t: t.double(), "weight must have dtype"),
+    ("row_expert", lambda t: t.long(), "row_expert must have dtype"),
+    ("row_expert", lambda t: t[:-1], "index must describe"),
+    ("offsets", lambda t: t.int(), "offsets must have dtype"),
+    ("offsets", lambda t: t[:-1], "index must describe"),
+    ("counts", lambda t: t[:-1], "index must describe"),
+    ("counts", lambda t: t.long(), "counts must have dtype"),
+    ("counts", lambda t: torch.stack([t, t], 1)[:, 0], "counts must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("operand,change,match", _RULE_BREAKS, ids=[f"{o}-{m}" for o, _, m in _RULE_BREAKS])
+def test_every_rule_is_checked_on_the_fast_path(operand, change, match):
+    grouped_linear_module = importlib.import_module("r1kernels.moe.grouped_linear")
+    index, x, weight = _case(20, 2, 4, 32, 32, "cpu", torch.float32)
+    args = {"x": x, "weight": weight, "row_expert": index.row_expert, "offsets": index.offsets, "counts": index.counts}
+    assert grouped_linear_module._valid(*args.values())
+    args[operand] = change(args[operand])
+    assert not grouped_linear_module._valid(*args.values())
+    with pytest.raises((TypeError, ValueError), match=match):
+        r1kernels.moe.grouped_linear(args["x"], args["weight"], index._replace(
+            row_expert=args["row_expert"], offsets=args["offsets"], counts=args["counts"]))  # fmt: skip
 
 
 @pytest.mark.parametrize("backend,device", backends_for())

@@ -50,13 +50,15 @@ def _valid(q, kv_cache, block_table, cache_seqlens, head_dim_v) -> bool:
     try:
         if not (q.is_cpu and kv_cache.is_cpu and block_table.is_cpu and cache_seqlens.is_cpu):
             return False
-        B, width = q.shape[0], LATENT + ROPE
+        q_shape, kv_shape, table_shape, lengths_shape = q.shape, kv_cache.shape, block_table.shape, cache_seqlens.shape
+        width = LATENT + ROPE
         return (q.dtype in DTYPES and kv_cache.dtype is q.dtype and block_table.dtype is _I32
-                and cache_seqlens.dtype is _I32 and q.dim() == 4 and kv_cache.dim() == 3 and block_table.dim() == 2
-                and cache_seqlens.dim() == 1 and q.shape[3] == width and kv_cache.shape[2] == width
-                and head_dim_v == LATENT and kv_cache.shape[1] in PAGES and block_table.shape[0] == B
-                and cache_seqlens.shape[0] == B and q.is_contiguous() and kv_cache.is_contiguous()
-                and block_table.is_contiguous() and cache_seqlens.is_contiguous())  # fmt: skip
+                and cache_seqlens.dtype is _I32 and len(q_shape) == 4 and len(kv_shape) == 3
+                and len(table_shape) == 2 and len(lengths_shape) == 1 and q_shape[3] == width
+                and kv_shape[2] == width and head_dim_v == LATENT and kv_shape[1] in PAGES
+                and table_shape[0] == q_shape[0] and lengths_shape[0] == q_shape[0]
+                and q.is_contiguous() and kv_cache.is_contiguous() and block_table.is_contiguous()
+                and cache_seqlens.is_contiguous())  # fmt: skip
     except AttributeError:  # not tensors
         return False
 
