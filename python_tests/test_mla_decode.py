@@ -117,3 +117,14 @@ def test_bad_input():
         decode(q[..., :512].contiguous(), cache, table, lengths, softmax_scale=0.1)
     with pytest.raises(ValueError, match="head_dim_v must be 512"):
         decode(q, cache, table, lengths, softmax_scale=0.1, head_dim_v=256)
+    # the rest of the rules the one-read check holds (mla/decode._valid), each broken once
+    with pytest.raises(ValueError, match="q must be contiguous"):
+        decode(torch.cat([q, q], 3)[..., ::2], cache, table, lengths, softmax_scale=0.1)
+    with pytest.raises(ValueError, match="kv_cache must be contiguous"):
+        decode(q, torch.cat([cache, cache], 2)[..., ::2], table, lengths, softmax_scale=0.1)
+    with pytest.raises(TypeError, match="kv_cache must have dtype"):
+        decode(q, cache.double(), table, lengths, softmax_scale=0.1)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        decode(q, cache, table, lengths[:1].contiguous(), softmax_scale=0.1)
+    with pytest.raises(ValueError, match="block_table must be 2-D"):
+        decode(q, cache, table[0], lengths, softmax_scale=0.1)
