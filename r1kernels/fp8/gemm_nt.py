@@ -64,6 +64,16 @@ def read_operands(a, a_scales, b, b_scales, out_dtype, a_ndim: int, b_ndim: int,
     return (a_shape, b_shape, a_strides, b_strides) if ok else None
 
 
+def ids_ok(ids, n: int, a) -> bool:
+    """The grouped forms' ids (m_indices, masked_m) as their checks want them, read once: a contiguous int32
+    vector of n on a's device."""
+    try:
+        return (ids.dtype is I32 and ids.shape == (n,) and ids.is_contiguous()
+                and (ids.is_cpu if a.is_cpu else same_device(a, ids)))  # fmt: skip
+    except AttributeError:  # not a tensor
+        return False
+
+
 def validate_matrices(a, a_scales, b, b_scales, out_dtype, c=None, b_tile_rows=BLOCK) -> None:
     """The dense GEMM's rules on the last two dimensions of each operand (dtypes and ranks checked by the
     caller), so that the grouped forms check one expert's operands without indexing one out (~1 us a view)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from r1kernels import _alloc, backend
-from r1kernels._checks import check_tensor, same_device
+from r1kernels._checks import check_tensor
 from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.gemm_nt import (
@@ -17,6 +17,7 @@ from r1kernels.fp8.gemm_nt import (
     I32,
     cpu_gemm,
     cpu_gemm_small,
+    ids_ok,
     launch_gemm,
     read_operands,
     validate_matrices,
@@ -29,13 +30,8 @@ def validate(a, a_scales, b, b_scales, m_indices, out_dtype) -> None:
     read = read_operands(a, a_scales, b, b_scales, out_dtype, 2, 3)
     if read is not None:  # the rest of the rules on what it read: the usual case costs one pass
         a_shape, b_shape, _, b_strides = read
-        try:
-            ids_ok = (m_indices.dtype is I32 and m_indices.shape == (a_shape[0],) and m_indices.is_contiguous()
-                      and (m_indices.is_cpu if a.is_cpu else same_device(a, m_indices)))  # fmt: skip
-        except AttributeError:
-            ids_ok = False
-        if (ids_ok and b_scales.shape[0] == b_shape[0] and a_shape[0] % SEGMENT == 0 and b_strides[2] == 1
-                and b_strides[0] % 16 == 0):  # fmt: skip
+        if (ids_ok(m_indices, a_shape[0], a) and b_scales.shape[0] == b_shape[0] and a_shape[0] % SEGMENT == 0
+                and b_strides[2] == 1 and b_strides[0] % 16 == 0):  # fmt: skip
             return
     check_tensor("b", b, dtypes=(E4M3,), ndim=3)
     check_tensor("b_scales", b_scales, dtypes=(F32,), ndim=3)

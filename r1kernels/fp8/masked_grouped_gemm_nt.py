@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from r1kernels import _alloc, backend
-from r1kernels._checks import check_tensor, same_device
+from r1kernels._checks import check_tensor
 from r1kernels._ops import Sample, define_op
 from r1kernels.fp8.gemm_nt import (
     CPU_SMALL_ROWS,
@@ -16,6 +16,7 @@ from r1kernels.fp8.gemm_nt import (
     I32,
     cpu_gemm,
     cpu_gemm_small,
+    ids_ok,
     launch_gemm,
     read_operands,
     validate_matrices,
@@ -27,12 +28,7 @@ def validate(a, a_scales, b, b_scales, masked_m, out_dtype) -> None:
     if read is not None:  # the rest of the rules on what it read: the usual case costs one pass
         a_shape, b_shape, a_strides, b_strides = read
         G = a_shape[0]
-        try:
-            counts_ok = (masked_m.dtype is I32 and masked_m.shape == (G,) and masked_m.is_contiguous()
-                         and (masked_m.is_cpu if a.is_cpu else same_device(a, masked_m)))  # fmt: skip
-        except AttributeError:
-            counts_ok = False
-        if (counts_ok and a_scales.shape[0] == G and b_shape[0] == G and b_scales.shape[0] == G
+        if (ids_ok(masked_m, G, a) and a_scales.shape[0] == G and b_shape[0] == G and b_scales.shape[0] == G
                 and a_strides[0] % 16 == 0 and b_strides[0] % 16 == 0):  # fmt: skip
             return
     check_tensor("a", a, dtypes=(E4M3,), ndim=3)

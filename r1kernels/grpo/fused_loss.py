@@ -29,7 +29,7 @@ import torch
 
 from r1kernels import _alloc, _ops, backend
 from r1kernels._checks import cdiv, check_index_range, check_tensor, same_device
-from r1kernels._ext import cpp_dtype, ext
+from r1kernels._ext import ext
 from r1kernels._ops import Sample, define_op
 from r1kernels.grpo import lm_head_cpu
 from r1kernels.grpo import lm_head_logprobs as lm
@@ -94,20 +94,19 @@ def _tiny_cpu(hidden, weight, bias, token_ids, N, H, V, term_pointers, temperatu
               delta, clamp, entropy_coef, unbiased_kl, with_entropy):  # fmt: skip
     """The three CPU kernels of ``_two_pass`` in one C++ call (csrc/grpo/fused_loss_small.cpp), for decode sizes,
     where each call from Python, with its outputs and intermediates, cost more than its math; hidden [N, H],
-    weight [V, H], the per-token terms as ``_term_pointers`` gives them. Every attribute read once, arguments
-    positional: this glue was most of the op."""
-    ids = token_ids if token_ids.dtype is _I64 and token_ids.is_contiguous() else token_ids.long().contiguous()
+    weight [V, H], the per-token terms as ``_term_pointers`` gives them. Arguments positional: this glue was most
+    of the op."""
+    ids = lm_head_cpu.ids_int64(token_ids)
     # the 0-d size as a keyword: () positionally costs torch's argument parser ~0.2 us more
     total, logp, entropy = torch.empty(size=()), torch.empty(N), torch.empty(N)
     d_hidden, d_weight = torch.empty(N, H), torch.empty(V, H)
     d_bias = torch.empty(0, dtype=hidden.dtype) if bias is None else torch.empty(V)
     _alloc.poison(total, logp, entropy, d_hidden, d_weight, d_bias)
     ok = ext().grpo_token_loss_fused_small_cpu(
-        hidden.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), cpp_dtype(hidden.dtype),
-        ids.data_ptr(), N, V, H, hidden.stride()[0] if N > 1 else H, weight.stride()[0] if V > 1 else H,
-        1.0 / temperature, *term_pointers, beta, epsilon_low, epsilon_high, 0.0 if delta is None else delta,
-        delta is not None, clamp, entropy_coef, unbiased_kl, with_entropy, total.data_ptr(), logp.data_ptr(),
-        entropy.data_ptr(), d_hidden.data_ptr(), d_weight.data_ptr(), 0 if bias is None else d_bias.data_ptr(),
+        *lm_head_cpu.problem_fields(hidden, weight, bias, ids, 1.0 / temperature, N, H, V), *term_pointers, beta,
+        epsilon_low, epsilon_high, 0.0 if delta is None else delta, delta is not None, clamp, entropy_coef,
+        unbiased_kl, with_entropy, total.data_ptr(), logp.data_ptr(), entropy.data_ptr(), d_hidden.data_ptr(),
+        d_weight.data_ptr(), 0 if bias is None else d_bias.data_ptr(),
     )  # fmt: skip
     if not ok:
         check_index_range("token_ids", ids, V, "V")  # raises, naming the values
@@ -118,7 +117,7 @@ def _tiny_cpu(hidden, weight, bias, token_ids, N, H, V, term_pointers, temperatu
 
 
 _TERM_NAMES = ("weights", "adv", "old", "ref", "is_ratio")
-_TENSOR, _FP32, _I64 = torch.Tensor, torch.float32, torch.int64
+_TENSOR, _FP32 = torch.Tensor, torch.float32
 
 
 def _term_pointers(hidden: torch.Tensor, N: int, terms: tuple) -> list[int] | None:

@@ -43,19 +43,20 @@ def blocked(N: int, V: int, H: int) -> bool:
     return not tiny(N, V, H) and N * V > SMALL_LOGITS
 
 
-def problem_fields(hidden, weight, bias, ids, inv_t: float) -> tuple:
+def problem_fields(hidden, weight, bias, ids, inv_t: float, N: int, H: int, V: int) -> tuple:
     """LmHeadProblem's fields in order, for the extension's positional ``*_fast`` entries (building the struct
-    through keywords costs more than the math at decode sizes)."""
-    (N, H), V = hidden.shape, weight.shape[0]
-    stride_h, stride_w = hidden.stride(0) if N > 1 else H, weight.stride(0) if V > 1 else H
+    through keywords costs more than the math at decode sizes); hidden [N, H], weight [V, H] as the caller read
+    them."""
+    stride_h, stride_w = hidden.stride()[0] if N > 1 else H, weight.stride()[0] if V > 1 else H  # stride(0) costs more
     return (hidden.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), cpp_dtype(hidden.dtype),
             ids.data_ptr(), N, V, H, stride_h, stride_w, inv_t)  # fmt: skip
 
 
 def _forward_tiny(hidden, weight, bias, ids, inv_t: float, with_entropy: bool):
-    N = hidden.shape[0]
+    (N, H), V = hidden.shape, weight.shape[0]
     logp, lse, entropy = torch.empty(N), torch.empty(N), torch.empty(N)  # op outputs never alias; all written
-    if not ext().lm_head_logprobs_small_cpu_fast(*problem_fields(hidden, weight, bias, ids, inv_t), with_entropy,
+    if not ext().lm_head_logprobs_small_cpu_fast(*problem_fields(hidden, weight, bias, ids, inv_t, N, H, V),
+                                                 with_entropy,
                                                  logp.data_ptr(), lse.data_ptr(), entropy.data_ptr()):  # fmt: skip
         check_index_range("token_ids", ids, weight.shape[0], "V")  # raises, naming the values
     return logp, lse, entropy
@@ -68,7 +69,7 @@ def _backward_tiny(g, ge, hidden, weight, bias, ids, lse, entropy, inv_t: float)
     d_hidden, d_weight = torch.empty(N, H), torch.empty(V, H)
     d_bias = None if bias is None else torch.empty(V)
     ext().lm_head_logprobs_small_backward_cpu_fast(
-        *problem_fields(hidden, weight, bias, ids, inv_t), g.data_ptr(), 0 if ge is None else ge.data_ptr(),
+        *problem_fields(hidden, weight, bias, ids, inv_t, N, H, V), g.data_ptr(), 0 if ge is None else ge.data_ptr(),
         lse.data_ptr(), entropy.data_ptr(), d_hidden.data_ptr(), d_weight.data_ptr(),
         0 if d_bias is None else d_bias.data_ptr(),
     )  # fmt: skip
