@@ -8,11 +8,11 @@ of a two-op torch expression (``x.abs().amax()`` on the same tiny tensor) in the
 - ``torch.ops``: the registered op through torch.library's dispatcher (what torch.compile graphs call);
 - ``bare``: the implementation alone (the C++ call or the CPU path's function the op runs after its checks,
   on pre-allocated outputs where it takes them), no validation, backend choice or dispatch;
-- ``public / expr``: the target is at most 5x (median of the ratios of alternating timing rounds, robust to
-  noise; beside it the ratio of each one's fastest round);
+- ``public / expr``: the target is at most 5x (median over rounds of the ratio within a round, each round timing
+  the expression, public, torch.ops and bare one after another: robust to noise; beside it the ratio of each
+  one's fastest round);
 - ``(public - bare) / expr``: the host-side overhead alone, for ops whose smallest input already holds more math
-  than the expression (the weight gradients, full-size MLA decode, the loss); it is a difference of medians, so
-  a load spike in one column moves it more than the ratios.
+  than the expression (the weight gradients, full-size MLA decode, the loss); also taken within each round.
 
 Below the FP8 and LM-head ops, the other ops of a decode step at one token's size (``decode_cases``).
 
@@ -58,19 +58,12 @@ def _loop_us(fn, reps: int) -> float:
     return (time.thread_time() - t0) / reps * 1e6
 
 
-def per_call_us(fn, baseline, reps: int, rounds: int = 11) -> tuple[float, float, float]:
-    """(median us per call of ``fn``, median ratio to ``baseline``, ratio of the two fastest rounds), the two
-    timed in alternating rounds so that a noisy neighbour or a frequency change shifts both alike; the fastest
-    rounds are those least disturbed, a second view when the machine is shared."""
-    fn(), baseline()
-    times, bases, ratios = [], [], []
-    for _ in range(rounds):
-        base = _loop_us(baseline, reps)
-        t = _loop_us(fn, reps)
-        times.append(t)
-        bases.append(base)
-        ratios.append(t / base)
-    return statistics.median(times), statistics.median(ratios), min(times) / min(bases)
+def rounds_us(fns, reps: int, rounds: int = 11) -> list[list[float]]:
+    """Per round, the us per call of each of ``fns`` timed one after another, so that a noisy neighbour or a
+    frequency change shifts them alike; the ratios are then taken within a round."""
+    for fn in fns:
+        fn()
+    return [[_loop_us(fn, reps) for fn in fns] for _ in range(rounds)]
 
 
 def cases():
@@ -243,17 +236,23 @@ def main() -> None:
     def expr():
         return x.abs().amax()
 
-    expr_us = per_call_us(expr, expr, args.reps)[0]
+    expr_us = statistics.median(t[0] for t in rounds_us([expr], args.reps))
     rows = []
     for name, label, public, dispatched, bare in (*cases(), *decode_cases(), *other_cases()):
         assert name in OPS
         if args.only and name not in args.only:
             continue
-        pub, pub_ratio, pub_best = per_call_us(public, expr, args.reps)
-        disp, disp_ratio, _ = per_call_us(dispatched, expr, args.reps)
-        b = per_call_us(bare, expr, args.reps)[0] if bare is not None else float("nan")
-        rows.append([name, label, round(pub, 1), round(disp, 1), round(b, 1), round(pub_ratio, 2), round(pub_best, 2),
-                     round((pub - b) / expr_us, 2), round(disp_ratio, 2)])  # fmt: skip
+        rounds = rounds_us([expr, public, dispatched] + ([bare] if bare is not None else []), args.reps)
+        expr_t, pub_t, disp_t = ([r[i] for r in rounds] for i in range(3))
+        pub, disp = statistics.median(pub_t), statistics.median(disp_t)
+        pub_ratio = statistics.median(p / e for p, e in zip(pub_t, expr_t, strict=True))
+        disp_ratio = statistics.median(d / e for d, e in zip(disp_t, expr_t, strict=True))
+        b = overhead = float("nan")
+        if bare is not None:
+            b = statistics.median(r[3] for r in rounds)
+            overhead = statistics.median((r[1] - r[3]) / r[0] for r in rounds)
+        rows.append([name, label, round(pub, 1), round(disp, 1), round(b, 1), round(pub_ratio, 2),
+                     round(min(pub_t) / min(expr_t), 2), round(overhead, 2), round(disp_ratio, 2)])  # fmt: skip
     print(f"x.abs().amax() on [1, 128] bf16: {expr_us:.1f} us per call")
     if args.only:
         for row in rows:
