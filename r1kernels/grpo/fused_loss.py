@@ -124,12 +124,12 @@ def _term_pointers(hidden: torch.Tensor, N: int, terms: tuple) -> list[int] | No
     """The per-token terms' addresses (0 for None) when each is None or a contiguous [N] fp32 tensor on hidden's
     device, read in one pass (the usual case); else None, and ``_validate_terms`` names what is wrong, if anything
     is (a strided term is valid: it goes the general way)."""
-    cpu = hidden.is_cpu
+    cpu, shape = hidden.is_cpu, (N,)
     pointers = []
     for v in terms:
         if v is None:
             pointers.append(0)
-        elif (isinstance(v, _TENSOR) and v.dtype is _FP32 and v.shape == (N,) and v.is_contiguous()
+        elif (isinstance(v, _TENSOR) and v.dtype is _FP32 and v.shape == shape and v.is_contiguous()
               and (v.is_cpu if cpu else same_device(hidden, v))):  # fmt: skip
             pointers.append(v.data_ptr())
         else:
@@ -217,8 +217,11 @@ def _fused_op(
     unbiased_kl: bool,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    lm.validate(hidden, weight, bias, token_ids, temperature)
-    (N, H), V = hidden.shape, weight.shape[0]
+    sizes = lm.valid_sizes(hidden, weight, bias, token_ids, temperature)
+    if sizes is None:
+        lm.validate(hidden, weight, bias, token_ids, temperature)  # names what is wrong, if anything is
+        sizes = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    N, H, V = sizes
     terms = (weights, adv, old, ref, is_ratio)
     pointers = _term_pointers(hidden, N, terms)
     if pointers is None:

@@ -35,9 +35,8 @@ MIN_ACCUMULATE_K = 2048
 def validate(hidden, weight, bias, token_ids, temperature) -> None:
     """Raises, naming the argument, unless hidden [N, H], weight [V, H] (+ bias [V]) of one float dtype with unit
     stride in the last dim, token_ids [N] int64 / int32, all on one device, and a finite temperature > 0."""
-    if _valid(hidden, weight, bias, token_ids, temperature):
-        return
-    _explain(hidden, weight, bias, token_ids, temperature)
+    if valid_sizes(hidden, weight, bias, token_ids, temperature) is None:
+        _explain(hidden, weight, bias, token_ids, temperature)
 
 
 _TENSOR = torch.Tensor
@@ -45,28 +44,31 @@ ID_DTYPES = (torch.int64, torch.int32)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the fast check's; others are checked
 
 
-def _valid(hidden, weight, bias, token_ids, temperature) -> bool:
-    """The valid inputs, recognised by plain attribute reads (~1 us: a decode-sized call's budget is ~15 us); it
-    accepts nothing that ``_explain`` rejects, which runs whenever this says no and names what is wrong."""
+def valid_sizes(hidden, weight, bias, token_ids, temperature) -> tuple[int, int, int] | None:
+    """``(N, H, V)`` of valid inputs, recognised by plain attribute reads (~1 us: a decode-sized call's budget is
+    ~15 us), else None; it accepts nothing that ``_explain`` rejects, which runs whenever this says no and names
+    what is wrong. The sizes spare a decode-sized caller reading the shapes again."""
     if not (isinstance(hidden, _TENSOR) and isinstance(weight, _TENSOR) and isinstance(token_ids, _TENSOR)):
-        return False
+        return None
     dtype = hidden.dtype
     if not (dtype in FLOAT_DTYPES and weight.dtype is dtype and token_ids.dtype in ID_DTYPES):
-        return False
+        return None
     try:  # unpacking checks the ranks too
         (N, H), (V, Hw), (Ni,) = hidden.shape, weight.shape, token_ids.shape
     except ValueError:
-        return False
+        return None
     if Hw != H or Ni != N or V == 0 or H == 0:
-        return False
+        return None
     if H > 1 and (hidden.stride()[1] != 1 or weight.stride()[1] != 1):  # the tuple: stride(1) costs twice
-        return False
+        return None
     if not ((hidden.is_cpu and weight.is_cpu and token_ids.is_cpu) or same_device(hidden, weight, token_ids)):
-        return False
+        return None
     if bias is not None and not (isinstance(bias, _TENSOR) and bias.dtype is dtype and bias.dim() == 1
                                  and bias.shape[0] == V and same_device(hidden, bias)):  # fmt: skip
-        return False
-    return isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+        return None
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        return None
+    return N, H, V
 
 
 def _explain(hidden, weight, bias, token_ids, temperature) -> None:
