@@ -196,6 +196,27 @@ def test_grouped_wgrad_bad_ids(ids, match):
 
 @pytest.mark.parametrize(
     "change,match",
+    [  # the grouped form's own rules, each broken once (its quick read must say no, the checks name it)
+        (lambda t: {**t, "ids": t["ids"].long()}, "m_indices must have dtype"),
+        (lambda t: {**t, "ids": torch.stack([t["ids"], t["ids"]], 1)[:, 0]}, "m_indices must be contiguous"),
+        (lambda t: {**t, "ids": t["ids"][:128]}, "one expert id per token"),
+        (lambda t: {**t, "num_groups": -1}, "num_groups must be a non-negative int"),
+        (lambda t: {**t, "num_groups": 2.0}, "num_groups must be a non-negative int"),
+        (lambda t: {**t, "c": torch.zeros(2, 32, 48, dtype=torch.float64)}, "c must have dtype"),
+        (lambda t: {**t, "a": t["a"][:, :256], "a_scales": t["a_scales"][:, :2]}, "b must be"),
+    ],
+)
+def test_grouped_wgrad_rules_are_checked(change, match):
+    ids = torch.tensor([0] * 128 + [1] * 256, dtype=torch.int32)
+    a, sa = r1kernels.fp8.quantize_transposed(torch.randn(384, 32), m_indices=ids)
+    b, sb = r1kernels.fp8.quantize_transposed(torch.randn(384, 48), m_indices=ids)
+    args = change({"a": a, "a_scales": sa, "b": b, "b_scales": sb, "ids": ids, "num_groups": 2, "c": None})
+    with pytest.raises((TypeError, ValueError), match=match):
+        r1kernels.fp8.grouped_wgrad_gemm(*list(args.values())[:6], c=args["c"])
+
+
+@pytest.mark.parametrize(
+    "change,match",
     [
         (lambda t: {**t, "b_scales": t["b_scales"][:1]}, r"b_scales must be \[N, ceil\(K/128\)\]"),
         (lambda t: {**t, "a": t["a"][:, :32]}, "b must be"),
