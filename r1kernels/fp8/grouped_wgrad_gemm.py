@@ -33,12 +33,9 @@ def validate_grouped(a, a_scales, b, b_scales, m_indices, num_groups, c) -> None
             and type(num_groups) is int and num_groups >= 0):  # fmt: skip
         return  # the usual case in one read; else the checks below name what is wrong
     validate(a, a_scales, b, b_scales, torch.float32, None, b_tile_rows=1)
+    check_tensor("m_indices", m_indices, dtypes=(torch.int32,), ndim=1, contiguous=True)
     T = a.shape[1]
-    if not (isinstance(m_indices, torch.Tensor) and m_indices.dtype is torch.int32 and m_indices.dim() == 1
-            and m_indices.is_contiguous()):  # fmt: skip
-        check_tensor("m_indices", m_indices, dtypes=(torch.int32,), ndim=1, contiguous=True)
-    same_device = m_indices.is_cpu if a.is_cpu else m_indices.device == a.device  # flags: device objects cost
-    if m_indices.shape[0] != T or not same_device or T % SEGMENT:
+    if m_indices.shape[0] != T or m_indices.device != a.device or T % SEGMENT:
         raise ValueError(f"m_indices must hold one expert id per token (a.shape[1] = {T}, a multiple of {SEGMENT}) "
                          f"on {a.device}, got {tuple(m_indices.shape)} on {m_indices.device}")  # fmt: skip
     if not isinstance(num_groups, int) or num_groups < 0:

@@ -113,7 +113,7 @@ def block_gradients(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerms):
     return block_gradients_torch(logp, entropy, t)
 
 
-def ptr_or_0(x: torch.Tensor | None) -> int:
+def _ptr(x: torch.Tensor | None) -> int:
     return 0 if x is None else x.data_ptr()
 
 
@@ -124,10 +124,10 @@ def _block_gradients_cpu(logp: torch.Tensor, entropy: torch.Tensor, t: TokenTerm
     total, d_logp = torch.empty(()), torch.empty(n)
     d_entropy = torch.empty(n) if with_entropy else None
     ext().grpo_token_loss_grad_cpu(
-        n, lp.data_ptr(), ent.data_ptr(), weight.data_ptr(), adv.data_ptr(), ptr_or_0(old),
-        ptr_or_0(ref if t.beta > 0 else None), ptr_or_0(is_ratio), t.beta, t.epsilon_low, t.epsilon_high,
+        n, lp.data_ptr(), ent.data_ptr(), weight.data_ptr(), adv.data_ptr(), _ptr(old),
+        _ptr(ref if t.beta > 0 else None), _ptr(is_ratio), t.beta, t.epsilon_low, t.epsilon_high,
         0.0 if t.delta is None else t.delta, t.delta is not None, t.clamp, t.entropy_coef, t.unbiased_kl,
-        total.data_ptr(), d_logp.data_ptr(), ptr_or_0(d_entropy),
+        total.data_ptr(), d_logp.data_ptr(), _ptr(d_entropy),
     )  # fmt: skip
     for given, dense in ((logp, lp), (entropy, ent)):  # the zero-weight tokens' 0s, into strided inputs too
         if dense is not given:
